@@ -1,0 +1,213 @@
+"""The client side of the request channel: one DEALER, request ids, timeouts, liveness.
+
+A :class:`Connection` belongs to one process (it reconnects with a new identity after
+``fork``) and to one thread. Requests are lock-step, but a request may be *sent* early
+and its reply collected later (:meth:`Connection.send` / :meth:`Connection.result`);
+replies to abandoned requests (after a timeout) are recognised by their id and dropped.
+
+Liveness: a socket monitor reports when the connection to the server is made and lost.
+A request waiting on a server that is not connected raises
+:class:`~zproc.ServerUnavailableError` once no server has answered for ``connect_timeout``
+seconds, or ``liveness`` seconds after a live connection was lost. ZeroMQ heartbeats turn
+an unreachable host into a lost connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from . import _protocol as P
+from . import _serialization as S
+from ._transport import ServerAddress, get_context
+from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
+
+__all__ = ["Connection", "new_identity"]
+
+#: How often a waiting request looks at the connection state, in seconds.
+SLICE = 0.25
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_LIVENESS = 3.0
+HEARTBEAT_IVL_MS = 1000
+
+
+def new_identity() -> bytes:
+    """8 random bytes; ZeroMQ reserves identities that start with a zero byte."""
+    ident = os.urandom(8)
+    return ident if ident[0] else b"\x01" + ident[1:]
+
+
+class Connection:
+    """A DEALER connected to ``address.req_rep`` with request ids and liveness checks."""
+
+    def __init__(
+        self,
+        address: ServerAddress,
+        *,
+        identity: bytes | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        liveness: float = DEFAULT_LIVENESS,
+    ) -> None:
+        self.address = address
+        self.identity = identity or new_identity()
+        self.connect_timeout = connect_timeout
+        self.liveness = liveness
+        self.pid = os.getpid()
+        self._rid = 0
+        self._early: dict[int, tuple[int, bytes]] = {}
+        self._expected: set[int] = set()
+        ctx = get_context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = self.identity
+        sock.rcvtimeo = int(SLICE * 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(liveness * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(liveness * 1000))
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+        )
+        self._monitor.linger = 0
+        sock.connect(address.req_rep)
+        self.sock = sock
+        self.connected = False
+        self.ever_connected = False
+        self.since = time.monotonic()
+        self.closed = False
+
+    # -- requests -----------------------------------------------------------------------
+
+    def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
+        """Send a request now; return its id for :meth:`result`."""
+        self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+        self.sock.send_multipart((P.request_header(kind, method, rid, namespace), body))
+        self._expected.add(rid)
+        return rid
+
+    def request(
+        self,
+        kind: int,
+        method: int,
+        body: bytes,
+        namespace: bytes,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send a request and return its decoded result (or raise its error)."""
+        return self.result(self.send(kind, method, body, namespace), timeout)
+
+    def result(self, rid: int, timeout: float | None = None) -> Any:
+        """Wait for the reply to request ``rid``; decode it or raise the remote error."""
+        early = self._early.pop(rid, None)
+        if early is not None:
+            return _decode(*early)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = self.sock
+        try:
+            while True:
+                if deadline is None:
+                    try:
+                        frames = sock.recv_multipart()
+                    except zmq.Again:
+                        self._check_alive(rid)
+                        continue
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not sock.poll(min(remaining, SLICE) * 1000):
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError(
+                                f"no reply from the server at {self.address.req_rep} within "
+                                f"{timeout} s; the request's outcome is unknown (the server "
+                                f"may still apply it). Raise request_timeout if the server "
+                                f"is busy"
+                            )
+                        self._check_alive(rid)
+                        continue
+                    frames = sock.recv_multipart()
+                if len(frames) != 2:
+                    continue
+                status, got = P.parse_reply(frames[0])
+                if got == rid:
+                    self._expected.discard(rid)
+                    return _decode(status, frames[1])
+                if got in self._expected:
+                    self._early[got] = (status, frames[1])
+        except BaseException:
+            self._expected.discard(rid)
+            raise
+
+    def abandon(self, rid: int) -> None:
+        """Forget a request sent with :meth:`send` whose reply is no longer wanted."""
+        self._expected.discard(rid)
+        self._early.pop(rid, None)
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def _poll_monitor(self) -> None:
+        mon = self._monitor
+        while mon.poll(0):
+            try:
+                event = parse_monitor_message(mon.recv_multipart())["event"]
+            except (zmq.ZMQError, ValueError, KeyError):
+                return
+            if event == zmq.EVENT_CONNECTED:
+                self.connected = self.ever_connected = True
+                self.since = time.monotonic()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                self.since = time.monotonic()
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServerUnavailableError` if the server is known to be gone."""
+        self._check_alive(None)
+
+    def _check_alive(self, rid: int | None) -> None:
+        self._poll_monitor()
+        if self.connected:
+            return
+        waited = time.monotonic() - self.since
+        outcome = (
+            " The outcome of the request in flight is unknown." if rid is not None else ""
+        )
+        if not self.ever_connected:
+            if self.connect_timeout is not None and waited >= self.connect_timeout:
+                raise ServerUnavailableError(
+                    f"no zproc server answered at {self.address.req_rep} for "
+                    f"{waited:.1f} s. Check that a server was started at this address "
+                    f"(zproc.start_server) and that the address is right; "
+                    f"zproc.ping(address, timeout=...) probes it.{outcome}"
+                )
+        elif waited >= self.liveness:
+            raise ServerUnavailableError(
+                f"lost the connection to the zproc server at {self.address.req_rep} "
+                f"{waited:.1f} s ago and it did not come back: the server process died or "
+                f"its host is unreachable.{outcome}"
+            )
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pid != os.getpid():
+            return  # sockets of another process: never touch them
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self.sock.close(0)
+
+
+def _decode(status: int, body: bytes) -> Any:
+    if status == P.Status.OK:
+        return S.loads(body)
+    if status == P.Status.ERROR:
+        raise S.loads_exception(body)
+    raise ProtocolError(f"unknown reply status {status}")
+
+
+def closed_error(what: str) -> ZProcError:
+    return ZProcError(f"{what} is closed; create a new one")

@@ -1,0 +1,121 @@
+"""Serialization: the only module that imports pickle and cloudpickle.
+
+Data (keys, values, change sets, results) travels with the standard :mod:`pickle` at
+protocol 5, which is the fastest option and keeps user classes importable by reference.
+Code (``atomic`` functions, process targets, ``process_map`` callables) travels with
+cloudpickle, so that lambdas, closures, default arguments and functions defined in
+``__main__`` work in another process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from .exceptions import ProtocolError, RemoteTraceback, ServerError
+
+__all__ = [
+    "PROTOCOL",
+    "dumps",
+    "dumps_code",
+    "dumps_exception",
+    "loads",
+    "loads_exception",
+]
+
+PROTOCOL = 5
+
+#: Errors that mean "this cannot be pickled".
+PICKLING_ERRORS = (pickle.PicklingError, TypeError, AttributeError, RecursionError)
+
+_MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialize data (keys, values, results) with pickle protocol 5."""
+    return pickle.dumps(obj, PROTOCOL)
+
+
+def loads(data: bytes | memoryview) -> Any:
+    """Deserialize data produced by :func:`dumps` or :func:`dumps_code`.
+
+    A value whose class cannot be imported here raises :class:`ProtocolError` with a
+    message naming the class and the usual cause.
+    """
+    try:
+        return pickle.loads(data)
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise ProtocolError(_unimportable_message(exc)) from exc
+    except Exception as exc:
+        raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+
+
+def dumps_code(obj: Any) -> bytes:
+    """Serialize functions (and whatever holds them) by value where needed (cloudpickle)."""
+    return cloudpickle.dumps(obj, PROTOCOL)
+
+
+def _unimportable_message(exc: BaseException) -> str:
+    match = _MISSING_CLASS.search(str(exc))
+    if match:
+        name, module = match.groups()
+        return (
+            f"cannot load a value of class {module}.{name}: the class is not importable in "
+            f"this process. Define the class in an importable module (or before the server "
+            f"starts), then send the value again."
+        )
+    return (
+        f"cannot load a value: {exc}. Its class or module is not importable in this "
+        f"process; define it in an importable module."
+    )
+
+
+# -- exceptions ------------------------------------------------------------------------
+
+
+def dumps_exception(exc: BaseException) -> bytes:
+    """Serialize an exception with its traceback text, for re-raising in another process.
+
+    Falls back to a description (type name, message, traceback) when the exception itself
+    cannot be pickled or would not unpickle.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        body = pickle.dumps(exc, PROTOCOL)
+        pickle.loads(body)  # an exception with a custom __init__ may not round-trip
+    except Exception:
+        body = None
+    return pickle.dumps((body, _qualname(type(exc)), str(exc), tb), PROTOCOL)
+
+
+def loads_exception(data: bytes | memoryview) -> BaseException:
+    """Rebuild an exception from :func:`dumps_exception`, with the remote traceback as cause.
+
+    When the original type cannot be rebuilt here, returns a :class:`ServerError` carrying
+    the remote type name, message and traceback text.
+    """
+    try:
+        body, type_name, message, tb = pickle.loads(data)
+    except Exception as exc:
+        return ProtocolError(f"cannot decode an error reply: {exc!r}")
+    exc: BaseException | None = None
+    if body is not None:
+        try:
+            exc = pickle.loads(body)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = ServerError(
+            f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
+        )
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -1,0 +1,863 @@
+"""The state server: one process, one thread, one ``dict`` per namespace.
+
+Message flow::
+
+      State (DEALER) ──[header, body]──▶ ROUTER ┐
+                                                │  one request at a time: atomic
+      State (DEALER) ◀──[header, reply]─ ROUTER ┤  (validate, then apply)
+                                                ▼
+      State (SUB)    ◀──[topic, header, event, event, ...]── PUB
+
+The loop drains every request already queued (up to ``MAX_BATCH``), applies them in
+arrival order, then publishes the batch's events (one message per namespace) and only then
+sends the replies. Every state change gets the next sequence number of its namespace and is
+kept in a bounded history so that clients can replay what they missed (``FETCH``).
+
+A dict operation is first *validated* (its result, change set and the encoded reply and
+event are computed without touching the dict), then applied; so a failure leaves the state
+as it was, and exactly one reply is sent per request. ``atomic`` functions run on the live
+dict with a journal of the keys they touch (see :class:`StateDict`), which is rolled back
+if the function raises or its result cannot be encoded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import os
+import signal
+import socket as _socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from . import _protocol as P
+from . import _serialization as S
+from ._transport import (
+    ServerAddress,
+    bind_random_tcp,
+    get_context,
+    make_private_ipc_dir,
+    normalize_address,
+    remove_ipc_dir,
+    remove_ipc_endpoint,
+)
+from .exceptions import ProtocolError
+
+__all__ = ["Server", "in_server_process", "serve", "start_server"]
+
+log = logging.getLogger("zproc")
+
+#: Requests handled before the queued events are published and the replies sent.
+MAX_BATCH = 256
+#: Events kept per namespace for replay.
+DEFAULT_HISTORY = 10_000
+#: Largest accepted request, in bytes.
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+_MISSING: Any = object()
+_RUNNING_IN: int | None = None  # pid of the process running a server loop
+
+
+def in_server_process() -> bool:
+    """True inside a server process (where a State would deadlock the loop)."""
+    return _RUNNING_IN == os.getpid()
+
+
+def changed(old: Any, new: Any) -> bool:
+    """True unless ``new`` is ``old`` or compares equal; a failing comparison counts as a change."""
+    if old is new:
+        return False
+    try:
+        return not bool(old == new)
+    except Exception:
+        return True
+
+
+# -- the dict with a journal -----------------------------------------------------------
+
+
+class StateDict(dict):  # type: ignore[type-arg]
+    """The server's dict. Plain dict behaviour, plus a journal while an atomic function runs.
+
+    While journaling, the first access to a key that can expose or change its value
+    records a pickled copy of that value, so the call can be rolled back exactly and its
+    change set computed, at a cost proportional to the keys the function touches.
+    Values reached through C-level shortcuts that bypass the dict's methods
+    (``dict(d)``, ``{**d}``) are not journaled: mutate values through ``d[key]``.
+    """
+
+    __slots__ = ("_journal", "_order")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._journal: dict[Any, Any] | None = None
+        self._order: list[Any] | None = None
+
+    # journal bookkeeping
+    def _touch(self, key: Any) -> None:
+        journal = self._journal
+        if journal is not None and key not in journal:
+            value = dict.get(self, key, _MISSING)
+            journal[key] = _MISSING if value is _MISSING else S.dumps(value)
+
+    def _touch_all(self) -> None:
+        if self._journal is not None:
+            for key in list(dict.keys(self)):
+                self._touch(key)
+
+    def _touch_delete(self, key: Any) -> None:
+        if self._journal is not None:
+            if self._order is None:
+                self._order = list(dict.keys(self))
+            self._touch(key)
+
+    def begin(self) -> None:
+        self._journal = {}
+        self._order = None
+
+    def end(self, commit: bool) -> tuple[dict[Any, Any], tuple[Any, ...], dict[Any, Any]]:
+        """Stop journaling; roll back unless ``commit``. Returns (changes, deleted, old)."""
+        journal, order = self._journal or {}, self._order
+        self._journal = self._order = None
+        changes: dict[Any, Any] = {}
+        deleted: list[Any] = []
+        old: dict[Any, Any] = {}
+        if commit:
+            for key, before in journal.items():
+                after = dict.get(self, key, _MISSING)
+                if before is _MISSING:
+                    if after is not _MISSING:
+                        changes[key] = after
+                    continue
+                before = S.loads(before)
+                if after is _MISSING:
+                    deleted.append(key)
+                    old[key] = before
+                elif changed(before, after):
+                    changes[key] = after
+                    old[key] = before
+            return changes, tuple(deleted), old
+        for key, before in journal.items():
+            if before is _MISSING:
+                dict.pop(self, key, None)
+            else:
+                dict.__setitem__(self, key, S.loads(before))
+        if order is not None:
+            items = [(key, dict.__getitem__(self, key)) for key in order]
+            dict.clear(self)
+            dict.update(self, items)
+        return changes, (), old
+
+    # journaled dict methods (plain behaviour when no journal is active)
+    def __getitem__(self, key: Any) -> Any:
+        self._touch(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._touch(key)
+        return dict.get(self, key, default)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._touch(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._touch_delete(key)
+        dict.__delitem__(self, key)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._touch(key)
+        return dict.setdefault(self, key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._touch_delete(key)
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        if self._journal is not None and dict.__len__(self):
+            self._touch_delete(next(reversed(dict.keys(self))))
+        return dict.popitem(self)
+
+    def clear(self) -> None:
+        if self._journal is not None:
+            self._order = self._order if self._order is not None else list(dict.keys(self))
+            self._touch_all()
+        dict.clear(self)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        if self._journal is None:
+            dict.update(self, *args, **kwargs)
+            return
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> StateDict:
+        self.update(other)
+        return self
+
+    def values(self) -> Any:
+        self._touch_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._touch_all()
+        return dict.items(self)
+
+    def copy(self) -> dict[Any, Any]:
+        self._touch_all()
+        return dict(self)
+
+    def __or__(self, other: Any) -> dict[Any, Any]:
+        self._touch_all()
+        return dict(self) | other  # type: ignore[no-any-return]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._touch_all()
+        return (dict, (dict(self),))
+
+
+# -- one namespace ---------------------------------------------------------------------
+
+
+class Namespace:
+    """One dict, its sequence counter, its history and the events of the current batch."""
+
+    __slots__ = ("data", "seq", "history", "topic", "outbox")
+
+    def __init__(self, name: str, history_size: int) -> None:
+        self.data = StateDict()
+        self.seq = 0
+        self.history: deque[tuple[P.Event, bytes]] = deque(maxlen=history_size)
+        self.topic = P.event_topic(name.encode())
+        self.outbox: list[bytes] = []
+
+    def replay_after(self, seq: int) -> list[P.Event] | None:
+        """Events after ``seq`` with their old values; None when some were evicted."""
+        if seq >= self.seq:
+            return []
+        history = self.history
+        if not history or history[0][0].seq > seq + 1:
+            return None
+        start = seq + 1 - history[0][0].seq
+        return [history[i][0] for i in range(start, len(history))]
+
+
+class _Prepared:
+    """A validated dict operation: its result and change set, not applied yet."""
+
+    __slots__ = ("result", "changes", "deleted", "old", "apply")
+
+    def __init__(
+        self,
+        result: Any = None,
+        changes: dict[Any, Any] | None = None,
+        deleted: tuple[Any, ...] = (),
+        old: dict[Any, Any] | None = None,
+        apply: Callable[[], Any] | None = None,
+    ) -> None:
+        self.result = result
+        self.changes = changes or {}
+        self.deleted = deleted
+        self.old = old or {}
+        self.apply = apply
+
+
+_READ_ONLY = _Prepared()
+
+
+def _prepare_set(d: StateDict, items: Iterable[tuple[Any, Any]]) -> _Prepared:
+    changes: dict[Any, Any] = {}
+    old: dict[Any, Any] = {}
+    for key, value in items:
+        before = dict.get(d, key, _MISSING)
+        if before is _MISSING:
+            changes[key] = value
+            old.pop(key, None)
+        elif changed(before, value):
+            changes[key] = value
+            old[key] = before
+        else:
+            changes.pop(key, None)
+    return _Prepared(None, changes, (), old, lambda: dict.update(d, changes))
+
+
+def _prepare_delete(d: StateDict, key: Any, result: Any) -> _Prepared:
+    before = dict.__getitem__(d, key)
+    return _Prepared(result, None, (key,), {key: before}, lambda: dict.__delitem__(d, key))
+
+
+def _op_getitem(d: StateDict, key: Any) -> _Prepared:
+    return _Prepared(dict.__getitem__(d, key))
+
+
+def _op_setitem(d: StateDict, key: Any, value: Any) -> _Prepared:
+    before = dict.get(d, key, _MISSING)
+    if before is not _MISSING and not changed(before, value):
+        return _READ_ONLY
+    return _Prepared(
+        None,
+        {key: value},
+        (),
+        None if before is _MISSING else {key: before},
+        lambda: dict.__setitem__(d, key, value),
+    )
+
+
+def _op_delitem(d: StateDict, key: Any) -> _Prepared:
+    return _prepare_delete(d, key, None)
+
+
+def _op_contains(d: StateDict, key: Any) -> _Prepared:
+    return _Prepared(dict.__contains__(d, key))
+
+
+def _op_len(d: StateDict) -> _Prepared:
+    return _Prepared(dict.__len__(d))
+
+
+def _op_keys(d: StateDict) -> _Prepared:
+    return _Prepared(list(dict.keys(d)))
+
+
+def _op_eq(d: StateDict, other: Any) -> _Prepared:
+    return _Prepared(dict.__eq__(d, other))
+
+
+def _op_ne(d: StateDict, other: Any) -> _Prepared:
+    return _Prepared(dict.__ne__(d, other))
+
+
+def _op_clear(d: StateDict) -> _Prepared:
+    if not dict.__len__(d):
+        return _READ_ONLY
+    old = dict(d)
+    return _Prepared(None, None, tuple(old), old, lambda: dict.clear(d))
+
+
+def _op_get(d: StateDict, key: Any, default: Any = None) -> _Prepared:
+    return _Prepared(dict.get(d, key, default))
+
+
+def _op_pop(d: StateDict, key: Any, *default: Any) -> _Prepared:
+    if len(default) > 1:
+        raise TypeError(f"pop expected at most 2 arguments, got {1 + len(default)}")
+    if not dict.__contains__(d, key):
+        if default:
+            return _Prepared(default[0])
+        raise KeyError(key)
+    return _prepare_delete(d, key, dict.__getitem__(d, key))
+
+
+def _op_popitem(d: StateDict) -> _Prepared:
+    if not dict.__len__(d):
+        raise KeyError("popitem(): dictionary is empty")
+    key = next(reversed(dict.keys(d)))
+    return _prepare_delete(d, key, (key, dict.__getitem__(d, key)))
+
+
+def _op_setdefault(d: StateDict, key: Any, default: Any = None) -> _Prepared:
+    if dict.__contains__(d, key):
+        return _Prepared(dict.__getitem__(d, key))
+    return _Prepared(default, {key: default}, (), None, lambda: dict.__setitem__(d, key, default))
+
+
+def _op_update(d: StateDict, *args: Any, **kwargs: Any) -> _Prepared:
+    if len(args) > 1:
+        raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+    merged = dict(*args, **kwargs)  # may raise part-way: nothing is applied yet
+    return _prepare_set(d, merged.items())
+
+
+def _op_fromkeys(d: StateDict, iterable: Any, value: Any = None) -> _Prepared:
+    return _Prepared(dict.fromkeys(iterable, value))
+
+
+def _op_copy(d: StateDict) -> _Prepared:
+    return _Prepared(dict(d))
+
+
+def _op_set(d: StateDict, value: Any) -> _Prepared:
+    new = dict(value)
+    deleted = tuple(key for key in d if key not in new)
+    prepared = _prepare_set(d, new.items())
+    old = prepared.old
+    for key in deleted:
+        old[key] = dict.__getitem__(d, key)
+
+    def apply() -> None:
+        dict.clear(d)
+        dict.update(d, new)
+
+    if not prepared.changes and not deleted and list(d) == list(new):
+        return _READ_ONLY
+    return _Prepared(None, prepared.changes, deleted, old, apply)
+
+
+_OPS: dict[int, Callable[..., _Prepared]] = {
+    P.Method.GETITEM: _op_getitem,
+    P.Method.SETITEM: _op_setitem,
+    P.Method.DELITEM: _op_delitem,
+    P.Method.CONTAINS: _op_contains,
+    P.Method.LEN: _op_len,
+    P.Method.KEYS: _op_keys,
+    P.Method.EQ: _op_eq,
+    P.Method.NE: _op_ne,
+    P.Method.CLEAR: _op_clear,
+    P.Method.GET: _op_get,
+    P.Method.POP: _op_pop,
+    P.Method.POPITEM: _op_popitem,
+    P.Method.SETDEFAULT: _op_setdefault,
+    P.Method.UPDATE: _op_update,
+    P.Method.FROMKEYS: _op_fromkeys,
+    P.Method.COPY: _op_copy,
+    P.Method.SET: _op_set,
+}
+
+# -- the server ------------------------------------------------------------------------
+
+
+class Server:
+    """Owns the sockets and the namespaces; :meth:`serve` runs the loop."""
+
+    def __init__(
+        self,
+        address: ServerAddress | None,
+        *,
+        history_size: int = DEFAULT_HISTORY,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.history_size = history_size
+        self.namespaces: dict[str, Namespace] = {}
+        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0}
+        self.started = time.time()
+        self._ipc_dir: str | None = None
+        self._created_ipc: list[str] = []
+        ctx = get_context()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.pub = ctx.socket(zmq.PUB)
+        for sock in (self.router, self.pub):
+            sock.linger = 0
+        self.router.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self.router.rcvhwm = 0
+        self.router.sndhwm = 0
+        self.pub.sndhwm = 100_000
+        self.address = self._bind(address)
+
+    # binding
+    def _bind(self, address: ServerAddress | None) -> ServerAddress:
+        try:
+            if address is None:
+                return self._bind_random()
+            _bind_endpoint(self.router, address.req_rep)
+            self._created_ipc.append(address.req_rep)
+            _bind_endpoint(self.pub, address.pub_sub)
+            self._created_ipc.append(address.pub_sub)
+            return address
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind_random(self) -> ServerAddress:
+        if os.name == "posix":
+            folder = make_private_ipc_dir()
+            try:
+                req, pub = f"ipc://{folder}/rr", f"ipc://{folder}/ps"
+                self.router.bind(req)
+                self.pub.bind(pub)
+                self._ipc_dir = folder
+                return ServerAddress(req, pub)
+            except zmq.ZMQError:
+                remove_ipc_dir(folder)
+                for sock in (self.router, self.pub):
+                    sock.close(0)
+                ctx = get_context()
+                self.router, self.pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+        return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
+
+    def close(self) -> None:
+        for sock in (self.router, self.pub):
+            if not sock.closed:
+                sock.close(0)
+        for endpoint in self._created_ipc:
+            remove_ipc_endpoint(endpoint)
+        self._created_ipc.clear()
+        if self._ipc_dir:
+            remove_ipc_dir(self._ipc_dir)
+            self._ipc_dir = None
+
+    # the loop
+    def namespace(self, name: str) -> Namespace:
+        ns = self.namespaces.get(name)
+        if ns is None:
+            ns = self.namespaces[name] = Namespace(name, self.history_size)
+        return ns
+
+    def serve(self, until: Callable[[], bool] | None = None) -> None:
+        global _RUNNING_IN
+        _RUNNING_IN = os.getpid()
+        router, pub = self.router, self.pub
+        recv, send = router.recv_multipart, router.send_multipart
+        replies: list[list[bytes]] = []
+        syncs: list[list[bytes]] = []
+        dirty: list[Namespace] = []
+        while until is None or not until():
+            if not router.poll(1000 if until else None):
+                continue
+            for _ in range(MAX_BATCH):
+                try:
+                    frames = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                reply = self.handle(frames, dirty, syncs)
+                if reply is not None:
+                    replies.append(reply)
+            for ns in dirty:
+                first = ns.seq - len(ns.outbox) + 1
+                pub.send_multipart([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
+                self.stats["events"] += len(ns.outbox)
+                ns.outbox = []
+            dirty.clear()
+            for marker in syncs:
+                pub.send_multipart(marker)
+            syncs.clear()
+            for reply in replies:
+                send(reply)
+            replies.clear()
+
+    def handle(
+        self, frames: list[bytes], dirty: list[Namespace], syncs: list[list[bytes]]
+    ) -> list[bytes] | None:
+        """Handle one request; return the reply frames (None: drop the message)."""
+        self.stats["requests"] += 1
+        if len(frames) != 3:
+            self.stats["dropped"] += 1
+            log.warning("dropped a request with %d frames (expected 3)", len(frames))
+            if len(frames) >= 2:
+                rid = P.request_id_of(frames[1])
+                if rid is not None:
+                    return self._error(frames[0], rid, ProtocolError(
+                        f"a request has 2 frames (header, body), got {len(frames) - 1}"))
+            return None
+        identity, header, body = frames
+        try:
+            request = P.parse_request(header)
+        except ProtocolError as exc:
+            rid = P.request_id_of(header)
+            self.stats["dropped"] += 1
+            if rid is None:
+                log.warning("dropped an undecodable request: %s", exc)
+                return None
+            return self._error(identity, rid, exc)
+        try:
+            result = self.dispatch(identity, request, body, dirty, syncs)
+        except Exception as exc:
+            return self._error(identity, request.request_id, exc)
+        return [identity, P.reply_header(P.Status.OK, request.request_id), result]
+
+    def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
+        self.stats["errors"] += 1
+        return [identity, P.reply_header(P.Status.ERROR, rid), S.dumps_exception(exc)]
+
+    def dispatch(
+        self,
+        identity: bytes,
+        request: P.Request,
+        body: bytes,
+        dirty: list[Namespace],
+        syncs: list[list[bytes]],
+    ) -> bytes:
+        """Run one request and return the encoded result (raises on failure)."""
+        kind = request.kind
+        ns = self.namespace(request.namespace)
+        if kind == P.Kind.CALL:
+            args = S.loads(body) if body else ()
+            if not isinstance(args, tuple):
+                raise ProtocolError("CALL arguments must be a tuple")
+            prepared = _OPS[request.method](ns.data, *args)
+            reply = S.dumps(prepared.result)
+            if prepared.apply is None:
+                return reply
+            if not prepared.changes and not prepared.deleted:
+                return reply
+            self._commit(ns, identity, prepared.changes, prepared.deleted, prepared.old, dirty)
+            prepared.apply()
+            return reply
+        if kind == P.Kind.ATOMIC:
+            return self._atomic(ns, identity, body, dirty)
+        if kind == P.Kind.HEAD:
+            return S.dumps(ns.seq)
+        if kind == P.Kind.FETCH:
+            after, want_snapshot = S.loads(body)
+            events = ns.replay_after(int(after))
+            snapshot = dict(ns.data) if want_snapshot or events is None else None
+            return S.dumps((ns.seq, snapshot, events))
+        if kind == P.Kind.SNAPSHOT:
+            return S.dumps((ns.seq, dict(ns.data)))
+        if kind == P.Kind.SYNC:
+            syncs.append([P.sync_topic(identity), bytes(body)])
+            return S.dumps(None)
+        if kind == P.Kind.PING:
+            return S.dumps((bytes(body), os.getpid()))
+        if kind == P.Kind.TIME:
+            return S.dumps(time.time())
+        if kind == P.Kind.META:
+            return S.dumps(self.meta())
+        raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
+
+    def meta(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "version": __version__,
+            "protocol": P.PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "history_size": self.history_size,
+            "namespaces": sorted(self.namespaces),
+            "stats": dict(self.stats),
+            "started": self.started,
+        }
+
+    def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
+        fn, args, kwargs = S.loads(body)
+        data = ns.data
+        changes: dict[Any, Any] = {}
+        deleted: tuple[Any, ...] = ()
+        old: dict[Any, Any] = {}
+        data.begin()
+        try:
+            result = fn(data, *args, **kwargs)
+            reply = S.dumps(result)
+        except BaseException:
+            data.end(commit=False)
+            raise
+        try:
+            changes, deleted, old = data.end(commit=True)
+            if changes or deleted:
+                event = self._encode_event(ns, identity, changes, deleted)
+        except BaseException:
+            # the change set could not be encoded: undo by reapplying the old values
+            _restore(data, changes, deleted, old)
+            raise
+        if changes or deleted:
+            self._record(ns, event, dirty)
+        return reply
+
+    def _encode_event(
+        self, ns: Namespace, identity: bytes, changes: dict[Any, Any], deleted: tuple[Any, ...]
+    ) -> tuple[P.Event, bytes]:
+        event = P.Event(ns.seq + 1, identity, time.time(), changes, deleted, None)
+        return event, P.encode_event(event)
+
+    def _commit(
+        self,
+        ns: Namespace,
+        identity: bytes,
+        changes: dict[Any, Any],
+        deleted: tuple[Any, ...],
+        old: dict[Any, Any],
+        dirty: list[Namespace],
+    ) -> None:
+        event, data = self._encode_event(ns, identity, changes, deleted)
+        self._record(ns, (event._replace(old=old), data), dirty)
+
+    def _record(self, ns: Namespace, encoded: tuple[P.Event, bytes], dirty: list[Namespace]) -> None:
+        event, data = encoded
+        ns.seq = event.seq
+        ns.history.append(encoded)
+        if not ns.outbox:
+            dirty.append(ns)
+        ns.outbox.append(data)
+
+
+def _restore(
+    data: StateDict, changes: dict[Any, Any], deleted: tuple[Any, ...], old: dict[Any, Any]
+) -> None:
+    for key in changes:
+        if key in old:
+            dict.__setitem__(data, key, old[key])
+        else:
+            dict.pop(data, key, None)
+    for key in deleted:
+        dict.__setitem__(data, key, old[key])
+
+
+def _bind_endpoint(sock: zmq.Socket[Any], endpoint: str) -> None:
+    from .exceptions import AddressInUseError
+
+    if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[len("ipc://") :]):
+        raise AddressInUseError(
+            f"{endpoint} is in use: a server is probably already running there. Use another "
+            f"address, or connect to that server with zproc.State / zproc.Context"
+        )
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(
+                f"{endpoint} is in use: a server (or another program) is probably already "
+                f"listening there. Use another address, or connect to that server with "
+                f"zproc.State / zproc.Context"
+            ) from exc
+        raise ValueError(f"cannot bind {endpoint}: {exc}") from exc
+
+
+def _ipc_in_use(path: str) -> bool:
+    """True if something accepts connections on the Unix socket at ``path``.
+
+    ZeroMQ replaces an existing ipc socket file on bind, which would silently steal the
+    address from a running server; so check first.
+    """
+    if not os.path.exists(path):
+        return False
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+# -- process entry point ---------------------------------------------------------------
+
+
+def serve(
+    address: ServerAddress | None,
+    report: Any,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Entry point of a server process: bind, report through ``report`` (a Connection), serve.
+
+    Exits quietly on SIGINT and SIGTERM after closing its sockets and removing the ipc
+    files it created.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server: Server | None = None
+    try:
+        try:
+            server = Server(address, **(options or {}))
+        except _Stop:
+            raise
+        except BaseException as exc:
+            report.send(("error", S.dumps_exception(exc)))
+            report.close()
+            return
+        report.send(("ok", tuple(server.address)))
+        report.close()
+        log.info("zproc server %d serving at %s", os.getpid(), server.address)
+        server.serve()
+    except _Stop:
+        pass
+    finally:
+        if server is not None:
+            server.close()
+    if stop["signal"] is not None:
+        signal.signal(stop["signal"], signal.SIG_DFL)
+        os.kill(os.getpid(), stop["signal"])
+
+
+class _Stop(BaseException):
+    pass
+
+
+
+
+# -- starting a server -------------------------------------------------------------------
+
+
+def start_server(
+    server_address: Iterable[str] | None = None,
+    *,
+    backend: Callable[..., Any] = multiprocessing.Process,
+    timeout: float | None = 10.0,
+    history_size: int = DEFAULT_HISTORY,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> tuple[Any, ServerAddress]:
+    """Start a state server in a new process and return ``(process, address)``.
+
+    Returns only once the server has bound both sockets.
+
+    Parameters
+    ----------
+    server_address
+        ``(req_rep_endpoint, pub_sub_endpoint)``; ``None`` picks random endpoints (ipc in
+        a private temporary directory on POSIX, tcp on 127.0.0.1 elsewhere).
+    backend
+        A :class:`multiprocessing.Process`-compatible class (e.g. from a
+        ``multiprocessing.get_context("spawn")``). Threads are not supported.
+    timeout
+        How long to wait for the server to report that it is listening.
+    history_size
+        How many events per namespace the server keeps for clients to replay.
+
+    Raises
+    ------
+    AddressInUseError
+        An endpoint is taken (a server probably runs there already).
+    ValueError
+        A malformed or unsupported endpoint (raised before any process starts).
+    TimeoutError
+        The server did not report within ``timeout``; it is terminated.
+    ServerError
+        The server failed to start for another reason (its traceback is the cause).
+    """
+    from .exceptions import ServerError, TimeoutError
+
+    address = None if server_address is None else normalize_address(server_address)
+    if isinstance(backend, type) and issubclass(backend, threading.Thread):
+        raise TypeError("start_server needs a process backend; threads are not supported")
+    if history_size < 1:
+        raise ValueError(f"history_size must be >= 1, got {history_size}")
+    options = {"history_size": history_size, "max_message_size": max_message_size}
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    process = backend(target=serve, args=(address, sender, options), name="zproc-server")
+    process.start()
+    sender.close()
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if receiver.poll(0.05 if remaining is None else min(0.05, remaining)):
+                try:
+                    message = receiver.recv()
+                except EOFError:
+                    message = None
+                break
+            if not process.is_alive():
+                message = None
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                process.terminate()
+                process.join(5)
+                raise TimeoutError(
+                    f"the server process {process.pid} did not report that it listens at "
+                    f"{address or 'a random address'} within {timeout} s; it was terminated"
+                )
+    finally:
+        receiver.close()
+    if message is None:
+        process.join(5)
+        raise ServerError(
+            f"the server process {process.pid} exited (exit code {process.exitcode}) before "
+            f"it reported its address; see its output on stderr"
+        )
+    if message[0] == "error":
+        process.join(5)
+        raise S.loads_exception(message[1])
+    return process, ServerAddress(*message[1])

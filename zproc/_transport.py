@@ -1,0 +1,212 @@
+"""Addresses, the per-process ZeroMQ context, and socket helpers.
+
+A server address is a :class:`ServerAddress`: two endpoints, requests first, events second.
+Each endpoint is ``ipc://<path>`` or ``tcp://<host>:<port>``; the same string is bound by
+the server and connected to by clients, so it must be connectable (no wildcard host).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket as _socket
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import zmq
+
+__all__ = [
+    "ServerAddress",
+    "bind_random_tcp",
+    "create_ipc_address",
+    "get_context",
+    "make_private_ipc_dir",
+    "normalize_address",
+    "remove_ipc_endpoint",
+    "validate_endpoint",
+]
+
+#: Linux limits a Unix socket path to 107 bytes (sun_path is 108 with the trailing NUL).
+IPC_PATH_MAX = 107
+
+_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+|\*):(\d+|\*)$")
+
+
+class ServerAddress(NamedTuple):
+    """The two endpoints of a zproc server: ``(req_rep, pub_sub)``.
+
+    A plain tuple underneath, so it compares equal to ``("ipc://...", "ipc://...")`` and
+    unpacks the same way.
+    """
+
+    req_rep: str
+    pub_sub: str
+
+
+def validate_endpoint(endpoint: object, *, what: str = "endpoint", bind: bool = False) -> str:
+    """Check one endpoint string and return it.
+
+    Raises
+    ------
+    TypeError
+        The endpoint is not a ``str``.
+    ValueError
+        Malformed, unsupported transport, wildcard host (when connecting), or an ipc path
+        that is too long.
+    """
+    if not isinstance(endpoint, str):
+        raise TypeError(f"{what} must be a str like 'tcp://127.0.0.1:5000', got {endpoint!r}")
+    transport, sep, rest = endpoint.partition("://")
+    if not sep or not rest:
+        raise ValueError(
+            f"{what} {endpoint!r} is not an endpoint; expected 'ipc://<path>' or "
+            f"'tcp://<host>:<port>'"
+        )
+    if transport == "ipc":
+        if os.name != "posix":
+            raise ValueError(f"{what} {endpoint!r}: ipc endpoints need a POSIX system; use tcp")
+        if len(rest.encode()) > IPC_PATH_MAX:
+            raise ValueError(
+                f"{what} {endpoint!r}: the ipc path is longer than {IPC_PATH_MAX} bytes, the "
+                f"limit for a Unix socket; choose a shorter path"
+            )
+        return endpoint
+    if transport == "tcp":
+        match = _TCP.match(endpoint)
+        if not match:
+            raise ValueError(
+                f"{what} {endpoint!r} is not a valid tcp endpoint; expected "
+                f"'tcp://<host>:<port>', e.g. 'tcp://127.0.0.1:5000'"
+            )
+        host, port = match.groups()
+        if not bind and (host == "*" or port == "*"):
+            raise ValueError(
+                f"{what} {endpoint!r} has a wildcard; clients connect to the same string the "
+                f"server binds, so give a concrete host and port"
+            )
+        if port != "*" and not 0 <= int(port) <= 65535:
+            raise ValueError(f"{what} {endpoint!r}: port out of range")
+        return endpoint
+    raise ValueError(
+        f"{what} {endpoint!r}: unsupported transport {transport!r}; zproc supports 'ipc' "
+        f"and 'tcp' (the server is another process)"
+    )
+
+
+def normalize_address(server_address: object) -> ServerAddress:
+    """Validate a 2-sequence of endpoints and return it as a :class:`ServerAddress`."""
+    if isinstance(server_address, ServerAddress):
+        return server_address
+    if isinstance(server_address, (str, bytes)) or not isinstance(server_address, Sequence):
+        raise ValueError(
+            f"server_address must be a 2-tuple (req_rep_endpoint, pub_sub_endpoint), got "
+            f"{server_address!r}"
+        )
+    if len(server_address) != 2:
+        raise ValueError(
+            f"server_address must have exactly 2 endpoints (req_rep, pub_sub), got "
+            f"{len(server_address)}: {server_address!r}"
+        )
+    req, pub = server_address
+    validate_endpoint(req, what="server_address[0] (req_rep)")
+    validate_endpoint(pub, what="server_address[1] (pub_sub)")
+    if req == pub:
+        raise ValueError(f"the two endpoints of server_address must differ, both are {req!r}")
+    return ServerAddress(req, pub)
+
+
+# -- ipc paths -------------------------------------------------------------------------
+
+
+def make_private_ipc_dir() -> str:
+    """Create a private (0700) directory for one server's ipc sockets and return it."""
+    return tempfile.mkdtemp(prefix="zproc-", dir=_short_tempdir())
+
+
+def _short_tempdir() -> str:
+    base = tempfile.gettempdir()
+    # Keep room for "/zproc-xxxxxxxx/rr"; fall back to /tmp for deep temp directories.
+    if len(base) > IPC_PATH_MAX - 32 and os.path.isdir("/tmp"):
+        return "/tmp"
+    return base
+
+
+def create_ipc_address(name: str) -> str:
+    """Return an ``ipc://`` endpoint named ``name`` in a new private directory."""
+    if not name or "/" in name:
+        raise ValueError(f"name must be a non-empty file name, got {name!r}")
+    return validate_endpoint("ipc://" + os.path.join(make_private_ipc_dir(), name))
+
+
+def remove_ipc_endpoint(endpoint: str) -> None:
+    """Remove an ipc socket file, and its directory when it is one of ours and now empty."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    folder = os.path.dirname(path)
+    if os.path.basename(folder).startswith("zproc-"):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def remove_ipc_dir(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def bind_random_tcp(sock: zmq.Socket[Any], host: str = "127.0.0.1") -> str:
+    """Bind ``sock`` to a random port on ``host`` and return the connectable endpoint."""
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{port}"
+
+
+def loopback_host() -> str:
+    return "127.0.0.1"
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    if endpoint.startswith("ipc://"):
+        return True
+    match = _TCP.match(endpoint)
+    if not match:
+        return False
+    host = match.group(1).strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(_socket.gethostbyname(host)).is_loopback
+        except (OSError, ValueError):
+            return False
+
+
+# -- the per-process context -----------------------------------------------------------
+
+_lock = threading.Lock()
+_context: zmq.Context[Any] | None = None
+_context_pid: int = -1
+
+
+def get_context() -> zmq.Context[Any]:
+    """The ZeroMQ context of this process, created on first use and again after ``fork``."""
+    global _context, _context_pid
+    pid = os.getpid()
+    if _context is not None and _context_pid == pid and not _context.closed:
+        return _context
+    with _lock:
+        if _context is None or _context_pid != pid or _context.closed:
+            _context = zmq.Context()
+            _context_pid = pid
+        return _context

@@ -1,0 +1,1180 @@
+"""State: a dict-like proxy to the server's dict, with watchers and atomic calls.
+
+Every dict method is one request/reply round trip and atomic on its own. Watchers block
+until the state changes in a way the caller cares about. They read the server's event
+stream (PUB/SUB), which carries a sequence number and a change set per change; the State
+keeps a local replica of the dict and a log of recent events, so that
+
+* a *live* watcher considers every event after the moment it was called,
+* a *buffered* watcher (``live=False``) consumes every event since the State was created
+  (or since :meth:`State.go_live`), in order,
+* events missed on the way (a slow subscriber, a full queue) are fetched again from the
+  server's history by sequence number, and a client that fell further behind than that
+  history is resynchronised from a snapshot, the difference presented as one event.
+
+A State never wakes its own watchers: events caused by this State instance are applied to
+the replica but skipped by its watchers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import zmq
+
+from . import _protocol as P
+from . import _serialization as S
+from . import _server
+from ._client import DEFAULT_CONNECT_TIMEOUT, Connection
+from ._transport import ServerAddress, get_context, normalize_address
+from .exceptions import TimeoutError, ZProcError
+
+__all__ = [
+    "State",
+    "StateUpdate",
+    "StateWatcher",
+    "append",
+    "atomic",
+    "decrease",
+    "increase",
+    "ping",
+]
+
+T = TypeVar("T")
+_MISSING: Any = _server._MISSING
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset)
+
+#: While blocked, a watcher asks the server for its head this often (seconds), to notice
+#: events dropped by a full queue and a server that died.
+IDLE_CHECK = 1.0
+#: Events kept in a State's local log before the oldest are coalesced.
+DEFAULT_MAX_BACKLOG = 100_000
+DEFAULT_RCVHWM = 10_000
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy, cheap for immutable values."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    return S.loads(S.dumps(value))
+
+
+def _deadline(timeout: float | None, what: str) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"{what}: timeout must be >= 0 or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _timeout_error(what: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(
+        f"{what} saw no qualifying change within {timeout} s; pass a larger timeout "
+        f"(or None to wait indefinitely)"
+    )
+
+
+class StateUpdate(NamedTuple):
+    """One change of the state: the dict before and after it, and when it happened."""
+
+    before: dict[Any, Any]
+    after: dict[Any, Any]
+    timestamp: float
+    is_identical: bool
+
+
+# -- the local event log -----------------------------------------------------------------
+
+
+class _Ev:
+    """A change as the client keeps it: the server's change set plus the undo record."""
+
+    __slots__ = ("seq", "first", "origin", "timestamp", "changes", "deleted", "undo")
+
+    def __init__(
+        self,
+        seq: int,
+        first: int,
+        origin: bytes,
+        timestamp: float,
+        changes: dict[Any, Any],
+        deleted: tuple[Any, ...],
+        undo: dict[Any, Any],
+    ) -> None:
+        self.seq = seq
+        self.first = first  # first sequence number this event covers (coalesced events)
+        self.origin = origin
+        self.timestamp = timestamp
+        self.changes = changes
+        self.deleted = deleted
+        self.undo = undo
+
+    def touches(self, key: Any) -> bool:
+        return key in self.undo
+
+    def keys(self) -> Iterable[Any]:
+        return self.undo.keys()
+
+
+class _Cursor:
+    """A position in the event stream (events with ``seq <= cursor.seq`` are behind it).
+
+    ``snap`` optionally holds a shallow copy of the state at that position, advanced event
+    by event, for predicates that look at values.
+    """
+
+    __slots__ = ("seq", "snap", "__weakref__")
+
+    def __init__(self, seq: int, snap: dict[Any, Any] | None = None) -> None:
+        self.seq = seq
+        self.snap = snap
+
+    def advance(self, ev: _Ev) -> None:
+        self.seq = ev.seq
+        snap = self.snap
+        if snap is not None:
+            for key in ev.deleted:
+                snap.pop(key, None)
+            snap.update(ev.changes)
+
+
+class _Stream:
+    """The event side of a State: SUB socket, replica, log and cursors."""
+
+    def __init__(self, state: State, start_seq: int) -> None:
+        self.state = state
+        self.conn = state._conn
+        self.namespace = state._ns
+        self.replica: dict[Any, Any] = {}
+        self.seq = start_seq
+        self.log: list[_Ev] = []
+        self.buffer = _Cursor(start_seq)
+        self.cursors: weakref.WeakSet[_Cursor] = weakref.WeakSet()
+        self.max_backlog = state._max_backlog
+        ctx = get_context()
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.rcvhwm = state._rcvhwm
+        self.topic = P.event_topic(self.namespace)
+        self.marker = P.sync_topic(self.conn.identity)
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        sub.setsockopt(zmq.SUBSCRIBE, self.marker)
+        sub.connect(state.server_address.pub_sub)
+        self.sub = sub
+        self._sync_and_load(start_seq)
+
+    def close(self) -> None:
+        if not self.sub.closed:
+            self.sub.close(0)
+
+    # -- start-up: subscribe, then load what came before --------------------------------
+
+    def _sync_and_load(self, start_seq: int) -> None:
+        """Make sure the subscription is live, then load the snapshot and the backlog."""
+        token = os.urandom(8)
+        stash: list[list[bytes]] = []
+        wait = 0.002
+        connect_deadline = time.monotonic() + (self.state._connect_timeout or 3600.0)
+        synced = False
+        while not synced:
+            self.state._request(P.Kind.SYNC, 0, token)
+            end = time.monotonic() + wait
+            while not synced:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or not self.sub.poll(remaining * 1000):
+                    break
+                frames = self.sub.recv_multipart()
+                if frames[0] == self.marker:
+                    synced = frames[1] == token
+                else:
+                    stash.append(frames)
+            wait = min(wait * 2, 0.1)
+            if time.monotonic() > connect_deadline:
+                raise TimeoutError(
+                    f"could not subscribe to the events at {self.state.server_address.pub_sub}: "
+                    f"the server answers requests but its events never arrive. Check that "
+                    f"both endpoints of the address belong to the same server"
+                )
+        head, snapshot, events = self.state._request(
+            P.Kind.FETCH, 0, S.dumps((start_seq, True))
+        )
+        self.replica = snapshot
+        self.seq = head
+        if events is None:
+            if snapshot:
+                undo = dict.fromkeys(snapshot, _MISSING)
+                self.log.append(_Ev(head, start_seq + 1, b"", time.time(), dict(snapshot), (), undo))
+        else:
+            for ev in events:
+                undo = {key: (ev.old or {}).get(key, _MISSING) for key in ev.changes}
+                for key in ev.deleted:
+                    undo[key] = (ev.old or {})[key]
+                self.log.append(
+                    _Ev(ev.seq, ev.seq, ev.origin, ev.timestamp, ev.changes, ev.deleted, undo)
+                )
+        for frames in stash:
+            self._on_message(frames)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _apply(self, seq: int, origin: bytes, timestamp: float, changes: dict[Any, Any],
+               deleted: tuple[Any, ...]) -> None:
+        replica = self.replica
+        undo: dict[Any, Any] = {}
+        for key in deleted:
+            undo[key] = replica.pop(key, _MISSING)
+        for key, value in changes.items():
+            undo[key] = replica.get(key, _MISSING)
+            replica[key] = value
+        self.log.append(_Ev(seq, seq, origin, timestamp, changes, deleted, undo))
+        self.seq = seq
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        if frames[0] != self.topic or len(frames) < 3:
+            return
+        first, last = P.parse_events_header(frames[1])
+        if last <= self.seq:
+            return
+        if first > self.seq + 1:
+            self.replay()
+            return
+        for frame in frames[2:]:
+            seq, origin, timestamp, changes, deleted, _old = P.decode_event(frame)
+            if seq == self.seq + 1:
+                self._apply(seq, origin, timestamp, changes, deleted)
+        self._bound_backlog()
+
+    def drain(self) -> bool:
+        """Apply every message already queued on the SUB socket; True if any arrived."""
+        before = self.seq
+        sub = self.sub
+        while True:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.seq != before
+            self._on_message(frames)
+
+    def replay(self) -> None:
+        """Fetch the events after ``self.seq`` from the server's history (or resync)."""
+        head, snapshot, events = self.state._request(
+            P.Kind.FETCH, 0, S.dumps((self.seq, False))
+        )
+        if events is None:
+            self._resync(head, snapshot)
+            return
+        for ev in events:
+            if ev.seq == self.seq + 1:
+                self._apply(ev.seq, ev.origin, ev.timestamp, ev.changes, ev.deleted)
+        self._bound_backlog()
+
+    def _resync(self, head: int, snapshot: dict[Any, Any]) -> None:
+        """Fell behind the server's history: present the difference as one event."""
+        replica = self.replica
+        changes = {
+            key: value
+            for key, value in snapshot.items()
+            if key not in replica or _server.changed(replica[key], value)
+        }
+        deleted = tuple(key for key in replica if key not in snapshot)
+        undo = {key: replica.get(key, _MISSING) for key in changes}
+        for key in deleted:
+            undo[key] = replica[key]
+        first = self.seq + 1
+        self.replica = snapshot
+        self.seq = head
+        if changes or deleted:
+            self.log.append(_Ev(head, first, b"", time.time(), changes, deleted, undo))
+
+    def catch_up(self) -> int:
+        """Bring the replica at least to the server's current head; return that head."""
+        head: int = self.state._request(P.Kind.HEAD, 0, b"")
+        self.drain()
+        if self.seq < head:
+            self.replay()
+        return head
+
+    def wait_more(self, deadline: float | None) -> bool:
+        """Block until new events are in the log (True) or the deadline passes (False)."""
+        before = self.seq
+        sub = self.sub
+        while True:
+            if self.drain() and self.seq != before:
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            wait = IDLE_CHECK if deadline is None else min(IDLE_CHECK, deadline - now)
+            if sub.poll(wait * 1000):
+                continue
+            # idle: make sure nothing was dropped on the way and the server is alive
+            head: int = self.state._request(P.Kind.HEAD, 0, b"")
+            if head > self.seq:
+                self.replay()
+
+    # -- reading the log ----------------------------------------------------------------
+
+    def after(self, seq: int) -> Iterator[_Ev]:
+        """Events in the log with a sequence number above ``seq``, oldest first."""
+        log = self.log
+        index = bisect.bisect_right(log, seq, key=lambda ev: ev.seq)
+        while index < len(log):
+            yield log[index]
+            index += 1
+
+    def snapshot_at(self, seq: int) -> dict[Any, Any]:
+        """A shallow copy of the state as it was right after event ``seq``."""
+        snap = dict(self.replica)
+        for ev in reversed(self.log):
+            if ev.seq <= seq:
+                break
+            for key, before in ev.undo.items():
+                if before is _MISSING:
+                    snap.pop(key, None)
+                else:
+                    snap[key] = before
+        return snap
+
+    def value_at(self, seq: int, key: Any) -> Any:
+        """The value of ``key`` right after event ``seq`` (None if absent)."""
+        for ev in self.after(seq):
+            if key in ev.undo:
+                before = ev.undo[key]
+                return None if before is _MISSING else before
+        return self.replica.get(key)
+
+    def find(
+        self,
+        qualifies: Callable[[_Ev, _Cursor], bool],
+        cursor: _Cursor,
+        deadline: float | None,
+        consume: bool,
+    ) -> _Ev | None:
+        """Advance ``cursor`` to the next event that qualifies, blocking for new events."""
+        self.cursors.add(cursor)
+        try:
+            while True:
+                for ev in self.after(cursor.seq):
+                    cursor.advance(ev)
+                    if consume:
+                        self.buffer.seq = ev.seq
+                    if qualifies(ev, cursor):
+                        return ev
+                if not self.wait_more(deadline):
+                    return None
+        finally:
+            self.cursors.discard(cursor)
+            self._trim()
+
+    # -- memory bounds -------------------------------------------------------------------
+
+    def _trim(self) -> None:
+        low = min([self.buffer.seq, *(c.seq for c in self.cursors)])
+        log = self.log
+        if log and log[0].seq <= low:
+            index = bisect.bisect_right(log, low, key=lambda ev: ev.seq)
+            del log[:index]
+
+    def _bound_backlog(self) -> None:
+        if len(self.log) <= self.max_backlog:
+            return
+        self._trim()
+        if len(self.log) > self.max_backlog:
+            self._coalesce(len(self.log) - self.max_backlog // 2)
+
+    def _coalesce(self, count: int) -> None:
+        """Merge the ``count`` oldest events into one (cursors inside move to its start)."""
+        events = self.log[:count]
+        changes: dict[Any, Any] = {}
+        deleted: dict[Any, None] = {}
+        undo: dict[Any, Any] = {}
+        for ev in events:
+            for key, before in ev.undo.items():
+                undo.setdefault(key, before)
+            for key in ev.deleted:
+                changes.pop(key, None)
+                deleted[key] = None
+            for key, value in ev.changes.items():
+                deleted.pop(key, None)
+                changes[key] = value
+        for key in [k for k in deleted if undo.get(k) is _MISSING]:
+            del deleted[key]
+            del undo[key]
+        origins = {ev.origin for ev in events}
+        origin = origins.pop() if len(origins) == 1 else b""
+        merged = _Ev(events[-1].seq, events[0].first, origin, events[-1].timestamp, changes,
+                     tuple(deleted), undo)
+        self.log[:count] = [merged]
+        start = events[0].first - 1
+        for cursor in [self.buffer, *self.cursors]:
+            if start < cursor.seq < merged.seq:
+                cursor.seq = start
+                cursor.snap = None
+
+
+# -- State -------------------------------------------------------------------------------
+
+
+class State:
+    """A dict-like proxy to the dict held by a zproc server.
+
+    Parameters
+    ----------
+    server_address
+        ``(req_rep_endpoint, pub_sub_endpoint)``, as returned by :func:`start_server`.
+    namespace
+        Which of the server's dicts this State works on.
+    request_timeout
+        Limit in seconds for each request/reply round trip (``None``: no limit while the
+        server is alive). Expiry raises :class:`zproc.TimeoutError`.
+    connect_timeout
+        How long a request waits for a server that never answered at this address before
+        raising :class:`zproc.ServerUnavailableError`.
+
+    Notes
+    -----
+    Each dict method is one atomic round trip; two calls are not atomic together
+    (``state["n"] += 1`` races: use :func:`atomic`). Values read are copies.
+    A State pickles as its address and settings; unpickled (or used after ``fork``) it
+    connects anew with a new identity.
+    """
+
+    def __init__(
+        self,
+        server_address: Iterable[str],
+        *,
+        namespace: str = "default",
+        request_timeout: float | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        rcvhwm: int = DEFAULT_RCVHWM,
+    ) -> None:
+        self._address = normalize_address(server_address)
+        _check_namespace(namespace)
+        if request_timeout is not None and request_timeout < 0:
+            raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
+        self._namespace = namespace
+        self._ns = namespace.encode()
+        self.request_timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._max_backlog = max_backlog
+        self._rcvhwm = rcvhwm
+        self._conn: Connection | None = None
+        self._stream: _Stream | None = None
+        self._start_rid: int | None = None
+        self._closed = False
+        self._connect()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def server_address(self) -> ServerAddress:
+        """The server's address (read-only)."""
+        return self._address
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this State works on. Setting it resets the buffer (as go_live)."""
+        return self._namespace
+
+    @namespace.setter
+    def namespace(self, value: str) -> None:
+        _check_namespace(value)
+        if value == self._namespace:
+            return
+        self._namespace, self._ns = value, value.encode()
+        self._reset_stream()
+        self._start_rid = self._connection().send(P.Kind.HEAD, 0, b"", self._ns)
+
+    @property
+    def identity(self) -> bytes:
+        """The identity this State's changes carry (new after fork or unpickling)."""
+        return self._connection().identity
+
+    def _connect(self) -> Connection:
+        if _server.in_server_process():
+            raise RuntimeError(
+                "a State cannot be used inside an atomic function or elsewhere in the server "
+                "process: the server is busy running it and would wait for itself. Work on "
+                "the dict the atomic function receives instead"
+            )
+        self._reset_stream()
+        self._conn = conn = Connection(self._address, connect_timeout=self._connect_timeout)
+        # register: the buffer of this State starts at the server's head right now
+        self._start_rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
+        return conn
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        if self._closed:
+            raise ZProcError("this State is closed; create a new one")
+        return self._connect()
+
+    def _reset_stream(self) -> None:
+        if self._stream is not None:
+            if self._conn is not None and self._conn.pid == os.getpid():
+                self._stream.close()
+            self._stream = None
+
+    def _request(self, kind: int, method: int, body: bytes) -> Any:
+        conn = self._conn
+        if conn is None or conn.pid != os.getpid():
+            conn = self._connection()
+        return conn.request(kind, method, body, self._ns, self.request_timeout)
+
+    def _call(self, method: int, *args: Any) -> Any:
+        conn = self._conn
+        if conn is None or conn.pid != os.getpid():
+            conn = self._connection()
+        return conn.result(
+            conn.send(P.Kind.CALL, method, S.dumps(args), self._ns), self.request_timeout
+        )
+
+    def _start_seq(self) -> int:
+        conn = self._connection()
+        rid, self._start_rid = self._start_rid, None
+        if rid is None:
+            return int(self._request(P.Kind.HEAD, 0, b""))
+        return int(conn.result(rid, self.request_timeout))
+
+    def _watching(self) -> _Stream:
+        """The event stream, started on first use, caught up with the server's head."""
+        self._connection()
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = _Stream(self, self._start_seq())
+        stream.catch_up()
+        return stream
+
+    def close(self) -> None:
+        """Close this State's sockets. Idempotent; later use raises :class:`ZProcError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reset_stream()
+        if self._conn is not None:
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None and not self._closed and conn.pid == os.getpid():
+            warnings.warn(
+                f"unclosed {self!s:.0}State for {self._address}; call close() or use "
+                f"'with State(...)'",
+                ResourceWarning,
+                stacklevel=2,
+            )
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __reduce__(self) -> Any:
+        return (
+            _rebuild_state,
+            (
+                tuple(self._address),
+                self._namespace,
+                self.request_timeout,
+                self._connect_timeout,
+            ),
+        )
+
+    def fork(
+        self, server_address: Iterable[str] | None = None, *, namespace: str | None = None
+    ) -> State:
+        """A new State with the same settings, unless overridden."""
+        return State(
+            self._address if server_address is None else server_address,
+            namespace=self._namespace if namespace is None else namespace,
+            request_timeout=self.request_timeout,
+            connect_timeout=self._connect_timeout,
+        )
+
+    # -- dict interface -------------------------------------------------------------------
+
+    def __getitem__(self, key: Hashable) -> Any:
+        return self._call(P.Method.GETITEM, key)
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        self._call(P.Method.SETITEM, key, value)
+
+    def __delitem__(self, key: Hashable) -> None:
+        self._call(P.Method.DELITEM, key)
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._call(P.Method.CONTAINS, key))
+
+    def __len__(self) -> int:
+        return int(self._call(P.Method.LEN))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._call(P.Method.KEYS))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, State):
+            return self.copy() == other.copy()
+        return bool(self._call(P.Method.EQ, other))
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, State):
+            return self.copy() != other.copy()
+        return bool(self._call(P.Method.NE, other))
+
+    __hash__ = object.__hash__
+
+    def clear(self) -> None:
+        self._call(P.Method.CLEAR)
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        return self._call(P.Method.GET, key, default)
+
+    def pop(self, key: Hashable, *default: Any) -> Any:
+        return self._call(P.Method.POP, key, *default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        return tuple(self._call(P.Method.POPITEM))  # type: ignore[return-value]
+
+    def setdefault(self, key: Hashable, default: Any = None) -> Any:
+        return self._call(P.Method.SETDEFAULT, key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``dict.update``; a failure part-way leaves the state unchanged."""
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+        merged: Any = {}
+        if args:
+            merged = args[0]
+            if isinstance(merged, State):
+                merged = merged.copy()
+            elif not isinstance(merged, dict):
+                merged = (
+                    {key: merged[key] for key in merged.keys()}
+                    if hasattr(merged, "keys")
+                    else list(merged)
+                )
+        if kwargs:
+            merged = dict(merged)
+            merged.update(kwargs)
+        self._call(P.Method.UPDATE, merged)
+
+    def fromkeys(self, iterable: Iterable[Any], value: Any = None) -> dict[Any, Any]:
+        """``dict.fromkeys(iterable, value)``, computed by the server; the state is untouched."""
+        return self._call(P.Method.FROMKEYS, list(iterable), value)  # type: ignore[no-any-return]
+
+    def copy(self) -> dict[Any, Any]:
+        """A deep copy of the whole state, as a plain dict (one round trip)."""
+        return self._call(P.Method.COPY)  # type: ignore[no-any-return]
+
+    def keys(self) -> Any:
+        """``dict_keys`` of one snapshot."""
+        return self.copy().keys()
+
+    def values(self) -> Any:
+        """``dict_values`` of one snapshot."""
+        return self.copy().values()
+
+    def items(self) -> Any:
+        """``dict_items`` of one snapshot."""
+        return self.copy().items()
+
+    def set(self, value: Mapping[Any, Any]) -> None:
+        """Replace the whole dict with ``value``, atomically (one event)."""
+        self._call(P.Method.SET, dict(value))
+
+    def __repr__(self) -> str:
+        try:
+            return f"<State value: {self.copy()!r}>"
+        except Exception:
+            return f"<State server_address={tuple(self._address)!r} (unreachable)>"
+
+    # -- server helpers -------------------------------------------------------------------
+
+    def ping(self, **kwargs: Any) -> int | None:
+        """Ping this State's server: see :func:`zproc.ping`."""
+        return ping(self._address, **kwargs)
+
+    def time(self) -> float:
+        """The server's clock (``time.time()`` in the server process)."""
+        return float(self._request(P.Kind.TIME, 0, b""))
+
+    def _atomic(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        return self._request(P.Kind.ATOMIC, 0, S.dumps_code((fn, args, kwargs)))  # type: ignore[no-any-return]
+
+    # -- watchers -------------------------------------------------------------------------
+
+    def go_live(self) -> None:
+        """Discard the buffer: buffered watchers see only changes made after this returns."""
+        if self._stream is None:
+            self._connection()
+            self._start_seq()
+            self._start_rid = self._connection().send(P.Kind.HEAD, 0, b"", self._ns)
+            return
+        stream = self._watching()
+        stream.buffer.seq = stream.seq
+        stream.buffer.snap = None
+        stream._trim()
+
+    def _foreign(self, ev: _Ev) -> bool:
+        return ev.origin != self._conn.identity  # type: ignore[union-attr]
+
+    def get_when_change(
+        self,
+        *keys: Hashable,
+        exclude: bool = False,
+        live: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """Block until another State changes the state (or one of ``keys``).
+
+        Returns
+        -------
+        The whole snapshot after the change (no keys, or ``exclude=True``); the new value
+        of the key (one key, ``None`` if it was deleted); or a list of the values of the
+        keys, in argument order (several keys).
+        """
+        deadline = _deadline(timeout, "get_when_change")
+        stream = self._watching()
+        me = self._conn.identity  # type: ignore[union-attr]
+        keyset = frozenset(keys)
+
+        def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
+            if ev.origin == me:
+                return False
+            if not keyset:
+                return True
+            return any((key in keyset) != exclude for key in ev.keys())
+
+        cursor = _Cursor(stream.seq if live else stream.buffer.seq)
+        ev = stream.find(qualifies, cursor, deadline, consume=not live)
+        if ev is None:
+            raise _timeout_error("get_when_change", timeout)
+        if not keys or exclude:
+            return _copy(stream.snapshot_at(ev.seq))
+        if len(keys) == 1:
+            return _copy(stream.value_at(ev.seq, keys[0]))
+        return [_copy(stream.value_at(ev.seq, key)) for key in keys]
+
+    def _when_snapshot(
+        self,
+        test: Callable[[dict[Any, Any]], Any],
+        live: bool,
+        deadline: float | None,
+        what: str,
+        timeout: float | None,
+    ) -> dict[Any, Any]:
+        """Level-triggered wait: the first snapshot (now, or after a change) passing ``test``.
+
+        Returns the shallow snapshot; callers copy what they return.
+        """
+        stream = self._watching()
+        snap = dict(stream.replica)
+        if test(snap):
+            return snap
+        cursor = _Cursor(stream.seq, dict(stream.replica))
+        if not live:
+            # buffered events older than the snapshot are consumed without evaluation
+            stream.buffer.seq = max(stream.buffer.seq, stream.seq)
+        me = self._conn.identity  # type: ignore[union-attr]
+
+        def qualifies(ev: _Ev, cur: _Cursor) -> bool:
+            return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
+
+        ev = stream.find(qualifies, cursor, deadline, consume=not live)
+        if ev is None:
+            raise _timeout_error(what, timeout)
+        return cursor.snap  # type: ignore[return-value]
+
+    def get_when(
+        self,
+        test_fn: Callable[[dict[Any, Any]], Any],
+        *,
+        live: bool = True,
+        timeout: float | None = None,
+    ) -> dict[Any, Any]:
+        """Block until ``test_fn(snapshot)`` is true; return that snapshot.
+
+        Checks the current state first (returns at once if the condition holds), then
+        every change made by other States after it.
+        """
+        deadline = _deadline(timeout, "get_when")
+        snap = self._when_snapshot(lambda s: test_fn(dict(s)), live, deadline, "get_when",
+                                   timeout)
+        return _copy(snap)  # type: ignore[no-any-return]
+
+    def get_when_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Block until ``state.get(key) == value``; return the stored value."""
+        deadline = _deadline(timeout, "get_when_equal")
+        snap = self._when_snapshot(
+            lambda s: s.get(key) == value, live, deadline, "get_when_equal", timeout
+        )
+        return _copy(snap.get(key))
+
+    def get_when_not_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Block until ``state.get(key) != value``; return the stored value."""
+        deadline = _deadline(timeout, "get_when_not_equal")
+        snap = self._when_snapshot(
+            lambda s: s.get(key) != value, live, deadline, "get_when_not_equal", timeout
+        )
+        return _copy(snap.get(key))
+
+    def get_when_none(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> None:
+        """Block until ``key`` exists and is ``None``."""
+        deadline = _deadline(timeout, "get_when_none")
+        self._when_snapshot(
+            lambda s: key in s and s[key] is None, live, deadline, "get_when_none", timeout
+        )
+
+    def get_when_not_none(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Block until ``key`` exists and is not ``None``; return its value."""
+        deadline = _deadline(timeout, "get_when_not_none")
+        snap = self._when_snapshot(
+            lambda s: s.get(key) is not None, live, deadline, "get_when_not_none", timeout
+        )
+        return _copy(snap[key])
+
+    def get_when_available(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Block until ``key`` exists; return its value."""
+        deadline = _deadline(timeout, "get_when_available")
+        snap = self._when_snapshot(
+            lambda s: key in s, live, deadline, "get_when_available", timeout
+        )
+        return _copy(snap[key])
+
+    def get_raw_update(
+        self, *, live: bool = True, timeout: float | None = None
+    ) -> StateUpdate:
+        """Block until another State changes anything; return the before and after dicts."""
+        deadline = _deadline(timeout, "get_raw_update")
+        stream = self._watching()
+        cursor = _Cursor(stream.seq if live else stream.buffer.seq)
+        ev = stream.find(lambda ev, _c: self._foreign(ev), cursor, deadline, consume=not live)
+        if ev is None:
+            raise _timeout_error("get_raw_update", timeout)
+        return _update_of(stream, ev)
+
+    # -- iterator watchers ------------------------------------------------------------------
+
+    def when_change(
+        self,
+        *keys: Hashable,
+        exclude: bool = False,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> StateWatcher:
+        """An iterator over the snapshots after each change of ``keys`` (or of anything)."""
+        keyset = frozenset(keys)
+
+        def test(ev: _Ev, _snap: dict[Any, Any]) -> bool:
+            return not keyset or any((key in keyset) != exclude for key in ev.keys())
+
+        return StateWatcher(self, test, live=live, timeout=timeout, start_time=start_time,
+                            count=count, needs_values=False)
+
+    def when(
+        self,
+        test_fn: Callable[..., Any],
+        *,
+        args: Iterable[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> StateWatcher:
+        """An iterator over the snapshots after each change for which ``test_fn`` is true."""
+        a, kw = tuple(args or ()), dict(kwargs or {})
+        return StateWatcher(self, lambda _ev, snap: test_fn(dict(snap), *a, **kw), live=live,
+                            timeout=timeout, start_time=start_time, count=count)
+
+    def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and equals ``value``."""
+        return self._when_key(lambda s: key in s and s[key] == value, watcher_kwargs)
+
+    def when_not_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and differs from ``value``."""
+        return self._when_key(lambda s: key in s and s[key] != value, watcher_kwargs)
+
+    def when_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and is ``None``."""
+        return self._when_key(lambda s: key in s and s[key] is None, watcher_kwargs)
+
+    def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and is not ``None``."""
+        return self._when_key(lambda s: s.get(key) is not None, watcher_kwargs)
+
+    def when_available(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists."""
+        return self._when_key(lambda s: key in s, watcher_kwargs)
+
+    def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and is truthy."""
+        return self._when_key(lambda s: key in s and bool(s[key]), watcher_kwargs)
+
+    def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
+        """Iterator: snapshots after changes where ``key`` exists and is falsy."""
+        return self._when_key(lambda s: key in s and not s[key], watcher_kwargs)
+
+    def _when_key(
+        self, test: Callable[[dict[Any, Any]], bool], watcher_kwargs: dict[str, Any]
+    ) -> StateWatcher:
+        return StateWatcher(self, lambda _ev, snap: test(snap), **watcher_kwargs)
+
+    def when_change_raw(
+        self,
+        *,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> StateWatcher:
+        """An iterator over :class:`StateUpdate` values, one per change by another State."""
+        return StateWatcher(self, lambda _ev, _snap: True, live=live, timeout=timeout,
+                            start_time=start_time, count=count, raw=True, needs_values=False)
+
+
+def _update_of(stream: _Stream, ev: _Ev) -> StateUpdate:
+    return StateUpdate(
+        _copy(stream.snapshot_at(ev.first - 1)),
+        _copy(stream.snapshot_at(ev.seq)),
+        ev.timestamp,
+        False,
+    )
+
+
+class StateWatcher(Iterator[Any]):
+    """An iterator over the changes of a State that pass a test.
+
+    Each ``next()`` blocks until the next qualifying change made by another State and
+    returns the snapshot right after it (or a :class:`StateUpdate` for raw watchers). The
+    watcher keeps its own position in the event stream: buffered watchers (``live=False``)
+    see every change after their creation, in order; live ones only changes after each
+    ``next()`` began.
+    """
+
+    def __init__(
+        self,
+        state: State,
+        test: Callable[[_Ev, dict[Any, Any]], Any],
+        *,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+        raw: bool = False,
+        needs_values: bool = True,
+    ) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        if count is not None and count < 0:
+            raise ValueError(f"count must be >= 0 or None, got {count!r}")
+        self.state = state
+        self.live = live
+        self.timeout = timeout
+        self.count = count
+        self._test = test
+        self._raw = raw
+        self._needs_values = needs_values
+        self._yielded = 0
+        stream = state._watching()
+        self._stream = stream
+        start = stream.seq
+        if start_time is not None:
+            start = stream.buffer.seq
+            for ev in stream.log:
+                if ev.timestamp >= start_time:
+                    break
+                start = ev.seq
+        self._cursor = _Cursor(start)
+        stream.cursors.add(self._cursor)
+
+    def __iter__(self) -> StateWatcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self.count is not None and self._yielded >= self.count:
+            raise StopIteration
+        deadline = _deadline(self.timeout, "StateWatcher")
+        state = self.state
+        stream = state._watching()
+        if stream is not self._stream:  # the State reconnected (fork, namespace change)
+            self._stream = stream
+            self._cursor = _Cursor(stream.seq)
+        cursor = self._cursor
+        if self.live:
+            cursor.seq, cursor.snap = stream.seq, None
+        if self._needs_values and cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+        me = state._conn.identity  # type: ignore[union-attr]
+        test = self._test
+
+        def qualifies(ev: _Ev, cur: _Cursor) -> bool:
+            if ev.origin == me:
+                return False
+            if self._needs_values and cur.snap is None:
+                cur.snap = stream.snapshot_at(cur.seq)
+            return bool(test(ev, cur.snap))  # type: ignore[arg-type]
+
+        ev = stream.find(qualifies, cursor, deadline, consume=False)
+        stream.cursors.add(cursor)
+        if ev is None:
+            raise _timeout_error("StateWatcher", self.timeout)
+        self._yielded += 1
+        if self._raw:
+            return _update_of(stream, ev)
+        if cursor.snap is not None:
+            return _copy(cursor.snap)
+        return _copy(stream.snapshot_at(ev.seq))
+
+    def go_live(self) -> None:
+        """Skip every change so far: the next item is a change made after this call."""
+        stream = self.state._watching()
+        self._cursor.seq, self._cursor.snap = stream.seq, None
+
+    def consume(self) -> None:
+        """Exhaust the watcher (use with ``count``)."""
+        for _ in self:
+            pass
+
+
+def _rebuild_state(
+    address: tuple[str, str],
+    namespace: str,
+    request_timeout: float | None,
+    connect_timeout: float | None,
+) -> State:
+    return State(
+        address,
+        namespace=namespace,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
+    )
+
+
+def _check_namespace(namespace: object) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
+    if "\0" in namespace:
+        raise ValueError("namespace must not contain NUL characters")
+
+
+# -- atomic -------------------------------------------------------------------------------
+
+
+def atomic(fn: Callable[..., T]) -> Callable[..., T]:
+    """Make ``fn(dict, *args, **kwargs)`` run on the server, atomically.
+
+    The wrapper is called as ``wrapper(state, *args, **kwargs)``: the server calls ``fn``
+    on the live dict of ``state``'s namespace while serving no one else, and the wrapper
+    returns ``fn``'s return value. If ``fn`` raises (or its result cannot be pickled) the
+    state is restored exactly, no event is published and the same exception is raised
+    here with the server's traceback as ``__cause__``. ``fn`` travels with cloudpickle, so
+    defaults, closures and globals work as in a local call.
+    """
+    if not callable(fn):
+        raise TypeError(f"atomic() needs a callable, got {fn!r}")
+
+    @functools.wraps(fn)
+    def wrapper(state: State, *args: Any, **kwargs: Any) -> T:
+        if not isinstance(state, State):
+            raise TypeError(
+                f"the first argument of an atomic function must be a zproc.State, got "
+                f"{type(state).__name__}"
+            )
+        return state._atomic(fn, args, kwargs)
+
+    return wrapper
+
+
+def _increase(d: dict[Any, Any], key: Any, step: Any) -> Any:
+    d[key] = value = d[key] + step
+    return value
+
+
+def _decrease(d: dict[Any, Any], key: Any, step: Any) -> Any:
+    d[key] = value = d[key] - step
+    return value
+
+
+def _append(d: dict[Any, Any], key: Any, item: Any) -> int:
+    d[key].append(item)
+    return len(d[key])
+
+
+def increase(state: State, key: Hashable, step: Any = 1) -> Any:
+    """``state[key] += step``, atomically; return the new value (``KeyError`` if missing)."""
+    return atomic(_increase)(state, key, step)
+
+
+def decrease(state: State, key: Hashable, step: Any = 1) -> Any:
+    """``state[key] -= step``, atomically; return the new value (``KeyError`` if missing)."""
+    return atomic(_decrease)(state, key, step)
+
+
+def append(state: State, key: Hashable, item: Any) -> int:
+    """``state[key].append(item)``, atomically; return the new length."""
+    return atomic(_append)(state, key, item)
+
+
+# -- ping -----------------------------------------------------------------------------------
+
+
+def ping(
+    server_address: Iterable[str], *, timeout: float | None = 5.0, payload: bytes | None = None
+) -> int | None:
+    """Ask the server at ``server_address`` for its pid.
+
+    Returns the server's pid when it echoes ``payload`` back (``None`` if the echo
+    differs). Raises :class:`zproc.TimeoutError` when no server answers within
+    ``timeout`` seconds (``None``: wait indefinitely).
+    """
+    address = normalize_address(server_address)
+    if payload is None:
+        payload = os.urandom(56)
+    elif not isinstance(payload, bytes):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    conn = Connection(address, connect_timeout=None)
+    try:
+        echoed, pid = conn.request(P.Kind.PING, 0, payload, b"default", timeout)
+    except TimeoutError:
+        raise TimeoutError(
+            f"no zproc server answered a ping at {address.req_rep} within {timeout} s; check "
+            f"that a server was started there (zproc.start_server) and the address is right"
+        ) from None
+    finally:
+        conn.close()
+    return int(pid) if echoed == payload else None
+
