@@ -26,6 +26,13 @@ from .exceptions import (
     TimeoutError,
     ZProcError,
 )
+from .process import (
+    Process,
+    clean_process_tree,
+    exception_to_signal,
+    send_signal,
+    signal_to_exception,
+)
 from .state import (
     State,
     StateUpdate,
@@ -41,6 +48,7 @@ __all__ = [
     "AddressInUseError",
     "AuthenticationError",
     "Context",
+    "Process",
     "ProcessError",
     "ProcessExit",
     "ProcessWaitError",
@@ -58,9 +66,13 @@ __all__ = [
     "__version__",
     "append",
     "atomic",
+    "clean_process_tree",
     "create_ipc_address",
     "decrease",
+    "exception_to_signal",
     "increase",
     "ping",
+    "send_signal",
+    "signal_to_exception",
     "start_server",
 ]

@@ -139,6 +139,10 @@ class Connection:
             self._expected.discard(rid)
             raise
 
+    def expect(self, rid: int) -> None:
+        """Keep the reply to ``rid`` when it arrives (after :meth:`result` timed out)."""
+        self._expected.add(rid)
+
     def abandon(self, rid: int) -> None:
         """Forget a request sent with :meth:`send` whose reply is no longer wanted."""
         self._expected.discard(rid)

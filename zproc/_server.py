@@ -506,17 +506,20 @@ class Server:
         replies: list[list[bytes]] = []
         syncs: list[list[bytes]] = []
         dirty: list[Namespace] = []
-        while until is None or not until():
-            if not router.poll(1000 if until else None):
+        poll_in = zmq.POLLIN
+        events = zmq.EVENTS
+        until = until or (lambda: False)
+        while not until():
+            if not router.poll(200):
                 continue
+            frames = recv()
             for _ in range(MAX_BATCH):
-                try:
-                    frames = recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
                 reply = self.handle(frames, dirty, syncs)
                 if reply is not None:
                     replies.append(reply)
+                if not router.get(events) & poll_in:
+                    break
+                frames = recv()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 pub.send_multipart([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
@@ -645,7 +648,7 @@ class Server:
             _restore(data, changes, deleted, old)
             raise
         if changes or deleted:
-            self._record(ns, event, dirty)
+            self._record(ns, (event[0]._replace(old=old), event[1]), dirty)
         return reply
 
     def _encode_event(
@@ -739,12 +742,10 @@ def serve(
     Exits quietly on SIGINT and SIGTERM after closing its sockets and removing the ipc
     files it created.
     """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    stop = {"signal": None}
+    stop: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
-        raise _Stop()
+        stop.append(signum)  # the loop notices within its poll interval
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -752,8 +753,6 @@ def serve(
     try:
         try:
             server = Server(address, **(options or {}))
-        except _Stop:
-            raise
         except BaseException as exc:
             report.send(("error", S.dumps_exception(exc)))
             report.close()
@@ -761,19 +760,13 @@ def serve(
         report.send(("ok", tuple(server.address)))
         report.close()
         log.info("zproc server %d serving at %s", os.getpid(), server.address)
-        server.serve()
-    except _Stop:
-        pass
+        server.serve(until=lambda: bool(stop))
     finally:
         if server is not None:
             server.close()
-    if stop["signal"] is not None:
-        signal.signal(stop["signal"], signal.SIG_DFL)
-        os.kill(os.getpid(), stop["signal"])
-
-
-class _Stop(BaseException):
-    pass
+    if stop:
+        signal.signal(stop[0], signal.SIG_DFL)
+        os.kill(os.getpid(), stop[0])
 
 
 

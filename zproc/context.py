@@ -1,23 +1,54 @@
-"""Context: starts (or attaches to) a server, owns a State, creates and cleans up processes."""
+"""Context: starts (or attaches to) a server, owns a State, creates and cleans up processes.
+
+Everything a Context creates is its own to clean up: :meth:`Context.close` (also run at
+interpreter exit and on SIGTERM when ``cleanup=True``) stops its processes with their
+descendants, its ``process_map`` workers and the server it started, and nothing else.
+"""
 
 from __future__ import annotations
 
 import atexit
 import enum
+import inspect
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
+import sys
 import threading
+import traceback
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, overload
 
+from ._pool import Pool, worker_main
 from ._server import start_server
 from ._transport import ServerAddress, normalize_address
 from .exceptions import ZProcError
+from .process import (
+    Process,
+    ProcessList,
+    ProcessStatus,
+    _as_args,
+    _as_kwargs,
+    stop_processes,
+    wait_processes,
+)
 from .state import State, ping
 
 __all__ = ["Context"]
+
+
+#: Keywords a Context accepts as defaults for its processes.
+PROCESS_KEYWORDS = frozenset(inspect.signature(Process).parameters) - {
+    "server_address",
+    "target",
+}
+
+#: Defaults of a Context that also apply to its process_map workers.
+WORKER_KEYWORDS = ("backend",)
+
+Target = Callable[..., Any]
 
 
 class ContextStatus(enum.Enum):
@@ -59,6 +90,12 @@ class Context:
         start_server: bool | None = None,
         **process_kwargs: Any,
     ) -> None:
+        unknown = sorted(set(process_kwargs) - PROCESS_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"Context() got unexpected keyword(s) {', '.join(unknown)}; process defaults "
+                f"must be Process keywords: {', '.join(sorted(PROCESS_KEYWORDS))}"
+            )
         address = None if server_address is None else normalize_address(server_address)
         if start_server is False and address is None:
             raise ValueError("start_server=False needs a server_address to attach to")
@@ -69,6 +106,9 @@ class Context:
         self._process_kwargs = dict(process_kwargs)
         self._status = ContextStatus.OPEN
         self._pid = os.getpid()
+        self.process_list = ProcessList()
+        self.worker_list = ProcessList()
+        self._pool: Pool | None = None
         self.server_process: Any = None
         if start_server or (start_server is None and address is None):
             self.server_process, address = _start(address, server_backend)
@@ -86,12 +126,20 @@ class Context:
 
     def _install_hooks(self) -> None:
         atexit.register(self._atexit)
+        self._finalizer: Any = None
+        if multiprocessing.parent_process() is not None:
+            # A multiprocessing child ends without running atexit hooks, but runs these
+            # finalizers (before it joins its own children).
+            self._finalizer = multiprocessing.util.Finalize(self, self._atexit, exitpriority=10)
         if self._cleanup and threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _remove_hooks(self) -> None:
         atexit.unregister(self._atexit)
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+            self._finalizer = None
         if (
             self._previous_sigterm is not None
             and threading.current_thread() is threading.main_thread()
@@ -103,13 +151,29 @@ class Context:
     def _atexit(self) -> None:
         if os.getpid() != self._pid or self._status is ContextStatus.CLOSED:
             return
-        if self._wait_at_exit:
-            self._wait_before_exit()
-        if self._cleanup:
-            self.close()
+        try:
+            if self._wait_at_exit:
+                self._wait_before_exit()
+        finally:
+            if self._cleanup:
+                self.close()
 
     def _wait_before_exit(self) -> None:
-        """Hook for waiting on processes at exit (overridden once processes exist)."""
+        """Wait for this Context's processes (not workers); report failures on stderr."""
+        workers = {id(w) for w in self.worker_list}
+        for process in list(self.process_list):
+            if (
+                id(process) in workers
+                or process._status is ProcessStatus.CREATED
+                or process._stopped
+                or process.closed
+            ):
+                continue
+            try:
+                process.wait()
+            except Exception as exc:
+                print(f"zproc: at exit, {process!r} failed:", file=sys.stderr)
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         previous = self._previous_sigterm
@@ -127,7 +191,15 @@ class Context:
             return
         if proc.is_alive():
             proc.terminate()
-            proc.join(5)
+            proc.join(0.1)
+            if proc.is_alive():
+                # A server blocked in a receive may not run its signal handler until a
+                # message arrives: send one (the reply does not matter).
+                try:
+                    ping(self.server_address, timeout=0.05)
+                except Exception:
+                    pass
+                proc.join(5)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
@@ -150,7 +222,16 @@ class Context:
             self._remove_hooks()
 
     def _close_processes(self) -> None:
-        """Stop the processes of this Context (overridden once processes exist)."""
+        """Stop the processes of this Context, with their descendants, and the pool."""
+        if os.getpid() != self._pid:
+            return
+        try:
+            stop_processes(self.process_list)
+        finally:
+            for process in self.process_list:
+                process.close()
+            if self._pool is not None:
+                self._pool.close()
 
     @property
     def closed(self) -> bool:
@@ -159,6 +240,14 @@ class Context:
     def _check_open(self) -> None:
         if self._status is ContextStatus.CLOSED:
             raise ZProcError("this Context is closed; create a new one")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if os.getpid() != self._pid:
+            raise ZProcError(
+                f"this Context belongs to process {self._pid}; in a child, create "
+                f"Context(state.server_address) (or use pass_context=True)"
+            )
 
     def __enter__(self) -> Context:
         return self
@@ -179,7 +268,10 @@ class Context:
 
     def __repr__(self) -> str:
         owner = "owns" if self.server_process is not None else "attached to"
-        return f"<Context {owner} server {tuple(self.server_address)!r} {self._status.value}>"
+        return (
+            f"<Context {owner} server {tuple(self.server_address)!r} "
+            f"processes={len(self.process_list)} {self._status.value}>"
+        )
 
     # -- server -----------------------------------------------------------------------
 
@@ -203,6 +295,241 @@ class Context:
         if value is not None:
             state.update(value)
         return state
+
+
+    # -- processes ----------------------------------------------------------------------
+
+    def _merged(self, process_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """This Context's process defaults, overridden by ``process_kwargs``."""
+        merged = dict(self._process_kwargs)
+        if "stateful" in process_kwargs or "pass_state" in process_kwargs:
+            merged.pop("stateful", None)
+            merged.pop("pass_state", None)
+        merged.update(process_kwargs)
+        merged.setdefault("namespace", self.namespace)
+        merged.setdefault("request_timeout", self.request_timeout)
+        return merged
+
+    @overload
+    def process(self, target: Target, **process_kwargs: Any) -> Process: ...
+
+    @overload
+    def process(
+        self, target: None = None, **process_kwargs: Any
+    ) -> Callable[[Target], Process]: ...
+
+    def process(
+        self, target: Target | None = None, **process_kwargs: Any
+    ) -> Process | Callable[[Target], Process]:
+        """Start a :class:`Process` for ``target`` on this Context's server.
+
+        Also a decorator, plain (``@ctx.process``) or with keywords
+        (``@ctx.process(args=(1,))``): the decorated name is bound to the Process.
+        Keywords override the Context's process defaults.
+
+        Raises
+        ------
+        TypeError
+            ``target`` is neither callable nor ``None``, or a keyword is not a Process
+            keyword.
+        """
+        self._check_usable()
+        if target is None:
+
+            def decorator(fn: Target) -> Process:
+                return self.process(fn, **process_kwargs)
+
+            return decorator
+        if not callable(target):
+            raise TypeError(
+                f"ctx.process() needs a callable target (or none, as a decorator), got "
+                f"{target!r}"
+            )
+        merged = self._merged(process_kwargs)
+        start = merged.pop("start", True)
+        process = Process(self.server_address, target, start=False, **merged)
+        self.process_list.append(process)
+        if start:
+            process.start()
+        return process
+
+    def process_factory(
+        self, *targets: Target, count: int = 1, **process_kwargs: Any
+    ) -> list[Process]:
+        """Start ``count`` processes for each target, in order: ``[t1, t1, t2, t2]``."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count!r}")
+        return [
+            self.process(target, **process_kwargs) for target in targets for _ in range(count)
+        ]
+
+    def spawn_map(
+        self,
+        target: Target,
+        map_iter: Iterable[Any] | None = None,
+        *,
+        map_args: Iterable[Iterable[Any]] | None = None,
+        args: Iterable[Any] | None = None,
+        map_kwargs: Iterable[Mapping[str, Any]] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **process_kwargs: Any,
+    ) -> list[Process]:
+        """Start one :class:`Process` per item, with the argument rules of :meth:`process_map`.
+
+        Each process gets a State first unless ``stateful=False``.
+
+        .. versionadded:: 1.0
+        """
+        self._check_usable()
+        if not callable(target):
+            raise TypeError(f"spawn_map() needs a callable target, got {target!r}")
+        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
+        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
+        length = _map_length(items, margs, mkwargs)
+        processes = []
+        for i in range(length):
+            call_args = () if items is None else (items[i],)
+            if margs is not None:
+                call_args += tuple(margs[i])
+            call_kwargs = {} if mkwargs is None else dict(mkwargs[i])
+            duplicate = call_kwargs.keys() & fixed_kwargs.keys()
+            if duplicate:
+                raise TypeError(
+                    f"spawn_map item {i}: keyword(s) {sorted(duplicate)} given by both "
+                    f"map_kwargs and kwargs"
+                )
+            call_kwargs.update(fixed_kwargs)
+            processes.append(
+                self.process(
+                    target,
+                    args=call_args + fixed_args,
+                    kwargs=call_kwargs,
+                    **process_kwargs,
+                )
+            )
+        return processes
+
+    def process_map(
+        self,
+        target: Target,
+        map_iter: Iterable[Any] | None = None,
+        *,
+        map_args: Iterable[Iterable[Any]] | None = None,
+        args: Iterable[Any] | None = None,
+        map_kwargs: Iterable[Mapping[str, Any]] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        count: int | None = None,
+        stateful: bool = False,
+        new: bool = False,
+    ) -> Iterator[Any]:
+        """A parallel ``map`` on long-lived worker processes; results come back in order.
+
+        For item ``i`` the call is ``target(map_iter[i], *map_args[i], *args,
+        **map_kwargs[i], **kwargs)`` (a State first with ``stateful=True``); parts whose
+        ``map_*`` argument is ``None`` are left out, and the length is that of the
+        shortest ``map_*`` input.
+
+        Parameters
+        ----------
+        count
+            Number of chunks, and of workers used (default: ``os.cpu_count()``). The
+            inputs are cut into ``count`` consecutive chunks, one per worker.
+        new
+            Start ``count`` new workers for this call instead of reusing idle ones.
+
+        Returns
+        -------
+        Iterator
+            Lazy; the work starts right away. An exception raised by ``target`` is
+            raised at the failing item's position (after every earlier result), with its
+            original type and the worker's traceback as ``__cause__``. Results of an
+            iterator that is closed or dropped are discarded.
+
+        Raises
+        ------
+        ValueError
+            None of ``map_iter``, ``map_args``, ``map_kwargs`` is given, or ``count < 1``.
+        """
+        self._check_usable()
+        if not callable(target):
+            raise TypeError(f"process_map() needs a callable target, got {target!r}")
+        if count is None:
+            count = os.cpu_count() or 1
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count!r}")
+        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
+        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
+        if self._pool is None:
+            self._pool = Pool(
+                self._spawn_worker, self.server_address, self.namespace, self.request_timeout
+            )
+        return self._pool.map(
+            target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new
+        )
+
+    def _spawn_worker(self, worker_args: tuple[Any, ...]) -> Process:
+        defaults = {k: self._process_kwargs[k] for k in WORKER_KEYWORDS if k in self._process_kwargs}
+        process = Process(
+            self.server_address,
+            worker_main,
+            args=worker_args,
+            stateful=False,
+            start=False,
+            **defaults,
+        )
+        self.process_list.append(process)
+        self.worker_list.append(process)
+        process.start()
+        return process
+
+    def wait_all(
+        self, timeout: float | None = None, safe: bool = False
+    ) -> list[tuple[Process, Any]]:
+        """Wait for every started process except the ``process_map`` workers.
+
+        Returns ``[(process, value), ...]`` in creation order. ``timeout`` is one deadline
+        for all of them. Errors propagate (the first wins) unless ``safe=True``, which
+        puts the exception in place of the value.
+        """
+        self._check_usable()
+        workers = {id(w) for w in self.worker_list}
+        return wait_processes(
+            [p for p in self.process_list if id(p) not in workers], timeout, safe
+        )
+
+    def start_all(self) -> None:
+        """Start every process of this Context that was not started yet."""
+        self._check_usable()
+        for process in self.process_list:
+            try:
+                process.start()
+            except (AssertionError, ZProcError):
+                pass
+
+    def stop_all(self) -> list[int | None]:
+        """Stop every process (workers included) with its descendants; return exit codes.
+
+        ``None`` stands for a process never started.
+        """
+        self._check_usable()
+        return stop_processes(self.process_list)
+
+
+def _map_inputs(map_iter: Any, map_args: Any, map_kwargs: Any) -> tuple[Any, Any, Any]:
+    """The ``map_*`` inputs as sequences (``None`` stays ``None``)."""
+    if map_iter is None and map_args is None and map_kwargs is None:
+        raise ValueError("give at least one of map_iter, map_args or map_kwargs")
+
+    def seq(values: Any) -> Any:
+        if values is None or isinstance(values, (list, tuple, range)):
+            return values
+        return list(values)
+
+    return seq(map_iter), seq(map_args), seq(map_kwargs)
+
+
+def _map_length(*inputs: Any) -> int:
+    return min(len(seq) for seq in inputs if seq is not None)
 
 
 def _start(address: ServerAddress | None, backend: Any) -> tuple[Any, ServerAddress]:

@@ -34,7 +34,7 @@ from . import _serialization as S
 from . import _server
 from ._client import DEFAULT_CONNECT_TIMEOUT, Connection
 from ._transport import ServerAddress, get_context, normalize_address
-from .exceptions import TimeoutError, ZProcError
+from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = [
     "State",
@@ -57,6 +57,8 @@ IDLE_CHECK = 1.0
 #: Events kept in a State's local log before the oldest are coalesced.
 DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_RCVHWM = 10_000
+#: How long a new State waits for the server to acknowledge its registration.
+REGISTER_WAIT = 1.0
 
 
 def _copy(value: Any) -> Any:
@@ -355,23 +357,37 @@ class _Stream:
         qualifies: Callable[[_Ev, _Cursor], bool],
         cursor: _Cursor,
         deadline: float | None,
-        consume: bool,
+        consume: bool = False,
+        fresh: bool = True,
     ) -> _Ev | None:
-        """Advance ``cursor`` to the next event that qualifies, blocking for new events."""
-        self.cursors.add(cursor)
+        """Advance ``cursor`` to the next event that qualifies, blocking for new events.
+
+        ``consume`` moves the buffer cursor along. Unless ``fresh`` (the stream was just
+        caught up with the server's head), catch up once before blocking, so that every
+        change acknowledged before this call is considered.
+        """
+        self._trim()  # what earlier calls consumed (kept until now for their results)
+        registered = cursor in self.cursors
+        if cursor is not self.buffer:
+            self.cursors.add(cursor)
         try:
             while True:
                 for ev in self.after(cursor.seq):
                     cursor.advance(ev)
                     if consume:
                         self.buffer.seq = ev.seq
+                        self.buffer.snap = None
                     if qualifies(ev, cursor):
                         return ev
+                if not fresh:
+                    self.catch_up()
+                    fresh = True
+                    continue
                 if not self.wait_more(deadline):
                     return None
         finally:
-            self.cursors.discard(cursor)
-            self._trim()
+            if not registered:
+                self.cursors.discard(cursor)
 
     # -- memory bounds -------------------------------------------------------------------
 
@@ -469,8 +485,10 @@ class State:
         self._conn: Connection | None = None
         self._stream: _Stream | None = None
         self._start_rid: int | None = None
+        self._start_seq_value: int | None = None
         self._closed = False
-        self._connect()
+        if not _server.in_server_process():  # there, using it raises (see _connect)
+            self._connect()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -491,7 +509,8 @@ class State:
             return
         self._namespace, self._ns = value, value.encode()
         self._reset_stream()
-        self._start_rid = self._connection().send(P.Kind.HEAD, 0, b"", self._ns)
+        self._connection()
+        self._register()
 
     @property
     def identity(self) -> bytes:
@@ -507,16 +526,37 @@ class State:
             )
         self._reset_stream()
         self._conn = conn = Connection(self._address, connect_timeout=self._connect_timeout)
-        # register: the buffer of this State starts at the server's head right now
-        self._start_rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
+        try:
+            self._register()
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
         return conn
 
+    def _register(self) -> None:
+        """Mark the start of this State's buffer: the server's head sequence number now.
+
+        Waits briefly for the answer, so that a change made by anyone right after this
+        returns is in the buffer; a server that is not up yet answers later.
+        """
+        conn = self._conn
+        assert conn is not None
+        rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
+        try:
+            self._start_seq_value: int | None = int(conn.result(rid, REGISTER_WAIT))
+            self._start_rid = None
+        except (TimeoutError, ServerUnavailableError):
+            self._start_seq_value = None
+            self._start_rid = rid
+            conn.expect(rid)
+
     def _connection(self) -> Connection:
+        if self._closed:
+            raise ZProcError("this State is closed; create a new one")
         conn = self._conn
         if conn is not None and conn.pid == os.getpid():
             return conn
-        if self._closed:
-            raise ZProcError("this State is closed; create a new one")
         return self._connect()
 
     def _reset_stream(self) -> None:
@@ -527,13 +567,13 @@ class State:
 
     def _request(self, kind: int, method: int, body: bytes) -> Any:
         conn = self._conn
-        if conn is None or conn.pid != os.getpid():
+        if conn is None or conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.request(kind, method, body, self._ns, self.request_timeout)
 
     def _call(self, method: int, *args: Any) -> Any:
         conn = self._conn
-        if conn is None or conn.pid != os.getpid():
+        if conn is None or conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.result(
             conn.send(P.Kind.CALL, method, S.dumps(args), self._ns), self.request_timeout
@@ -541,18 +581,21 @@ class State:
 
     def _start_seq(self) -> int:
         conn = self._connection()
+        if self._start_seq_value is not None:
+            return self._start_seq_value
         rid, self._start_rid = self._start_rid, None
         if rid is None:
             return int(self._request(P.Kind.HEAD, 0, b""))
         return int(conn.result(rid, self.request_timeout))
 
-    def _watching(self) -> _Stream:
-        """The event stream, started on first use, caught up with the server's head."""
+    def _watching(self, catch_up: bool = True) -> _Stream:
+        """The event stream, started on first use (and caught up with the server's head)."""
         self._connection()
         stream = self._stream
         if stream is None:
             stream = self._stream = _Stream(self, self._start_seq())
-        stream.catch_up()
+        elif catch_up:
+            stream.catch_up()
         return stream
 
     def close(self) -> None:
@@ -633,12 +676,14 @@ class State:
     def __eq__(self, other: object) -> bool:
         if isinstance(other, State):
             return self.copy() == other.copy()
-        return bool(self._call(P.Method.EQ, other))
+        result = self._call(P.Method.EQ, other)
+        return result if result is NotImplemented else bool(result)
 
     def __ne__(self, other: object) -> bool:
         if isinstance(other, State):
             return self.copy() != other.copy()
-        return bool(self._call(P.Method.NE, other))
+        result = self._call(P.Method.NE, other)
+        return result if result is NotImplemented else bool(result)
 
     __hash__ = object.__hash__
 
@@ -711,6 +756,8 @@ class State:
 
     def ping(self, **kwargs: Any) -> int | None:
         """Ping this State's server: see :func:`zproc.ping`."""
+        if self._closed:
+            raise ZProcError("this State is closed; create a new one")
         return ping(self._address, **kwargs)
 
     def time(self) -> float:
@@ -726,8 +773,8 @@ class State:
         """Discard the buffer: buffered watchers see only changes made after this returns."""
         if self._stream is None:
             self._connection()
-            self._start_seq()
-            self._start_rid = self._connection().send(P.Kind.HEAD, 0, b"", self._ns)
+            self._start_seq_value = int(self._request(P.Kind.HEAD, 0, b""))
+            self._start_rid = None
             return
         stream = self._watching()
         stream.buffer.seq = stream.seq
@@ -753,9 +800,10 @@ class State:
         keys, in argument order (several keys).
         """
         deadline = _deadline(timeout, "get_when_change")
-        stream = self._watching()
+        stream = self._watching(catch_up=live)
         me = self._conn.identity  # type: ignore[union-attr]
         keyset = frozenset(keys)
+        whole = not keys or exclude
 
         def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
             if ev.origin == me:
@@ -764,12 +812,17 @@ class State:
                 return True
             return any((key in keyset) != exclude for key in ev.keys())
 
-        cursor = _Cursor(stream.seq if live else stream.buffer.seq)
-        ev = stream.find(qualifies, cursor, deadline, consume=not live)
+        if live:
+            cursor = _Cursor(stream.seq, dict(stream.replica) if whole else None)
+        else:
+            cursor = stream.buffer
+            if whole and cursor.snap is None:
+                cursor.snap = stream.snapshot_at(cursor.seq)
+        ev = stream.find(qualifies, cursor, deadline, fresh=live)
         if ev is None:
             raise _timeout_error("get_when_change", timeout)
-        if not keys or exclude:
-            return _copy(stream.snapshot_at(ev.seq))
+        if whole:
+            return _copy(cursor.snap)
         if len(keys) == 1:
             return _copy(stream.value_at(ev.seq, keys[0]))
         return [_copy(stream.value_at(ev.seq, key)) for key in keys]
@@ -875,9 +928,9 @@ class State:
     ) -> StateUpdate:
         """Block until another State changes anything; return the before and after dicts."""
         deadline = _deadline(timeout, "get_raw_update")
-        stream = self._watching()
-        cursor = _Cursor(stream.seq if live else stream.buffer.seq)
-        ev = stream.find(lambda ev, _c: self._foreign(ev), cursor, deadline, consume=not live)
+        stream = self._watching(catch_up=live)
+        cursor = _Cursor(stream.seq) if live else stream.buffer
+        ev = stream.find(lambda ev, _c: self._foreign(ev), cursor, deadline, fresh=live)
         if ev is None:
             raise _timeout_error("get_raw_update", timeout)
         return _update_of(stream, ev)
@@ -900,7 +953,7 @@ class State:
             return not keyset or any((key in keyset) != exclude for key in ev.keys())
 
         return StateWatcher(self, test, live=live, timeout=timeout, start_time=start_time,
-                            count=count, needs_values=False)
+                            count=count)
 
     def when(
         self,
@@ -961,7 +1014,7 @@ class State:
     ) -> StateWatcher:
         """An iterator over :class:`StateUpdate` values, one per change by another State."""
         return StateWatcher(self, lambda _ev, _snap: True, live=live, timeout=timeout,
-                            start_time=start_time, count=count, raw=True, needs_values=False)
+                            start_time=start_time, count=count, raw=True)
 
 
 def _update_of(stream: _Stream, ev: _Ev) -> StateUpdate:
@@ -993,7 +1046,6 @@ class StateWatcher(Iterator[Any]):
         start_time: float | None = None,
         count: int | None = None,
         raw: bool = False,
-        needs_values: bool = True,
     ) -> None:
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
@@ -1005,7 +1057,6 @@ class StateWatcher(Iterator[Any]):
         self.count = count
         self._test = test
         self._raw = raw
-        self._needs_values = needs_values
         self._yielded = 0
         stream = state._watching()
         self._stream = stream
@@ -1027,14 +1078,15 @@ class StateWatcher(Iterator[Any]):
             raise StopIteration
         deadline = _deadline(self.timeout, "StateWatcher")
         state = self.state
-        stream = state._watching()
+        stream = state._watching(catch_up=self.live)
         if stream is not self._stream:  # the State reconnected (fork, namespace change)
             self._stream = stream
             self._cursor = _Cursor(stream.seq)
+            stream.cursors.add(self._cursor)
         cursor = self._cursor
         if self.live:
             cursor.seq, cursor.snap = stream.seq, None
-        if self._needs_values and cursor.snap is None:
+        if cursor.snap is None:
             cursor.snap = stream.snapshot_at(cursor.seq)
         me = state._conn.identity  # type: ignore[union-attr]
         test = self._test
@@ -1042,20 +1094,24 @@ class StateWatcher(Iterator[Any]):
         def qualifies(ev: _Ev, cur: _Cursor) -> bool:
             if ev.origin == me:
                 return False
-            if self._needs_values and cur.snap is None:
+            if cur.snap is None:  # invalidated by coalescing
                 cur.snap = stream.snapshot_at(cur.seq)
-            return bool(test(ev, cur.snap))  # type: ignore[arg-type]
+            return bool(test(ev, cur.snap))
 
-        ev = stream.find(qualifies, cursor, deadline, consume=False)
-        stream.cursors.add(cursor)
+        ev = stream.find(qualifies, cursor, deadline, fresh=self.live)
         if ev is None:
             raise _timeout_error("StateWatcher", self.timeout)
         self._yielded += 1
-        if self._raw:
-            return _update_of(stream, ev)
-        if cursor.snap is not None:
-            return _copy(cursor.snap)
-        return _copy(stream.snapshot_at(ev.seq))
+        after = _copy(cursor.snap)
+        if not self._raw:
+            return after
+        before = dict(after)
+        for key, old in ev.undo.items():
+            if old is _MISSING:
+                before.pop(key, None)
+            else:
+                before[key] = _copy(old)
+        return StateUpdate(before, after, ev.timestamp, False)
 
     def go_live(self) -> None:
         """Skip every change so far: the next item is a change made after this call."""
