@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import traceback
 from typing import Any
 
@@ -21,6 +22,7 @@ from .exceptions import ProtocolError, RemoteTraceback, ServerError
 __all__ = [
     "PROTOCOL",
     "dumps",
+    "dumps_call",
     "dumps_code",
     "dumps_exception",
     "loads",
@@ -57,6 +59,32 @@ def loads(data: bytes | memoryview) -> Any:
 def dumps_code(obj: Any) -> bytes:
     """Serialize functions (and whatever holds them) by value where needed (cloudpickle)."""
     return cloudpickle.dumps(obj, PROTOCOL)
+
+
+def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Serialize a call ``(fn, args, kwargs)`` for another process.
+
+    A function importable by name from a module other than ``__main__`` travels by
+    reference with the plain pickler (what cloudpickle would do too, only faster); any
+    other function (lambdas, closures, ``__main__``) travels by value with cloudpickle.
+    """
+    if _by_reference(fn):
+        try:
+            return pickle.dumps((fn, args, kwargs), PROTOCOL)
+        except PICKLING_ERRORS:
+            pass
+    return dumps_code((fn, args, kwargs))
+
+
+def _by_reference(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return False
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
 
 
 def _unimportable_message(exc: BaseException) -> str:

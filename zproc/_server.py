@@ -59,6 +59,8 @@ MAX_BATCH = 256
 DEFAULT_HISTORY = 10_000
 #: Largest accepted request, in bytes.
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+#: Most namespaces one server holds (each costs a dict and a history).
+DEFAULT_MAX_NAMESPACES = 10_000
 
 _MISSING: Any = object()
 _RUNNING_IN: int | None = None  # pid of the process running a server loop
@@ -80,6 +82,22 @@ def changed(old: Any, new: Any) -> bool:
 
 
 # -- the dict with a journal -----------------------------------------------------------
+
+
+_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+class _Copy:
+    """A journaled value, pickled (values of mutable types may change in place)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _restored(before: Any) -> Any:
+    return S.loads(before.data) if type(before) is _Copy else before
 
 
 class StateDict(dict):  # type: ignore[type-arg]
@@ -104,7 +122,10 @@ class StateDict(dict):  # type: ignore[type-arg]
         journal = self._journal
         if journal is not None and key not in journal:
             value = dict.get(self, key, _MISSING)
-            journal[key] = _MISSING if value is _MISSING else S.dumps(value)
+            if value is _MISSING or type(value) in _IMMUTABLE:
+                journal[key] = value  # nothing can change it in place
+            else:
+                journal[key] = _Copy(S.dumps(value))
 
     def _touch_all(self) -> None:
         if self._journal is not None:
@@ -135,7 +156,7 @@ class StateDict(dict):  # type: ignore[type-arg]
                     if after is not _MISSING:
                         changes[key] = after
                     continue
-                before = S.loads(before)
+                before = _restored(before)
                 if after is _MISSING:
                     deleted.append(key)
                     old[key] = before
@@ -147,7 +168,7 @@ class StateDict(dict):  # type: ignore[type-arg]
             if before is _MISSING:
                 dict.pop(self, key, None)
             else:
-                dict.__setitem__(self, key, S.loads(before))
+                dict.__setitem__(self, key, _restored(before))
         if order is not None:
             items = [(key, dict.__getitem__(self, key)) for key in order]
             dict.clear(self)
@@ -431,8 +452,10 @@ class Server:
         *,
         history_size: int = DEFAULT_HISTORY,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_namespaces: int = DEFAULT_MAX_NAMESPACES,
     ) -> None:
         self.history_size = history_size
+        self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
         self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0}
         self.started = time.time()
@@ -495,6 +518,11 @@ class Server:
     def namespace(self, name: str) -> Namespace:
         ns = self.namespaces.get(name)
         if ns is None:
+            if len(self.namespaces) >= self.max_namespaces:
+                raise ProtocolError(
+                    f"this server already holds {self.max_namespaces} namespaces (its "
+                    f"max_namespaces); reuse an existing namespace"
+                )
             ns = self.namespaces[name] = Namespace(name, self.history_size)
         return ns
 
@@ -781,6 +809,7 @@ def start_server(
     timeout: float | None = 10.0,
     history_size: int = DEFAULT_HISTORY,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    max_namespaces: int = DEFAULT_MAX_NAMESPACES,
 ) -> tuple[Any, ServerAddress]:
     """Start a state server in a new process and return ``(process, address)``.
 
@@ -798,6 +827,10 @@ def start_server(
         How long to wait for the server to report that it is listening.
     history_size
         How many events per namespace the server keeps for clients to replay.
+    max_message_size
+        Largest request accepted, in bytes; a peer sending a larger one is disconnected.
+    max_namespaces
+        Most namespaces the server creates.
 
     Raises
     ------
@@ -817,7 +850,11 @@ def start_server(
         raise TypeError("start_server needs a process backend; threads are not supported")
     if history_size < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
-    options = {"history_size": history_size, "max_message_size": max_message_size}
+    options = {
+        "history_size": history_size,
+        "max_message_size": max_message_size,
+        "max_namespaces": max_namespaces,
+    }
     receiver, sender = multiprocessing.Pipe(duplex=False)
     process = backend(target=serve, args=(address, sender, options), name="zproc-server")
     process.start()

@@ -765,7 +765,7 @@ class State:
         return float(self._request(P.Kind.TIME, 0, b""))
 
     def _atomic(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        return self._request(P.Kind.ATOMIC, 0, S.dumps_code((fn, args, kwargs)))  # type: ignore[no-any-return]
+        return self._request(P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs))  # type: ignore[no-any-return]
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -1188,19 +1188,24 @@ def _append(d: dict[Any, Any], key: Any, item: Any) -> int:
     return len(d[key])
 
 
+_atomic_increase = atomic(_increase)
+_atomic_decrease = atomic(_decrease)
+_atomic_append = atomic(_append)
+
+
 def increase(state: State, key: Hashable, step: Any = 1) -> Any:
     """``state[key] += step``, atomically; return the new value (``KeyError`` if missing)."""
-    return atomic(_increase)(state, key, step)
+    return _atomic_increase(state, key, step)
 
 
 def decrease(state: State, key: Hashable, step: Any = 1) -> Any:
     """``state[key] -= step``, atomically; return the new value (``KeyError`` if missing)."""
-    return atomic(_decrease)(state, key, step)
+    return _atomic_decrease(state, key, step)
 
 
 def append(state: State, key: Hashable, item: Any) -> int:
     """``state[key].append(item)``, atomically; return the new length."""
-    return atomic(_append)(state, key, item)
+    return _atomic_append(state, key, item)  # type: ignore[no-any-return]
 
 
 # -- ping -----------------------------------------------------------------------------------

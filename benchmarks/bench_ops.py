@@ -1,0 +1,251 @@
+"""Dict operations: ``state[k] = v`` and ``state[k]`` round trips, against the floor and peers.
+
+Run from the repository root::
+
+    python -m benchmarks --only ops
+
+Rows (medians of several repetitions of ``n`` operations each, after a warm-up; the
+backends take turns within each repetition so that they share the machine's noise):
+
+* ``ops.set`` / ``ops.get``, one client, ipc: operations per second of a zproc ``State``
+  versus the floor, a raw pyzmq DEALER/ROUTER echo of the same frames (a tiny server in
+  its own process doing ``pickle.loads`` + the dict operation + ``pickle.dumps``), and
+  versus ``multiprocessing.Manager().dict()``.
+* ``ops.set x4`` / ``ops.get x4``: the aggregate rate of 4 client processes (each on its
+  own key, started together at a barrier), versus Manager with 4 clients and versus the
+  floor with 4 clients.
+* ``ops.set @10k keys`` / ``ops.get @10k keys``: the cost of one operation (microseconds)
+  on a state of 10,000 keys versus a state of 10 keys (the keys cycle through the whole
+  state). Both states live on the same server, in two namespaces.
+
+Every set writes a fresh integer (an unchanged value would be no change at all).
+``ratio = value / baseline_value``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import zproc
+
+from ._common import (
+    Counter,
+    RawClient,
+    WorkerGroup,
+    manager_dict,
+    median,
+    raw_echo,
+    row,
+    time_loop,
+    zproc_server,
+)
+
+SMALL = 10
+BIG = 10_000
+CLIENTS = 4
+
+FLOOR = "raw pyzmq echo (floor)"
+MANAGER = "Manager().dict()"
+
+
+def _keys(count: int) -> list[str]:
+    return [f"key{i:05d}" for i in range(count)]
+
+
+def _setter(setitem: Callable[[Any, Any], Any], keys: Sequence[Any]) -> Callable[[int], None]:
+    m = len(keys)
+
+    def op(i: int) -> None:
+        setitem(keys[i % m], i)
+
+    return op
+
+
+def _getter(getitem: Callable[[Any], Any], keys: Sequence[Any]) -> Callable[[int], None]:
+    m = len(keys)
+
+    def op(i: int) -> None:
+        getitem(keys[i % m])
+
+    return op
+
+
+# -- one client ----------------------------------------------------------------------
+
+
+def bench_single(
+    address: Any, endpoint: str, proxy: Any, *, n: int, reps: int, warmup: int
+) -> list[dict[str, Any]]:
+    small_keys, big_keys = _keys(SMALL), _keys(BIG)
+    counter = Counter()
+    with ExitStack() as stack:
+        small = stack.enter_context(zproc.State(address))
+        big = stack.enter_context(zproc.State(address, namespace="bench-big"))
+        raw = RawClient(endpoint)
+        stack.callback(raw.close)
+        small.update(dict.fromkeys(small_keys, 0))
+        big.update(dict.fromkeys(big_keys, 0))
+        proxy.update(dict.fromkeys(small_keys, 0))
+        for key in small_keys:
+            raw.set(key, 0)
+        if len(big) != BIG or len(small) != SMALL:
+            raise RuntimeError("bench_ops: the states were not filled as expected")
+
+        backends: dict[str, dict[str, Callable[[int], None]]] = {
+            "zproc": {
+                "set": _setter(small.__setitem__, small_keys),
+                "get": _getter(small.__getitem__, small_keys),
+            },
+            "zproc-big": {
+                "set": _setter(big.__setitem__, big_keys),
+                "get": _getter(big.__getitem__, big_keys),
+            },
+            "raw": {"set": _setter(raw.set, small_keys), "get": _getter(raw.get, small_keys)},
+            "manager": {
+                "set": _setter(proxy.__setitem__, small_keys),
+                "get": _getter(proxy.__getitem__, small_keys),
+            },
+        }
+        for ops in backends.values():
+            for fn in ops.values():
+                time_loop(fn, warmup, counter.take(warmup))
+        times: dict[tuple[str, str], list[float]] = {
+            (name, op): [] for name in backends for op in ("set", "get")
+        }
+        names = list(backends)
+        for rep in range(reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                for op, fn in backends[name].items():
+                    times[name, op].append(time_loop(fn, n, counter.take(n)))
+
+    def rate(name: str, op: str) -> float:
+        return median([n / t for t in times[name, op]])
+
+    def cost_us(name: str, op: str) -> float:
+        return median([t / n * 1e6 for t in times[name, op]])
+
+    rows = []
+    for op in ("set", "get"):
+        rows.append(
+            row(f"ops.{op} 1 client", rate("zproc", op), "ops/s", FLOOR, rate("raw", op),
+                target=">= 0.95")
+        )
+    for op in ("set", "get"):
+        rows.append(row(f"ops.{op} 1 client", rate("zproc", op), "ops/s", MANAGER,
+                        rate("manager", op)))
+    for op in ("set", "get"):
+        rows.append(
+            row(f"ops.{op} @{BIG // 1000}k keys", cost_us("zproc-big", op), "us/op",
+                f"ops.{op} @{SMALL} keys", cost_us("zproc", op), target="<= 1.2")
+        )
+    return rows
+
+
+# -- four clients --------------------------------------------------------------------
+
+
+def _zproc_client(address: Any) -> Callable[[int], Any]:
+    def factory(index: int) -> Any:
+        state = zproc.State(address)
+        key = f"client{index}"
+        state[key] = 0
+        return {
+            "set": lambda i: state.__setitem__(key, i),
+            "get": lambda i: state[key],
+        }, state.close
+
+    return factory
+
+
+def _manager_client(proxy: Any) -> Callable[[int], Any]:
+    def factory(index: int) -> Any:
+        key = f"client{index}"
+        proxy[key] = 0
+        return {
+            "set": lambda i: proxy.__setitem__(key, i),
+            "get": lambda i: proxy[key],
+        }, lambda: None
+
+    return factory
+
+
+def _raw_client(endpoint: str) -> Callable[[int], Any]:
+    def factory(index: int) -> Any:
+        raw = RawClient(endpoint)
+        key = f"client{index}"
+        raw.set(key, 0)
+        return {"set": lambda i: raw.set(key, i), "get": lambda i: raw.get(key)}, raw.close
+
+    return factory
+
+
+def bench_multi(
+    address: Any, endpoint: str, proxy: Any, *, n: int, reps: int, warmup: int
+) -> list[dict[str, Any]]:
+    counter = Counter()
+    with ExitStack() as stack:
+        groups = {
+            "zproc": stack.enter_context(WorkerGroup(_zproc_client(address), CLIENTS, "zproc")),
+            "manager": stack.enter_context(
+                WorkerGroup(_manager_client(proxy), CLIENTS, "manager")
+            ),
+            "raw": stack.enter_context(WorkerGroup(_raw_client(endpoint), CLIENTS, "raw")),
+        }
+        for group in groups.values():
+            for op in ("set", "get"):
+                group.run(op, warmup, counter)
+        rates: dict[tuple[str, str], list[float]] = {
+            (name, op): [] for name in groups for op in ("set", "get")
+        }
+        names = list(groups)
+        for rep in range(reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                for op in ("set", "get"):
+                    rates[name, op].append(groups[name].run(op, n, counter))
+
+    def rate(name: str, op: str) -> float:
+        return median(rates[name, op])
+
+    rows = []
+    for op in ("set", "get"):
+        rows.append(
+            row(f"ops.{op} x{CLIENTS} clients", rate("zproc", op), "ops/s",
+                f"{MANAGER} x{CLIENTS}", rate("manager", op), target=">= 1.2")
+        )
+    for op in ("set", "get"):
+        rows.append(
+            row(f"ops.{op} x{CLIENTS} clients", rate("zproc", op), "ops/s",
+                f"{FLOOR} x{CLIENTS}", rate("raw", op))
+        )
+    return rows
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Run every benchmark of this module and return one row per measurement."""
+    if quick:
+        single = {"n": 600, "reps": 3, "warmup": 200}
+        multi = {"n": 300, "reps": 3, "warmup": 100}
+    else:
+        single = {"n": 2000, "reps": 5, "warmup": 500}
+        multi = {"n": 1500, "reps": 5, "warmup": 300}
+    with ExitStack() as stack:
+        address = stack.enter_context(zproc_server())
+        endpoint = stack.enter_context(raw_echo())
+        proxy = stack.enter_context(manager_dict())
+        rows = bench_single(address, endpoint, proxy, **single)
+        rows += bench_multi(address, endpoint, proxy, **multi)
+    return rows
+
+
+def main() -> None:
+    from .__main__ import print_table
+
+    print_table(run())
+
+
+if __name__ == "__main__":
+    main()
