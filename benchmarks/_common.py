@@ -104,7 +104,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    index = min(len(ordered) - 1, max(0, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    index = min(len(ordered) - 1, max(0, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return float(ordered[index])
 
 
@@ -229,6 +229,42 @@ def _raw_echo_main(endpoint: str, conn: Any) -> None:
         send_error(conn)
     finally:
         sock.close(0)
+        ctx.term()
+
+
+def _raw_relay_main(endpoint: str, pub_endpoint: str, conn: Any) -> None:
+    """The floor of a watched write: the echo server that also publishes each set.
+
+    ROUTER, ``pickle.loads``, the dict operation, a pickled ``(key, value)`` published on
+    a PUB socket, then the reply: the path of a zproc write seen by a watcher.
+    """
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    pub = ctx.socket(zmq.PUB)
+    sock.linger = pub.linger = 0
+    try:
+        sock.bind(endpoint)
+        pub.bind(pub_endpoint)
+        conn.send("ok")
+        conn.close()
+        data: dict[Any, Any] = {}
+        loads, dumps, unpack, pack = pickle.loads, pickle.dumps, _HEADER.unpack_from, _REPLY.pack
+        while True:
+            identity, header, body = sock.recv_multipart()
+            _version, _kind, method, rid = unpack(header)
+            args = loads(body)
+            if method == SET:
+                data[args[0]] = args[1]
+                pub.send(dumps((args[0], args[1]), PROTOCOL))
+                result = None
+            else:
+                result = data.get(args[0])
+            sock.send_multipart((identity, pack(1, 0, rid), dumps(result, PROTOCOL)))
+    except Exception:
+        send_error(conn)
+    finally:
+        sock.close(0)
+        pub.close(0)
         ctx.term()
 
 
@@ -357,7 +393,7 @@ class WorkerGroup:
         spans = [recv(conn, WAIT + 60, f"{self.name} {op}")[1:] for conn in self.conns]
         start = min(t0 for t0, _ in spans)
         end = max(t1 for _, t1 in spans)
-        return self.count * n / (end - start)
+        return float(self.count * n / (end - start))
 
     def close(self) -> None:
         for conn in self.conns:
@@ -376,7 +412,7 @@ class WorkerGroup:
     def __enter__(self) -> WorkerGroup:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -405,3 +441,26 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+@contextmanager
+def raw_relay() -> Iterator[tuple[str, str]]:
+    """Start the relay floor server; yields ``(request endpoint, pub endpoint)``."""
+    with private_dir() as folder:
+        endpoint, pub_endpoint = f"ipc://{folder}/relay", f"ipc://{folder}/relay-pub"
+        receiver, sender = FORK.Pipe(duplex=False)
+        process = FORK.Process(
+            target=_raw_relay_main,
+            args=(endpoint, pub_endpoint, sender),
+            name="raw-relay",
+            daemon=True,
+        )
+        process.start()
+        sender.close()
+        try:
+            if recv(receiver, 30, "raw relay server") != "ok":
+                raise RuntimeError("raw relay server did not start")
+            yield endpoint, pub_endpoint
+        finally:
+            receiver.close()
+            stop_process(process)

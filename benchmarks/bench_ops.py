@@ -5,7 +5,8 @@ Run from the repository root::
     python -m benchmarks --only ops
 
 Rows (medians of several repetitions of ``n`` operations each, after a warm-up; the
-backends take turns within each repetition so that they share the machine's noise):
+backends take turns within each repetition, one-client ones in slices of ``n / 10``
+operations, so that they share the machine's noise):
 
 * ``ops.set`` / ``ops.get``, one client, ipc: operations per second of a zproc ``State``
   versus the floor, a raw pyzmq DEALER/ROUTER echo of the same frames (a tiny server in
@@ -45,6 +46,8 @@ from ._common import (
 SMALL = 10
 BIG = 10_000
 CLIENTS = 4
+#: One-client repetitions are cut into this many slices, interleaved between backends.
+CHUNKS = 10
 
 FLOOR = "raw pyzmq echo (floor)"
 MANAGER = "Manager().dict()"
@@ -115,11 +118,19 @@ def bench_single(
             (name, op): [] for name in backends for op in ("set", "get")
         }
         names = list(backends)
+        chunk = max(1, n // CHUNKS)
         for rep in range(reps):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in order:
-                for op, fn in backends[name].items():
-                    times[name, op].append(time_loop(fn, n, counter.take(n)))
+            # each repetition is CHUNKS slices per backend, the backends taking turns, so
+            # that a burst of outside load hits them all alike
+            spent = dict.fromkeys(times, 0.0)
+            for c in range(CHUNKS):
+                shift = (rep + c) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    for op, fn in backends[name].items():
+                        spent[name, op] += time_loop(fn, chunk, counter.take(chunk))
+            for pair, seconds in spent.items():
+                times[pair].append(seconds)
+        n = chunk * CHUNKS
 
     def rate(name: str, op: str) -> float:
         return median([n / t for t in times[name, op]])
@@ -227,11 +238,11 @@ def bench_multi(
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Run every benchmark of this module and return one row per measurement."""
     if quick:
-        single = {"n": 600, "reps": 3, "warmup": 200}
+        single = {"n": 500, "reps": 5, "warmup": 200}
         multi = {"n": 300, "reps": 3, "warmup": 100}
     else:
-        single = {"n": 2000, "reps": 5, "warmup": 500}
-        multi = {"n": 1500, "reps": 5, "warmup": 300}
+        single = {"n": 2000, "reps": 7, "warmup": 500}
+        multi = {"n": 1500, "reps": 7, "warmup": 300}
     with ExitStack() as stack:
         address = stack.enter_context(zproc_server())
         endpoint = stack.enter_context(raw_echo())

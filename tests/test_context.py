@@ -36,7 +36,9 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def run_script(tmp_path: Path, source: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_script(
+    tmp_path: Path, source: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -171,11 +173,12 @@ def test_wait_all_timeout_and_safe(ctx: zproc.Context) -> None:
         ctx.wait_all(timeout=10)
     slow = ctx.process(lambda state: time.sleep(30))
     start = time.monotonic()
+    results = ctx.wait_all(timeout=0.2, safe=True)  # one deadline for all of them
+    assert [p for p, _ in results] == [ok, bad, slow]
+    assert results[0][1] == 1 and isinstance(results[1][1], zproc.ProcessWaitError)
+    assert isinstance(results[2][1], zproc.TimeoutError)
     with pytest.raises(zproc.TimeoutError):
         slow.wait(0.2)
-    results = ctx.wait_all(timeout=0.2, safe=True)
-    assert [value for _, value in results][:2] == [1, results[1][1]]
-    assert isinstance(results[2][1], zproc.TimeoutError)
     assert time.monotonic() - start < 3
 
 
@@ -281,14 +284,10 @@ def test_process_map_lambda_closure_and_state(ctx: zproc.Context) -> None:
 
 def test_process_map_shrinking_and_growing_count(ctx: zproc.Context) -> None:
     for count in (4, 2, 3, 1, 4):
-        assert list(ctx.process_map(square, range(50), count=count)) == [
-            x * x for x in range(50)
-        ]
+        assert list(ctx.process_map(square, range(50), count=count)) == [x * x for x in range(50)]
     assert len(ctx.worker_list) == 4  # surplus workers stay, idle
     before = len(ctx.worker_list)
-    assert list(ctx.process_map(square, range(6), count=2, new=True)) == [
-        x * x for x in range(6)
-    ]
+    assert list(ctx.process_map(square, range(6), count=2, new=True)) == [x * x for x in range(6)]
     assert len(ctx.worker_list) == before + 2
 
 
@@ -314,6 +313,14 @@ def test_abandoned_results_are_discarded(ctx: zproc.Context) -> None:
     gc.collect()
     assert pool._tasks == {}
     assert list(ctx.process_map(square, range(10), count=2)) == [x * x for x in range(10)]
+
+
+def test_results_stream_back_during_a_chunk(ctx: zproc.Context) -> None:
+    results = ctx.process_map(lambda x: time.sleep(0.05) or x, range(40), count=1)
+    start = time.monotonic()
+    assert next(results) == 0
+    assert time.monotonic() - start < 1  # the chunk takes 2 s; its first result comes early
+    results.close()  # type: ignore[attr-defined]
 
 
 def test_context_level_args_do_not_break_workers() -> None:
@@ -411,6 +418,34 @@ def test_unrelated_popen_child_survives_cleanup() -> None:
     finally:
         sleeper.kill()
         sleeper.wait(5)
+
+
+def report_sigterm_handler(path: Path) -> None:
+    path.write_text(str(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
+    time.sleep(30)
+
+
+def test_other_forked_children_do_not_inherit_the_sigterm_handler(
+    ctx: zproc.Context, tmp_path: Path
+) -> None:
+    """A multiprocessing child of a program with a Context keeps a plain SIGTERM."""
+    import multiprocessing
+
+    path = tmp_path / "handler.txt"
+    child = multiprocessing.get_context("fork").Process(target=report_sigterm_handler, args=(path,))
+    child.start()
+    try:
+        wait_for(path.exists)
+        wait_for(lambda: path.read_text() != "")
+        assert path.read_text() == "True"
+        child.terminate()
+        child.join(5)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.join(5)
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # terminate() must not hang
+        assert pool.map(square, range(4)) == [0, 1, 4, 9]
 
 
 def test_context_in_a_thread() -> None:

@@ -10,6 +10,12 @@ A request waiting on a server that is not connected raises
 :class:`~zproc.ServerUnavailableError` once no server has answered for ``connect_timeout``
 seconds, or ``liveness`` seconds after a live connection was lost. ZeroMQ heartbeats turn
 an unreachable host into a lost connection.
+
+Reconnection: ZeroMQ reconnects on its own, and a request sent while disconnected waits in
+the socket until a server answers again. A request already sent when the connection was
+lost (its reply may never come) is sent again once reconnected if it changes nothing
+(:func:`~zproc._protocol.is_read_only`); otherwise it raises
+:class:`~zproc.ServerUnavailableError` saying that its outcome is unknown.
 """
 
 from __future__ import annotations
@@ -23,6 +29,13 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import _protocol as P
 from . import _serialization as S
+from ._security import (
+    HANDSHAKE_EVENTS,
+    HANDSHAKE_SUCCEEDED,
+    ClientKeys,
+    HandshakeWatch,
+    configure_client,
+)
 from ._transport import ServerAddress, get_context
 from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
 
@@ -33,6 +46,9 @@ SLICE = 0.25
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_LIVENESS = 3.0
 HEARTBEAT_IVL_MS = 1000
+#: The monitor event that marks a usable connection: the end of the ZMTP handshake (and of
+#: the CURVE handshake with a secret_key), or the TCP connect with libzmq < 4.3.
+CONNECTED_EVENT = HANDSHAKE_SUCCEEDED or zmq.EVENT_CONNECTED
 
 
 def new_identity() -> bytes:
@@ -51,15 +67,21 @@ class Connection:
         identity: bytes | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         liveness: float = DEFAULT_LIVENESS,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.address = address
+        self.keys = keys
+        self._handshake = HandshakeWatch(address.req_rep, keys is not None)
         self.identity = identity or new_identity()
         self.connect_timeout = connect_timeout
         self.liveness = liveness
         self.pid = os.getpid()
         self._rid = 0
         self._early: dict[int, tuple[int, bytes]] = {}
-        self._expected: set[int] = set()
+        #: request id -> (connections lost before it was sent, frames to resend or None)
+        self._expected: dict[int, tuple[int, tuple[bytes, bytes] | None]] = {}
+        self._lapsed: tuple[int, tuple[int, tuple[bytes, bytes] | None]] | None = None
+        self.drops = 0  # connections lost so far
         ctx = get_context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -68,8 +90,9 @@ class Connection:
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(liveness * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(liveness * 1000))
+        configure_client(sock, keys)
         self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+            CONNECTED_EVENT | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED | HANDSHAKE_EVENTS
         )
         self._monitor.linger = 0
         sock.connect(address.req_rep)
@@ -84,8 +107,9 @@ class Connection:
     def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
         """Send a request now; return its id for :meth:`result`."""
         self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-        self.sock.send_multipart((P.request_header(kind, method, rid, namespace), body))
-        self._expected.add(rid)
+        frames = (P.request_header(kind, method, rid, namespace), body)
+        self.sock.send_multipart(frames)
+        self._expected[rid] = (self.drops, frames if P.is_read_only(kind, method) else None)
         return rid
 
     def request(
@@ -118,11 +142,12 @@ class Connection:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not sock.poll(min(remaining, SLICE) * 1000):
                         if time.monotonic() >= deadline:
+                            self._poll_monitor()
                             raise TimeoutError(
                                 f"no reply from the server at {self.address.req_rep} within "
                                 f"{timeout} s; the request's outcome is unknown (the server "
                                 f"may still apply it). Raise request_timeout if the server "
-                                f"is busy"
+                                f"is busy.{self._handshake.hint()}"
                             )
                         self._check_alive(rid)
                         continue
@@ -131,21 +156,28 @@ class Connection:
                     continue
                 status, got = P.parse_reply(frames[0])
                 if got == rid:
-                    self._expected.discard(rid)
+                    self._expected.pop(rid, None)
                     return _decode(status, frames[1])
                 if got in self._expected:
                     self._early[got] = (status, frames[1])
         except BaseException:
-            self._expected.discard(rid)
+            entry = self._expected.pop(rid, None)
+            if entry is not None:
+                self._lapsed = (rid, entry)
             raise
 
     def expect(self, rid: int) -> None:
         """Keep the reply to ``rid`` when it arrives (after :meth:`result` timed out)."""
-        self._expected.add(rid)
+        lapsed = self._lapsed
+        if lapsed is not None and lapsed[0] == rid:
+            self._expected[rid] = lapsed[1]
+        else:
+            self._expected.setdefault(rid, (self.drops, None))
+        self._lapsed = None
 
     def abandon(self, rid: int) -> None:
         """Forget a request sent with :meth:`send` whose reply is no longer wanted."""
-        self._expected.discard(rid)
+        self._expected.pop(rid, None)
         self._early.pop(rid, None)
 
     # -- liveness -----------------------------------------------------------------------
@@ -154,15 +186,23 @@ class Connection:
         mon = self._monitor
         while mon.poll(0):
             try:
-                event = parse_monitor_message(mon.recv_multipart())["event"]
+                message = parse_monitor_message(mon.recv_multipart())
             except (zmq.ZMQError, ValueError, KeyError):
                 return
-            if event == zmq.EVENT_CONNECTED:
+            event = message["event"]
+            self._handshake.on_event(event, message["value"])
+            if event == CONNECTED_EVENT:
                 self.connected = self.ever_connected = True
                 self.since = time.monotonic()
             elif event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
                 self.since = time.monotonic()
+                self.drops += 1
+
+    def security_hint(self) -> str:
+        """A sentence about failed security handshakes, for error messages ('' if none)."""
+        self._poll_monitor()
+        return self._handshake.hint()
 
     def check_alive(self) -> None:
         """Raise :class:`ServerUnavailableError` if the server is known to be gone."""
@@ -171,7 +211,12 @@ class Connection:
     def _check_alive(self, rid: int | None) -> None:
         self._poll_monitor()
         if self.connected:
+            if rid is not None:
+                self._recover(rid)
             return
+        error = self._handshake.error()
+        if error is not None:
+            raise error
         waited = time.monotonic() - self.since
         outcome = (
             " The outcome of the request in flight is unknown." if rid is not None else ""
@@ -183,6 +228,7 @@ class Connection:
                     f"{waited:.1f} s. Check that a server was started at this address "
                     f"(zproc.start_server) and that the address is right; "
                     f"zproc.ping(address, timeout=...) probes it.{outcome}"
+                    f"{self._handshake.hint()}"
                 )
         elif waited >= self.liveness:
             raise ServerUnavailableError(
@@ -190,6 +236,25 @@ class Connection:
                 f"{waited:.1f} s ago and it did not come back: the server process died or "
                 f"its host is unreachable.{outcome}"
             )
+
+    def _recover(self, rid: int) -> None:
+        """Reconnected: resend request ``rid`` if the lost connection carried it and it is
+        read-only; if it changes state, raise (its outcome is unknown)."""
+        entry = self._expected.get(rid)
+        if entry is None or entry[0] == self.drops:
+            return
+        frames = entry[1]
+        if frames is not None:
+            self._expected[rid] = (self.drops, frames)
+            self.sock.send_multipart(frames)
+            return
+        self._expected.pop(rid, None)
+        raise ServerUnavailableError(
+            f"the connection to the zproc server at {self.address.req_rep} was lost while a "
+            f"request was in flight, and a server answers there again (it restarted). The "
+            f"outcome of the request is unknown: it may or may not have been applied. This "
+            f"State can be used again; check the state and retry if needed"
+        )
 
     def close(self) -> None:
         if self.closed:

@@ -27,6 +27,7 @@ Unix sockets are unavailable), removed by :meth:`Pool.close`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -40,7 +41,7 @@ from typing import Any, cast
 from . import _serialization as S
 from ._transport import ServerAddress, make_private_ipc_dir, remove_ipc_dir
 from .exceptions import ProcessError, RemoteTraceback, TimeoutError, ZProcError
-from .process import POLLERR, POLLIN, POLLOUT, Process, wait_readable
+from .process import POLLERR, POLLIN, POLLOUT, Process, poll_fds
 
 __all__ = ["MapResult", "Pool", "worker_main"]
 
@@ -50,9 +51,11 @@ _REPLY = struct.Struct("!QIB")  # task id, chunk index, status; the body follows
 READ_SIZE = 1 << 18
 _TOKEN_SIZE = 16
 _OK, _FAILED, _DEAD, _PART = 0, 1, 2, 3
-#: A worker sends the results computed so far at least this often (seconds), so that
-#: the parent decodes and yields them while the rest of the chunk is computed.
-PART_INTERVAL = 0.0003
+#: A worker sends the results computed so far after this many seconds, then after twice
+#: as long, and so on up to PART_INTERVAL_MAX: results of a long chunk stream back (and
+#: are decoded and yielded while the rest is computed) with few messages.
+PART_INTERVAL = 0.001
+PART_INTERVAL_MAX = 0.1
 
 #: Seconds new workers get to connect before ``process_map`` gives up.
 READY_TIMEOUT = 60.0
@@ -308,7 +311,7 @@ class Pool:
                     f"{self._address!r} within {READY_TIMEOUT} s; the machine may be "
                     f"overloaded"
                 )
-            wait_readable(fds, min(remaining, 0.1))
+            poll_fds(fds, min(remaining, 0.1))
             while True:
                 try:
                     conn, _ = listener.accept()
@@ -341,7 +344,7 @@ class Pool:
                     timeout = min(timeout, 0.1)
                 sentinels[sentinel] = worker
                 fds[sentinel] = POLLIN
-        for fd, events in wait_readable(fds, timeout):
+        for fd, events in poll_fds(fds, timeout):
             connected = self._workers.get(fd)
             if connected is not None:
                 if events & POLLOUT:
@@ -561,7 +564,7 @@ def worker_main(
     state: Any = None
     try:
         while True:
-            if not wait_readable({sock.fileno(): POLLIN}, 1.0):
+            if not poll_fds({sock.fileno(): POLLIN}, 1.0):
                 if os.getppid() != parent_pid:
                     return  # the Context's process is gone
                 continue
@@ -570,11 +573,7 @@ def worker_main(
             if message is None:
                 return  # the Context closed its end
             task_id, index, start, code, items = S.loads(memoryview(message))
-
-            def send(status: int, body: bytes) -> None:
-                reply = _REPLY.pack(task_id, index, status)
-                sock.sendall(_LENGTH.pack(len(reply) + len(body)) + reply + body)
-
+            send = functools.partial(_send_reply, sock, task_id, index)
             try:
                 spec = codes.get(code)
                 if spec is None:
@@ -597,6 +596,11 @@ def worker_main(
         sock.close()
 
 
+def _send_reply(sock: socket.socket, task_id: int, index: int, status: int, body: bytes) -> None:
+    reply = _REPLY.pack(task_id, index, status)
+    sock.sendall(_LENGTH.pack(len(reply) + len(body)) + reply + body)
+
+
 def _run_chunk(
     spec: tuple[Any, ...],
     state: Any,
@@ -606,19 +610,21 @@ def _run_chunk(
 ) -> None:
     """Apply the target to a chunk, sending the results in parts as time goes by.
 
-    Items are computed in blocks whose size adapts to the target's speed, so that a part
-    goes out about every :data:`PART_INTERVAL` seconds without a clock read per item.
+    Items are computed in blocks whose size adapts to the target's speed; a part goes out
+    after :data:`PART_INTERVAL` seconds, then at doubling intervals, without a clock read
+    per item.
     """
     target, args, kwargs, stateful = spec
     iters, margs, mkwargs, count = chunk
-    simple = iters is not None and margs is None and mkwargs is None and not (
-        stateful or args or kwargs
+    simple = (
+        iters is not None and margs is None and mkwargs is None and not (stateful or args or kwargs)
     )
     prefix = (state,) if stateful else ()
     results: list[Any] = []
     sent = 0  # items of this chunk already sent
     done = 0  # items of this chunk computed
     block = 1
+    interval = PART_INTERVAL
     part_start = block_start = time.perf_counter()
     while done < count:
         end = min(done + block, count)
@@ -643,12 +649,12 @@ def _run_chunk(
             return
         done = end
         now = time.perf_counter()
-        if now - block_start < PART_INTERVAL / 4:
+        if now - block_start < interval / 8:
             block = min(block * 2, 1 << 16)
-        elif now - block_start > PART_INTERVAL and block > 1:
+        elif now - block_start > interval / 2 and block > 1:
             block //= 2
         block_start = now
-        if done < count and now - part_start >= PART_INTERVAL:
+        if done < count and now - part_start >= interval:
             status, body = _dump_part(results, sent, start)
             send(status, body)
             if status != _PART:
@@ -656,6 +662,7 @@ def _run_chunk(
             sent += len(results)
             results = []
             part_start = now
+            interval = min(interval * 2, PART_INTERVAL_MAX)
     status, body = _dump_part(results, sent, start)
     send(_OK if status == _PART else status, body)
 

@@ -165,6 +165,19 @@ def request_id_of(frame: Frame) -> int | None:
 
 _KINDS = frozenset(int(k) for k in Kind)
 _METHODS = frozenset(int(m) for m in Method)
+_READ_KINDS = frozenset(
+    int(k) for k in (Kind.PING, Kind.META, Kind.HEAD, Kind.SNAPSHOT, Kind.FETCH, Kind.SYNC,
+                     Kind.TIME)
+)
+_READ_METHODS = frozenset(
+    int(m) for m in (Method.GETITEM, Method.CONTAINS, Method.LEN, Method.KEYS, Method.EQ,
+                     Method.NE, Method.GET, Method.FROMKEYS, Method.COPY)
+)
+
+
+def is_read_only(kind: int, method: int) -> bool:
+    """True for requests that change no state: safe to send again if the first was lost."""
+    return kind in _READ_KINDS or (kind == Kind.CALL and method in _READ_METHODS)
 
 # -- replies ---------------------------------------------------------------------------
 

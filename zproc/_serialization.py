@@ -68,23 +68,28 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     reference with the plain pickler (what cloudpickle would do too, only faster); any
     other function (lambdas, closures, ``__main__``) travels by value with cloudpickle.
     """
-    if _by_reference(fn):
+    ref = _reference(fn)
+    if ref is not None:
         try:
-            return pickle.dumps((fn, args, kwargs), PROTOCOL)
+            return pickle.dumps((ref, args, kwargs), PROTOCOL)
         except PICKLING_ERRORS:
             pass
     return dumps_code((fn, args, kwargs))
 
 
-def _by_reference(fn: Any) -> bool:
+def _reference(fn: Any) -> Any:
+    """What to pickle by name for ``fn``: itself, the decorator wrapper bound to its name
+    (the receiver unwraps it through ``__wrapped__``), or None (send it by value)."""
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
     if not module or module == "__main__" or "<" in qualname:
-        return False
+        return None
     obj: Any = sys.modules.get(module)
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
-    return obj is fn
+    if obj is fn or (callable(obj) and getattr(obj, "__wrapped__", None) is fn):
+        return obj
+    return None
 
 
 def _unimportable_message(exc: BaseException) -> str:

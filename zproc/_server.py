@@ -38,6 +38,8 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
+from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
+from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
     ServerAddress,
     bind_random_tcp,
@@ -249,9 +251,10 @@ class StateDict(dict):  # type: ignore[type-arg]
 class Namespace:
     """One dict, its sequence counter, its history and the events of the current batch."""
 
-    __slots__ = ("data", "seq", "history", "topic", "outbox")
+    __slots__ = ("name", "data", "seq", "history", "topic", "outbox")
 
     def __init__(self, name: str, history_size: int) -> None:
+        self.name = name
         self.data = StateDict()
         self.seq = 0
         self.history: deque[tuple[P.Event, bytes]] = deque(maxlen=history_size)
@@ -453,11 +456,16 @@ class Server:
         history_size: int = DEFAULT_HISTORY,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_namespaces: int = DEFAULT_MAX_NAMESPACES,
+        keys: ServerKeys | None = None,
+        persist: str | os.PathLike[str] | None = None,
+        fsync: str = "always",
+        compact_after: int = DEFAULT_COMPACT_AFTER,
     ) -> None:
+        self._store: Store | None = None
         self.history_size = history_size
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
-        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0}
+        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0}
         self.started = time.time()
         self._ipc_dir: str | None = None
         self._created_ipc: list[str] = []
@@ -470,7 +478,23 @@ class Server:
         self.router.rcvhwm = 0
         self.router.sndhwm = 0
         self.pub.sndhwm = 100_000
+        self._guard: Guard | None = None
+        if keys is not None:  # CURVE on both sockets, checked before they bind
+            self._guard = Guard(ctx, keys, self.stats)
+            try:
+                self._guard.start([("requests", self.router), ("events", self.pub)])
+            except BaseException:
+                self.close()
+                raise
         self.address = self._bind(address)
+        if keys is None:
+            warn_if_exposed(self.address)
+        if persist is not None:
+            try:
+                self._open_store(persist, fsync, compact_after)
+            except BaseException:
+                self.close()
+                raise
 
     # binding
     def _bind(self, address: ServerAddress | None) -> ServerAddress:
@@ -497,6 +521,13 @@ class Server:
                 return ServerAddress(req, pub)
             except zmq.ZMQError:
                 remove_ipc_dir(folder)
+                if self._guard is not None:  # keep the secured sockets, bind them to tcp
+                    for sock, endpoint in ((self.router, req), (self.pub, pub)):
+                        try:
+                            sock.unbind(endpoint)
+                        except zmq.ZMQError:
+                            pass
+                    return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
                 for sock in (self.router, self.pub):
                     sock.close(0)
                 ctx = get_context()
@@ -504,6 +535,12 @@ class Server:
         return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
 
     def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.close(self.namespaces)
+            except Exception:
+                log.exception("zproc: could not save the last changes to %s", store.path)
         for sock in (self.router, self.pub):
             if not sock.closed:
                 sock.close(0)
@@ -513,6 +550,29 @@ class Server:
         if self._ipc_dir:
             remove_ipc_dir(self._ipc_dir)
             self._ipc_dir = None
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.close()
+            self._guard = None
+
+    # persistence (persist=...): loaded once; then a hook per event and one per batch
+    def _open_store(self, path: str | os.PathLike[str], fsync: str, compact_after: int) -> None:
+        store = Store(path, fsync=fsync, compact_after=compact_after, keep=self.history_size)
+        self._store = store
+        for name, seq, data, history in store.load():
+            ns = self.namespace(name)
+            dict.update(ns.data, data)
+            ns.seq = seq
+            ns.history.extend(history)
+        record, append = self._record, store.append
+
+        def record_durably(
+            ns: Namespace, encoded: tuple[P.Event, bytes], dirty: list[Namespace]
+        ) -> None:
+            append(ns.name, *encoded)
+            record(ns, encoded, dirty)
+
+        self._record = record_durably  # type: ignore[method-assign]
 
     # the loop
     def namespace(self, name: str) -> Namespace:
@@ -530,17 +590,22 @@ class Server:
         global _RUNNING_IN
         _RUNNING_IN = os.getpid()
         router, pub = self.router, self.pub
-        recv, send = router.recv_multipart, router.send_multipart
+        recv, send_frame = router.recv_multipart, router.send
         replies: list[list[bytes]] = []
         syncs: list[list[bytes]] = []
         dirty: list[Namespace] = []
-        poll_in = zmq.POLLIN
-        events = zmq.EVENTS
+        # plain ints: pyzmq's flag enums cost a few microseconds per message
+        poll_in, events, sndmore = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.SNDMORE)
         until = until or (lambda: False)
+        store = self._store
+        router.rcvtimeo = 200  # wake up now and then to notice signals and idle work
         while not until():
-            if not router.poll(200):
+            try:
+                frames = recv()
+            except zmq.Again:
+                if store is not None:
+                    store.idle()
                 continue
-            frames = recv()
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
                 if reply is not None:
@@ -548,6 +613,8 @@ class Server:
                 if not router.get(events) & poll_in:
                     break
                 frames = recv()
+            if store is not None:  # durable before anyone hears of it (fsync="always")
+                store.commit(self.namespaces)
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 pub.send_multipart([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
@@ -558,7 +625,9 @@ class Server:
                 pub.send_multipart(marker)
             syncs.clear()
             for reply in replies:
-                send(reply)
+                last = len(reply) - 1
+                for i, frame in enumerate(reply):
+                    send_frame(frame, sndmore if i < last else 0)
             replies.clear()
 
     def handle(
@@ -656,6 +725,8 @@ class Server:
 
     def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
         fn, args, kwargs = S.loads(body)
+        if getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
+            fn = fn.__wrapped__
         data = ns.data
         changes: dict[Any, Any] = {}
         deleted: tuple[Any, ...] = ()
@@ -802,6 +873,21 @@ def serve(
 # -- starting a server -------------------------------------------------------------------
 
 
+def _persist_options(
+    persist: str | os.PathLike[str], fsync: str, compact_after: int
+) -> dict[str, Any]:
+    """Check the durability options in the caller's process (before any server starts)."""
+    path = os.path.abspath(os.fspath(persist))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise ValueError(f"persist={persist!r}: the directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"persist={persist!r} is a directory; give a file path")
+    if compact_after < 1:
+        raise ValueError(f"compact_after must be >= 1, got {compact_after!r}")
+    return {"persist": path, "fsync": check_fsync(fsync), "compact_after": compact_after}
+
+
 def start_server(
     server_address: Iterable[str] | None = None,
     *,
@@ -810,6 +896,10 @@ def start_server(
     history_size: int = DEFAULT_HISTORY,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_namespaces: int = DEFAULT_MAX_NAMESPACES,
+    secret_key: SecretKey | None = None,
+    persist: str | os.PathLike[str] | None = None,
+    fsync: str = "always",
+    compact_after: int = DEFAULT_COMPACT_AFTER,
 ) -> tuple[Any, ServerAddress]:
     """Start a state server in a new process and return ``(process, address)``.
 
@@ -831,17 +921,45 @@ def start_server(
         Largest request accepted, in bytes; a peer sending a larger one is disconnected.
     max_namespaces
         Most namespaces the server creates.
+    secret_key
+        Run CURVE on both sockets and admit only clients with the same ``secret_key``: a
+        passphrase (``str``/``bytes``), a :class:`pathlib.Path` to a certificate
+        directory, or a ``(server_cert, client_cert)`` pair (see :ref:`across-machines`).
+        ``None``: no encryption, no authentication (fine on ipc and loopback).
+
+        .. versionadded:: 1.0
+    persist
+        Keep the state in this file (an SQLite database: snapshots plus a journal of
+        changes). A server started on an existing file continues its state and its
+        sequence numbers exactly, so clients and watchers carry on. ``None``: memory only.
+
+        .. versionadded:: 1.0
+    fsync
+        With ``persist``: ``"always"`` (every acknowledged write is on disk before its
+        reply is sent), ``"every second"`` (commits at most once per second: a crash loses
+        about the last second) or ``"never"`` (each batch is handed to the OS unsynced: a
+        crash of the server loses nothing, one of the machine may lose recent writes).
+
+        .. versionadded:: 1.0
+    compact_after
+        With ``persist``: journal rows written before the state is snapshotted again and
+        the journal cut down to ``history_size`` rows per namespace.
+
+        .. versionadded:: 1.0
 
     Raises
     ------
     AddressInUseError
         An endpoint is taken (a server probably runs there already).
     ValueError
-        A malformed or unsupported endpoint (raised before any process starts).
+        A malformed or unsupported endpoint, certificates that cannot be read, a bad
+        ``fsync`` or ``compact_after``, or a ``persist`` path whose directory does not
+        exist (raised before any process starts).
     TimeoutError
         The server did not report within ``timeout``; it is terminated.
     ServerError
-        The server failed to start for another reason (its traceback is the cause).
+        The server failed to start for another reason (its traceback is the cause), e.g.
+        the ``persist`` file is used by another server or is not a zproc persist file.
     """
     from .exceptions import ServerError, TimeoutError
 
@@ -854,7 +972,10 @@ def start_server(
         "history_size": history_size,
         "max_message_size": max_message_size,
         "max_namespaces": max_namespaces,
+        "keys": server_keys(secret_key),
     }
+    if persist is not None:
+        options.update(_persist_options(persist, fsync, compact_after))
     receiver, sender = multiprocessing.Pipe(duplex=False)
     process = backend(target=serve, args=(address, sender, options), name="zproc-server")
     process.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import enum
+import functools
 import inspect
 import multiprocessing
 import multiprocessing.util
@@ -18,7 +19,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, overload
 
 from ._pool import Pool, worker_main
@@ -73,9 +74,32 @@ class Context:
         Process class used to start the server.
     namespace, request_timeout
         Passed to ``ctx.state`` and to the State of every process.
+    start_server
+        ``None``: start a server only when no ``server_address`` is given; ``False``:
+        attach only; ``True``: start a server at ``server_address``.
     **process_kwargs
-        Defaults for every :class:`~zproc.Process` this Context creates; keywords given to
-        a single call override them.
+        Defaults for every :class:`~zproc.Process` this Context creates (any Process
+        keyword but ``server_address`` and ``target``); keywords given to a single call
+        override them. ``process_map`` workers take only ``backend`` from them.
+
+    Attributes
+    ----------
+    state
+        A State owned by this Context, for use in this process.
+    process_list
+        Every :class:`~zproc.Process` created here, in creation order, workers included.
+    worker_list
+        The ``process_map`` workers.
+    server_process
+        The server's process when this Context started it, else ``None``.
+
+    Notes
+    -----
+    A Context created in the main thread stops what it created on SIGTERM, then lets the
+    signal take its course. At interpreter exit (or when the child process that created
+    it ends) it waits for its processes if ``wait=True``, then cleans up if
+    ``cleanup=True``; the exit status is never changed. With ``cleanup=False`` nothing is
+    stopped: the interpreter waits for the processes, as :mod:`multiprocessing` does.
     """
 
     def __init__(
@@ -296,7 +320,6 @@ class Context:
             state.update(value)
         return state
 
-
     # -- processes ----------------------------------------------------------------------
 
     def _merged(self, process_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -342,8 +365,7 @@ class Context:
             return decorator
         if not callable(target):
             raise TypeError(
-                f"ctx.process() needs a callable target (or none, as a decorator), got "
-                f"{target!r}"
+                f"ctx.process() needs a callable target (or none, as a decorator), got {target!r}"
             )
         merged = self._merged(process_kwargs)
         start = merged.pop("start", True)
@@ -359,9 +381,7 @@ class Context:
         """Start ``count`` processes for each target, in order: ``[t1, t1, t2, t2]``."""
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count!r}")
-        return [
-            self.process(target, **process_kwargs) for target in targets for _ in range(count)
-        ]
+        return [self.process(target, **process_kwargs) for target in targets for _ in range(count)]
 
     def spawn_map(
         self,
@@ -468,7 +488,9 @@ class Context:
         )
 
     def _spawn_worker(self, worker_args: tuple[Any, ...]) -> Process:
-        defaults = {k: self._process_kwargs[k] for k in WORKER_KEYWORDS if k in self._process_kwargs}
+        defaults = {
+            key: self._process_kwargs[key] for key in WORKER_KEYWORDS if key in self._process_kwargs
+        }
         process = Process(
             self.server_address,
             worker_main,
@@ -493,9 +515,7 @@ class Context:
         """
         self._check_usable()
         workers = {id(w) for w in self.worker_list}
-        return wait_processes(
-            [p for p in self.process_list if id(p) not in workers], timeout, safe
-        )
+        return wait_processes([p for p in self.process_list if id(p) not in workers], timeout, safe)
 
     def start_all(self) -> None:
         """Start every process of this Context that was not started yet."""
@@ -513,6 +533,177 @@ class Context:
         """
         self._check_usable()
         return stop_processes(self.process_list)
+
+    # -- watchers in processes ----------------------------------------------------------
+
+    def call_when_change(
+        self,
+        *keys: Hashable,
+        exclude: bool = False,
+        live: bool = True,
+        pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: start a process that calls the function after every change.
+
+        The process waits with :meth:`State.get_when_change` (same ``keys``, ``exclude``
+        and ``live``) and calls ``fn(state, *args, **kwargs)`` after each qualifying
+        change made by another State; with ``pass_value=True`` the watcher's result comes
+        first: ``fn(value, state, *args, **kwargs)``. ``stateful=False`` leaves ``state``
+        out. The decorated name is bound to the :class:`Process`.
+        """
+        return self._call_when(("change", keys, exclude), live, pass_value, process_kwargs)
+
+    def call_when(
+        self,
+        test_fn: Callable[[dict[Any, Any]], Any],
+        *,
+        live: bool = True,
+        pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever ``test_fn(snapshot)`` holds after a change.
+
+        Checks the current state once at start, then every change made by another State
+        (never in a loop while the condition merely stays true). The value passed with
+        ``pass_value`` is the snapshot.
+        """
+        return self._call_when(("when", test_fn), live, pass_value, process_kwargs)
+
+    def call_when_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever ``state.get(key) == value`` after a change."""
+        return self._call_when(("equal", key, value), live, pass_value, process_kwargs)
+
+    def call_when_not_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever ``state.get(key) != value`` after a change."""
+        return self._call_when(("not_equal", key, value), live, pass_value, process_kwargs)
+
+    def call_when_none(
+        self, key: Hashable, *, live: bool = True, pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever ``key`` exists and is ``None``."""
+        return self._call_when(("none", key), live, pass_value, process_kwargs)
+
+    def call_when_not_none(
+        self, key: Hashable, *, live: bool = True, pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever ``key`` exists and is not ``None``."""
+        return self._call_when(("not_none", key), live, pass_value, process_kwargs)
+
+    def call_when_available(
+        self, key: Hashable, *, live: bool = True, pass_value: bool = False,
+        **process_kwargs: Any,
+    ) -> Callable[[Target], Process]:
+        """Decorator: call the function whenever a change leaves ``key`` present."""
+        return self._call_when(("available", key), live, pass_value, process_kwargs)
+
+    def _call_when(
+        self,
+        spec: tuple[Any, ...],
+        live: bool,
+        pass_value: bool,
+        process_kwargs: dict[str, Any],
+    ) -> Callable[[Target], Process]:
+        self._check_usable()
+        if "timeout" in process_kwargs:
+            raise TypeError("call_when_* takes no timeout: the process watches until stopped")
+        merged = self._merged(process_kwargs)
+        stateful = merged.get("stateful", merged.get("pass_state", True))
+        kwargs = {k: v for k, v in process_kwargs.items() if k not in ("stateful", "pass_state")}
+
+        def decorator(fn: Target) -> Process:
+            if not callable(fn):
+                raise TypeError(f"call_when_* decorates a callable, got {fn!r}")
+            loop = functools.partial(_watch_loop, spec, live, pass_value, bool(stateful), fn)
+            functools.update_wrapper(loop, fn)
+            return self.process(loop, stateful=True, **kwargs)
+
+        return decorator
+
+
+def _watch_loop(
+    spec: tuple[Any, ...],
+    live: bool,
+    pass_value: bool,
+    stateful: bool,
+    fn: Callable[..., Any],
+    state: State,
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    """Body of a ``call_when_*`` process: wait, call ``fn``, forever (until ProcessExit)."""
+
+    def call(value: Any) -> None:
+        head = ((value,) if pass_value else ()) + ((state,) if stateful else ())
+        fn(*head, *args, **kwargs)
+
+    kind = spec[0]
+    if kind == "change":
+        _, keys, exclude = spec
+        while True:
+            call(state.get_when_change(*keys, exclude=exclude, live=live))
+    test, result = _predicate(spec)
+    watcher = state.when(test, live=live)
+    current = watcher.current()  # checked once at start: level-triggered, never a spin
+    if test(current):
+        call(result(current))
+    for snapshot in watcher:
+        call(result(snapshot))
+
+
+def _predicate(
+    spec: tuple[Any, ...],
+) -> tuple[Callable[[dict[Any, Any]], Any], Callable[[dict[Any, Any]], Any]]:
+    """(test, result) of a predicate watcher. 0.9.1 rules: a missing key counts as None for
+    equal/not_equal; for the newer none/not_none/available a missing key never matches."""
+    kind = spec[0]
+    if kind == "when":
+        return spec[1], lambda snap: snap
+    key = spec[1]
+    value_of: Callable[[dict[Any, Any]], Any] = lambda snap: snap.get(key)  # noqa: E731
+    if kind == "equal":
+        return (lambda snap: snap.get(key) == spec[2]), value_of
+    if kind == "not_equal":
+        return (lambda snap: snap.get(key) != spec[2]), value_of
+    if kind == "none":
+        return (lambda snap: key in snap and snap[key] is None), value_of
+    if kind == "not_none":
+        return (lambda snap: snap.get(key) is not None), value_of
+    if kind == "available":
+        return (lambda snap: key in snap), value_of
+    raise ValueError(f"unknown watcher kind {kind!r}")  # pragma: no cover
+
+
+def _sigterm_without_contexts() -> None:
+    """In a forked child, put back the SIGTERM handler that was there before any Context.
+
+    A Context's handler belongs to the process that created it. A child forked by anyone
+    (a ``multiprocessing.Pool``, a ``ProcessPoolExecutor``...) inheriting it would handle
+    SIGTERM in Python, late: a child blocked in a lock when the signal arrives may never
+    run the handler, and ``terminate()`` then waits for it forever.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    original = handler
+    while getattr(handler, "__func__", None) is Context._on_sigterm:
+        previous = handler.__self__._previous_sigterm  # type: ignore[union-attr]
+        handler = signal.SIG_DFL if previous is None else previous
+    if handler is not original:
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread; cannot happen right after fork
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_sigterm_without_contexts)
 
 
 def _map_inputs(map_iter: Any, map_args: Any, map_kwargs: Any) -> tuple[Any, Any, Any]:

@@ -10,12 +10,14 @@ Data flow::
                                                     target(state, *args, **kwargs)
                                                       retried per retry_for
       wait() <--- result pipe: one framed message -- value, exception or exit code
-            <--- sentinel: the child ended ------- exit
+            <--- pidfd: the child ended ---------- exit
 
 The result travels over a private pipe made for each Process (never a network socket),
 written before the child exits, so a value cannot be lost however fast the target
-returns. The parent watches the pipe and the child's sentinel together: a child that dies
-without writing (SIGKILL, ``os._exit``) is noticed at once.
+returns. The parent watches the pipe and the child's exit together (a pidfd where the
+system has one, else the multiprocessing sentinel plus a short poll): a child that dies
+without writing (SIGKILL, ``os._exit``) is noticed at once. :meth:`Process.stop` ends the
+child and then its descendants (nested processes) with psutil.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Union
@@ -121,6 +122,27 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _descendants_of(pids: list[int]) -> dict[int, list[psutil.Process]]:
+    """The descendants of each pid, from one scan of the process table."""
+    if len(pids) < 2:
+        return {pid: _descendants(pid) for pid in pids}
+    children: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            children.setdefault(ppid, []).append(proc)
+    found: dict[int, list[psutil.Process]] = {}
+    for pid in pids:
+        tree: list[psutil.Process] = []
+        stack = list(children.get(pid, ()))
+        while stack:
+            proc = stack.pop()
+            tree.append(proc)
+            stack.extend(children.get(proc.pid, ()))
+        found[pid] = tree
+    return found
+
+
 def _running(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -175,6 +197,47 @@ def clean_process_tree(pid: int | None = None, timeout: float = 0.5) -> None:
     _end_processes(_descendants(os.getpid() if pid is None else pid), timeout)
 
 
+# -- waiting on file descriptors ---------------------------------------------------------
+
+
+POLLIN: int = getattr(select, "POLLIN", 1)
+POLLOUT: int = getattr(select, "POLLOUT", 4)
+POLLERR: int = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
+
+
+def poll_fds(fds: dict[int, int], timeout: float | None) -> list[tuple[int, int]]:
+    """``poll(2)`` on ``{fd: events}`` for up to ``timeout`` seconds (``None``: no limit)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd, events in fds.items():
+            poller.register(fd, events)
+        return poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
+    readers = [fd for fd, ev in fds.items() if ev & POLLIN]
+    writers = [fd for fd, ev in fds.items() if ev & POLLOUT]
+    limit = None if timeout is None else max(0.0, timeout)
+    r, w, _ = select.select(readers, writers, [], limit)
+    return [(fd, POLLIN) for fd in r] + [(fd, POLLOUT) for fd in w]
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A file descriptor readable once ``pid`` exits (Linux >= 5.3), else ``None``.
+
+    Unlike :attr:`multiprocessing.Process.sentinel` (a pipe inherited by the child's own
+    children), it signals the exit of this very process.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
+#: Without a pidfd, how often waits look at the child's exit status (seconds).
+EXIT_POLL = 0.05
+
+
 # -- what the child runs -----------------------------------------------------------------
 
 
@@ -222,6 +285,8 @@ def _child_main(payload: Any, writer: multiprocessing.connection.Connection) -> 
         code, tag, body = _run_child(spec)
     try:
         _write_all(writer.fileno(), _HEADER.pack(tag, len(body)) + body)
+    except OSError:
+        pass  # the parent closed its end: nobody waits for the result
     finally:
         writer.close()
     if code:
@@ -368,9 +433,7 @@ class _Channel:
 
     def complete(self) -> bool:
         buf = self.buf
-        return len(buf) >= _HEADER.size and (
-            len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[1]
-        )
+        return len(buf) >= _HEADER.size and (len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[1])
 
     def message(self) -> tuple[bytes, bytes] | None:
         if not self.complete():
@@ -380,31 +443,6 @@ class _Channel:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def _open_pidfd(pid: int) -> int | None:
-    """A file descriptor readable once ``pid`` exits (Linux >= 5.3), else ``None``.
-
-    Unlike :attr:`multiprocessing.Process.sentinel` (a pipe inherited by the child's own
-    children), it signals the exit of this very process.
-    """
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    try:
-        return int(pidfd_open(pid))
-    except OSError:
-        return None
-
-
-#: Without a pidfd, how often waits look at the child's exit status (seconds).
-EXIT_POLL = 0.05
-
-
-class ProcessStatus(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    ENDED = "ended"
 
 
 _DEFAULT_BACKEND = multiprocessing.Process
@@ -424,34 +462,16 @@ def _resolve_backend(backend: Any) -> Any:
     return backend
 
 
-POLLIN: int = getattr(select, "POLLIN", 1)
-POLLOUT: int = getattr(select, "POLLOUT", 4)
-POLLERR: int = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
-
-
-def wait_readable(fds: dict[int, int], timeout: float | None) -> list[tuple[int, int]]:
-    """Poll ``{fd: events}`` for up to ``timeout`` seconds (``None``: no limit)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        for fd, events in fds.items():
-            poller.register(fd, events)
-        return poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
-    readers = [fd for fd, ev in fds.items() if ev & POLLIN]
-    writers = [fd for fd, ev in fds.items() if ev & POLLOUT]
-    limit = None if timeout is None else max(0.0, timeout)
-    r, w, _ = select.select(readers, writers, [], limit)
-    return [(fd, POLLIN) for fd in r] + [(fd, POLLOUT) for fd in w]
-
+class ProcessStatus(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    ENDED = "ended"
 
 
 def _split_retry_for(
     retry_for: Any,
 ) -> tuple[tuple[type[BaseException], ...], tuple[signal.Signals, ...]]:
-    items = (
-        (retry_for,)
-        if isinstance(retry_for, (type, signal.Signals))
-        else tuple(retry_for)
-    )
+    items = (retry_for,) if isinstance(retry_for, (type, signal.Signals)) else tuple(retry_for)
     exceptions: list[type[BaseException]] = []
     signals: list[signal.Signals] = []
     for item in items:
@@ -761,7 +781,7 @@ class Process:
         else:
             fds[self.child.sentinel] = POLLIN
             timeout = EXIT_POLL if timeout is None else min(timeout, EXIT_POLL)
-        wait_readable(fds, timeout)
+        poll_fds(fds, timeout)
 
     def _wait_exit(self, deadline: float | None) -> bool:
         """Wait until the child exited (True) or ``deadline`` passed (False)."""
@@ -811,8 +831,11 @@ class Process:
             raise self._error(
                 f"process {self._pid} (target {name}) {how} by {_signal_name(-code)} "
                 f"(exit code {code}) before it returned a value"
-                + ("" if self._stopped else "; something sent it a signal (a crash, the "
-                   "out-of-memory killer, os.kill)")
+                + (
+                    ""
+                    if self._stopped
+                    else "; something sent it a signal (a crash, the out-of-memory killer, os.kill)"
+                )
             )
         raise self._error(
             f"process {self._pid} (target {name}) exited with code {code} without sending a "
@@ -824,8 +847,11 @@ class Process:
 
     # -- stopping --------------------------------------------------------------------
 
-    def _begin_stop(self) -> None:
-        """Send SIGTERM (first step of :meth:`stop`, shared with ``Context.stop_all``)."""
+    def _begin_stop(self, tree: list[psutil.Process] | None = None) -> None:
+        """Send SIGTERM (first step of :meth:`stop`, shared with ``Context.stop_all``).
+
+        ``tree``: the child's descendants, when the caller already looked them up.
+        """
         if self._status is not ProcessStatus.RUNNING:
             return
         self._check_owner()
@@ -833,7 +859,9 @@ class Process:
             return
         assert self._pid is not None
         self._stopped = True
-        self._tree.update((p.pid, p) for p in _descendants(self._pid))
+        if tree is None:
+            tree = _descendants(self._pid)
+        self._tree.update((p.pid, p) for p in tree)
         try:
             self.child.terminate()
         except OSError:
@@ -977,8 +1005,15 @@ class ProcessList(list[Process]):
 def stop_processes(processes: Iterable[Process]) -> list[int | None]:
     """Stop several processes: SIGTERM them all, then wait one grace period for all."""
     processes = list(processes)
+    running = []
     for process in processes:
-        process._begin_stop()
+        if process._status is ProcessStatus.RUNNING:
+            process._check_owner()
+            if not process._poll():
+                running.append(process)
+    trees = _descendants_of([p._pid for p in running if p._pid is not None])
+    for process in running:
+        process._begin_stop(trees.get(process._pid or 0))
     deadline = time.monotonic() + STOP_GRACE
     return [process._finish_stop(deadline) for process in processes]
 

@@ -32,7 +32,8 @@ import zmq
 from . import _protocol as P
 from . import _serialization as S
 from . import _server
-from ._client import DEFAULT_CONNECT_TIMEOUT, Connection
+from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Connection
+from ._security import SecretKey, client_keys, configure_client
 from ._transport import ServerAddress, get_context, normalize_address
 from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
 
@@ -156,6 +157,7 @@ class _Stream:
         self.namespace = state._ns
         self.replica: dict[Any, Any] = {}
         self.seq = start_seq
+        self.head = start_seq  # the server's head as of the last catch_up()
         self.log: list[_Ev] = []
         self.buffer = _Cursor(start_seq)
         self.cursors: weakref.WeakSet[_Cursor] = weakref.WeakSet()
@@ -168,6 +170,7 @@ class _Stream:
         self.marker = P.sync_topic(self.conn.identity)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.setsockopt(zmq.SUBSCRIBE, self.marker)
+        configure_client(sub, state._keys)
         sub.connect(state.server_address.pub_sub)
         self.sub = sub
         self._sync_and_load(start_seq)
@@ -203,12 +206,13 @@ class _Stream:
                     f"could not subscribe to the events at {self.state.server_address.pub_sub}: "
                     f"the server answers requests but its events never arrive. Check that "
                     f"both endpoints of the address belong to the same server"
+                    + (" and that it runs with this secret_key" if self.state._keys else "")
                 )
         head, snapshot, events = self.state._request(
             P.Kind.FETCH, 0, S.dumps((start_seq, True))
         )
         self.replica = snapshot
-        self.seq = head
+        self.seq = self.head = head
         if events is None:
             if snapshot:
                 undo = dict.fromkeys(snapshot, _MISSING)
@@ -269,6 +273,8 @@ class _Stream:
         head, snapshot, events = self.state._request(
             P.Kind.FETCH, 0, S.dumps((self.seq, False))
         )
+        if head < self.seq:
+            self._lost(head)
         if events is None:
             self._resync(head, snapshot)
             return
@@ -295,9 +301,25 @@ class _Stream:
         if changes or deleted:
             self.log.append(_Ev(head, first, b"", time.time(), changes, deleted, undo))
 
+    def _lost(self, head: int) -> None:
+        """The server's head went back: a server that lost changes replaced the one seen."""
+        state = self.state
+        seen = self.seq
+        state._reset_stream()
+        state._start_seq_value = state._start_rid = None
+        raise ServerUnavailableError(
+            f"the zproc server at {state.server_address.req_rep} was replaced by one that "
+            f"lacks changes this State saw (its last change is {head}, this State saw "
+            f"{seen}): it restarted without persist=, or lost its last writes in a crash "
+            f"(fsync='every second'). The next watcher call starts from the current state"
+        )
+
     def catch_up(self) -> int:
         """Bring the replica at least to the server's current head; return that head."""
         head: int = self.state._request(P.Kind.HEAD, 0, b"")
+        if head < self.seq:
+            self._lost(head)
+        self.head = head
         self.drain()
         if self.seq < head:
             self.replay()
@@ -308,7 +330,8 @@ class _Stream:
         before = self.seq
         sub = self.sub
         while True:
-            if self.drain() and self.seq != before:
+            self.drain()
+            if self.seq != before:  # new events, drained now or replayed below
                 return True
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -320,6 +343,8 @@ class _Stream:
             head: int = self.state._request(P.Kind.HEAD, 0, b"")
             if head > self.seq:
                 self.replay()
+            elif head < self.seq:
+                self._lost(head)
 
     # -- reading the log ----------------------------------------------------------------
 
@@ -453,6 +478,19 @@ class State:
     connect_timeout
         How long a request waits for a server that never answered at this address before
         raising :class:`zproc.ServerUnavailableError`.
+    liveness
+        How long a request or watcher waits after the connection to the server was lost
+        (the server died, or its host went silent for that long) before raising
+        :class:`zproc.ServerUnavailableError`. A server restarted at the same address
+        within that time is reconnected to without an error.
+
+        .. versionadded:: 1.0
+    secret_key
+        The server's ``secret_key`` (passphrase, certificate directory or certificate
+        pair): requests and events then run CURVE. A key the server does not admit (or a
+        missing one) raises :class:`zproc.AuthenticationError`.
+
+        .. versionadded:: 1.0
 
     Notes
     -----
@@ -471,8 +509,15 @@ class State:
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         rcvhwm: int = DEFAULT_RCVHWM,
+        secret_key: SecretKey | None = None,
+        liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         self._address = normalize_address(server_address)
+        if not liveness > 0:
+            raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
+        self._liveness = liveness
+        self._keys = client_keys(secret_key)
+        self._secret_key = secret_key
         _check_namespace(namespace)
         if request_timeout is not None and request_timeout < 0:
             raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
@@ -496,6 +541,11 @@ class State:
     def server_address(self) -> ServerAddress:
         """The server's address (read-only)."""
         return self._address
+
+    @property
+    def secret_key(self) -> SecretKey | None:
+        """The ``secret_key`` this State was given (read-only)."""
+        return self._secret_key
 
     @property
     def namespace(self) -> str:
@@ -525,7 +575,12 @@ class State:
                 "the dict the atomic function receives instead"
             )
         self._reset_stream()
-        self._conn = conn = Connection(self._address, connect_timeout=self._connect_timeout)
+        self._conn = conn = Connection(
+            self._address,
+            connect_timeout=self._connect_timeout,
+            keys=self._keys,
+            liveness=self._liveness,
+        )
         try:
             self._register()
         except BaseException:
@@ -639,6 +694,8 @@ class State:
                 self._namespace,
                 self.request_timeout,
                 self._connect_timeout,
+                self._secret_key,
+                self._liveness,
             ),
         )
 
@@ -651,6 +708,8 @@ class State:
             namespace=self._namespace if namespace is None else namespace,
             request_timeout=self.request_timeout,
             connect_timeout=self._connect_timeout,
+            secret_key=self._secret_key,
+            liveness=self._liveness,
         )
 
     # -- dict interface -------------------------------------------------------------------
@@ -758,6 +817,7 @@ class State:
         """Ping this State's server: see :func:`zproc.ping`."""
         if self._closed:
             raise ZProcError("this State is closed; create a new one")
+        kwargs.setdefault("secret_key", self._secret_key)
         return ping(self._address, **kwargs)
 
     def time(self) -> float:
@@ -813,7 +873,8 @@ class State:
             return any((key in keyset) != exclude for key in ev.keys())
 
         if live:
-            cursor = _Cursor(stream.seq, dict(stream.replica) if whole else None)
+            # from the head the call saw: later events already drained still count
+            cursor = _Cursor(stream.head, stream.snapshot_at(stream.head) if whole else None)
         else:
             cursor = stream.buffer
             if whole and cursor.snap is None:
@@ -929,7 +990,7 @@ class State:
         """Block until another State changes anything; return the before and after dicts."""
         deadline = _deadline(timeout, "get_raw_update")
         stream = self._watching(catch_up=live)
-        cursor = _Cursor(stream.seq) if live else stream.buffer
+        cursor = _Cursor(stream.head) if live else stream.buffer
         ev = stream.find(lambda ev, _c: self._foreign(ev), cursor, deadline, fresh=live)
         if ev is None:
             raise _timeout_error("get_raw_update", timeout)
@@ -1085,7 +1146,7 @@ class StateWatcher(Iterator[Any]):
             stream.cursors.add(self._cursor)
         cursor = self._cursor
         if self.live:
-            cursor.seq, cursor.snap = stream.seq, None
+            cursor.seq, cursor.snap = stream.head, None
         if cursor.snap is None:
             cursor.snap = stream.snapshot_at(cursor.seq)
         me = state._conn.identity  # type: ignore[union-attr]
@@ -1113,6 +1174,13 @@ class StateWatcher(Iterator[Any]):
                 before[key] = _copy(old)
         return StateUpdate(before, after, ev.timestamp, False)
 
+    def current(self) -> dict[str, Any]:
+        """A copy of the state at this watcher's position (where the next item starts)."""
+        cursor = self._cursor
+        if cursor.snap is None:
+            cursor.snap = self._stream.snapshot_at(cursor.seq)
+        return _copy(cursor.snap)  # type: ignore[no-any-return]
+
     def go_live(self) -> None:
         """Skip every change so far: the next item is a change made after this call."""
         stream = self.state._watching()
@@ -1129,12 +1197,16 @@ def _rebuild_state(
     namespace: str,
     request_timeout: float | None,
     connect_timeout: float | None,
+    secret_key: SecretKey | None = None,
+    liveness: float = DEFAULT_LIVENESS,
 ) -> State:
     return State(
         address,
         namespace=namespace,
         request_timeout=request_timeout,
         connect_timeout=connect_timeout,
+        secret_key=secret_key,
+        liveness=liveness,
     )
 
 
@@ -1170,6 +1242,7 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
             )
         return state._atomic(fn, args, kwargs)
 
+    wrapper.__zproc_atomic__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -1212,28 +1285,39 @@ def append(state: State, key: Hashable, item: Any) -> int:
 
 
 def ping(
-    server_address: Iterable[str], *, timeout: float | None = 5.0, payload: bytes | None = None
+    server_address: Iterable[str],
+    *,
+    timeout: float | None = 5.0,
+    payload: bytes | None = None,
+    secret_key: SecretKey | None = None,
 ) -> int | None:
     """Ask the server at ``server_address`` for its pid.
 
     Returns the server's pid when it echoes ``payload`` back (``None`` if the echo
     differs). Raises :class:`zproc.TimeoutError` when no server answers within
-    ``timeout`` seconds (``None``: wait indefinitely).
+    ``timeout`` seconds (``None``: wait indefinitely), and
+    :class:`zproc.AuthenticationError` when the server rejects ``secret_key`` (a wrong
+    one, or none where the server requires one).
     """
     address = normalize_address(server_address)
+    keys = client_keys(secret_key)
     if payload is None:
         payload = os.urandom(56)
     elif not isinstance(payload, bytes):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    conn = Connection(address, connect_timeout=None)
+    conn = Connection(address, connect_timeout=None, keys=keys)
     try:
         echoed, pid = conn.request(P.Kind.PING, 0, payload, b"default", timeout)
     except TimeoutError:
+        hint = conn.security_hint() or (
+            "" if keys else " A server with a secret_key does not answer without it."
+        )
         raise TimeoutError(
             f"no zproc server answered a ping at {address.req_rep} within {timeout} s; check "
-            f"that a server was started there (zproc.start_server) and the address is right"
+            f"that a server was started there (zproc.start_server) and the address is "
+            f"right.{hint}"
         ) from None
     finally:
         conn.close()

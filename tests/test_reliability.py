@@ -1,0 +1,459 @@
+"""Reliability with real processes: servers killed with SIGKILL, restarted, and persisted.
+
+* liveness: a request in flight, a blocked watcher and ``Process.wait()`` raise
+  ``ServerUnavailableError`` within the configured bound once the server is killed; a
+  client started before any server times out with a message naming ``start_server``;
+* durability (``persist=``): every acknowledged write of a writer process survives a
+  ``kill -9`` in the middle of 10,000 writes (``fsync="always"``); compaction keeps the
+  state and the sequence numbers exact;
+* reconnection: a State and a watcher carry on across a restart at the same address,
+  the watcher seeing every value once, in order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import zproc
+from zproc import _protocol as P
+from zproc import _serialization as S
+
+from conftest import stop
+
+FORK = multiprocessing.get_context("fork")
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ipc_address() -> Iterator[zproc.ServerAddress]:
+    """A fixed ipc address (a killed server leaves its socket files: removed here)."""
+    folder = tempfile.mkdtemp(prefix="zrel-")
+    yield zproc.ServerAddress(f"ipc://{folder}/rr", f"ipc://{folder}/ps")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def kill9(process: Any) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(5)
+    assert process.exitcode == -signal.SIGKILL
+
+
+def kill_later(process: Any, delay: float) -> threading.Timer:
+    timer = threading.Timer(delay, os.kill, (process.pid, signal.SIGKILL))
+    timer.start()
+    return timer
+
+
+def head(state: zproc.State) -> int:
+    return int(state._request(P.Kind.HEAD, 0, b""))
+
+
+def sleep_on_server(d: dict[str, Any], seconds: float) -> None:
+    time.sleep(seconds)
+    d["slept"] = True
+
+
+# -- liveness ----------------------------------------------------------------------------
+
+
+def test_request_in_flight_raises_when_the_server_is_killed(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    proc, address = zproc.start_server(ipc_address)
+    try:
+        with zproc.State(address, liveness=1.0) as state:
+            state["x"] = 1
+            timer = kill_later(proc, 0.3)
+            t0 = time.monotonic()
+            with pytest.raises(zproc.ServerUnavailableError) as info:
+                zproc.atomic(sleep_on_server)(state, 30)
+            elapsed = time.monotonic() - t0
+            timer.join()
+        assert 0.3 < elapsed < 0.3 + 1.0 + 1.5, elapsed
+        assert address.req_rep in str(info.value)
+        assert "outcome of the request in flight is unknown" in str(info.value)
+    finally:
+        stop(proc)
+
+
+def test_blocked_watcher_raises_when_the_server_is_killed(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    proc, address = zproc.start_server(ipc_address)
+    try:
+        with zproc.State(address, liveness=1.0) as state:
+            state["x"] = 1
+            timer = kill_later(proc, 0.5)
+            t0 = time.monotonic()
+            with pytest.raises(zproc.ServerUnavailableError, match="lost the connection"):
+                state.get_when_change("x", timeout=None)
+            elapsed = time.monotonic() - t0
+            timer.join()
+        # liveness, plus at most one idle check interval of the watcher, plus slack
+        assert 0.5 < elapsed < 0.5 + 1.0 + 1.0 + 1.5, elapsed
+    finally:
+        stop(proc)
+
+
+def watch_until_the_end(state: zproc.State) -> None:
+    state["child"] = "ready"
+    state.get_when_change("never-set", timeout=None)
+
+
+def test_process_wait_raises_when_the_server_is_killed(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    """The child's State fails within its (default, 3 s) liveness; wait() says why."""
+    proc, address = zproc.start_server(ipc_address)
+    child = None
+    try:
+        with zproc.State(address) as state:
+            child = zproc.Process(address, watch_until_the_end)
+            assert state.get_when_equal("child", "ready", timeout=20) == "ready"
+            time.sleep(0.2)  # the child blocks in its watcher
+            kill9(proc)
+            t0 = time.monotonic()
+            with pytest.raises(zproc.ProcessWaitError) as info:
+                child.wait(timeout=20)
+            elapsed = time.monotonic() - t0
+        assert elapsed < 3.0 + 1.0 + 2.0, elapsed
+        assert isinstance(info.value.__cause__, zproc.ServerUnavailableError)
+        assert address.req_rep in str(info.value.__cause__)
+        assert info.value.exitcode == 1
+    finally:
+        if child is not None:
+            child.close()
+        stop(proc)
+
+
+def test_a_client_started_before_any_server_names_start_server(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    t0 = time.monotonic()
+    with zproc.State(ipc_address, connect_timeout=1.0) as state:
+        with pytest.raises(zproc.ServerUnavailableError) as info:
+            state["x"] = 1
+    elapsed = time.monotonic() - t0
+    assert 1.0 <= elapsed < 3.0, elapsed
+    assert "zproc.start_server" in str(info.value)
+    assert ipc_address.req_rep in str(info.value)
+
+
+def test_liveness_is_validated_and_kept_by_copies(ipc_address: zproc.ServerAddress) -> None:
+    with pytest.raises(ValueError, match="liveness"):
+        zproc.State(ipc_address, liveness=0)
+    with zproc.State(ipc_address, liveness=7.5, connect_timeout=1) as state:
+        with state.fork() as copy:
+            assert copy._liveness == 7.5
+        assert state.__reduce__()[1][-1] == 7.5
+
+
+# -- durability and reconnection -----------------------------------------------------------
+
+
+def test_persist_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync"):
+        zproc.start_server(persist=tmp_path / "s.db", fsync="sometimes")
+    with pytest.raises(ValueError, match="does not exist"):
+        zproc.start_server(persist=tmp_path / "missing" / "s.db")
+    with pytest.raises(ValueError, match="compact_after"):
+        zproc.start_server(persist=tmp_path / "s.db", compact_after=0)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database" * 100)
+    with pytest.raises(zproc.ServerError, match="not a zproc persist file"):
+        zproc.start_server(persist=junk)
+    proc, _ = zproc.start_server(persist=tmp_path / "s.db")
+    try:
+        with pytest.raises(zproc.ServerError, match="in use by another zproc server"):
+            zproc.start_server(persist=tmp_path / "s.db")
+    finally:
+        stop(proc)
+
+
+WRITES = 10_000
+
+
+def write_many(address: zproc.ServerAddress, acked: Any, count: int) -> None:
+    """Write k0..k{count-1}; after each acknowledged write, record its index in ``acked``."""
+    with zproc.State(address, liveness=10.0, request_timeout=30) as state:
+        i = 0
+        while i < count:
+            try:
+                state[f"k{i}"] = i
+            except zproc.ServerUnavailableError:
+                continue  # lost in the crash (outcome unknown): write it again
+            acked.value = i
+            i += 1
+
+
+@pytest.mark.timeout(120)
+def test_every_acknowledged_write_survives_kill9(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="always")
+    acked = FORK.Value("q", -1, lock=False)
+    writer = FORK.Process(target=write_many, args=(ipc_address, acked, WRITES))
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while acked.value < WRITES // 3 and time.monotonic() < deadline:
+            assert writer.exitcode is None, "the writer failed"
+            time.sleep(0.005)
+        kill9(server)
+        last = acked.value  # nothing is acknowledged by a dead server
+        assert WRITES // 3 <= last < WRITES - 1
+        server, _ = zproc.start_server(ipc_address, persist=path, fsync="always")
+        with zproc.State(ipc_address) as state:
+            got = state.copy()
+            missing = [i for i in range(last + 1) if got.get(f"k{i}") != i]
+            assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+            writer.join(60)  # the writer reconnects and finishes
+            assert writer.exitcode == 0
+            final = state.copy()
+            assert final == {f"k{i}": i for i in range(WRITES)}
+            assert head(state) >= WRITES  # one event per write (a retried one: one more)
+    finally:
+        stop(writer)
+        stop(server)
+
+
+PAD = "x" * 4096  # 200 such events overflow every queue between a server and a client
+
+
+def watch_values(address: zproc.ServerAddress, conn: Any, last: int) -> None:
+    """Send every value of "n" seen by a buffered watcher, until ``last``.
+
+    Slow until the first half is written, with a tiny receive queue: it misses most of the
+    events the killed server published and must fetch them from the restarted one.
+    """
+    with zproc.State(address, liveness=10.0, rcvhwm=4) as state:
+        watcher = state.when_change("n")
+        conn.send("ready")
+        for snapshot in watcher:
+            n = snapshot["n"][0]
+            conn.send((n, watcher._cursor.seq))
+            if n == last:
+                break
+            if n < last // 2:
+                time.sleep(0.005)
+    conn.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_a_watcher_resumes_across_a_restart(
+    tmp_path: Path, ipc_address: zproc.ServerAddress, fsync: str
+) -> None:
+    path = tmp_path / "state.db"
+    # compactions at 100 and 200: the restarted server replays from journal rows kept
+    # before its snapshot
+    options: dict[str, Any] = {
+        "persist": path, "fsync": fsync, "compact_after": 100, "history_size": 300
+    }
+    server, _ = zproc.start_server(ipc_address, **options)
+    receiver, sender = FORK.Pipe(duplex=False)
+    watcher = FORK.Process(target=watch_values, args=(ipc_address, sender, 400))
+    watcher.start()
+    sender.close()
+    try:
+        assert receiver.poll(20) and receiver.recv() == "ready"
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            for n in range(1, 201):
+                state["n"] = (n, PAD)
+            kill9(server)
+            server, _ = zproc.start_server(ipc_address, **options)
+            for n in range(201, 401):
+                state["n"] = (n, PAD)
+                if n == 300:
+                    state["other"] = "a change the watcher does not report"
+        seen: list[tuple[int, int]] = []
+        while not seen or seen[-1][0] != 400:
+            assert receiver.poll(20), f"the watcher stopped after {seen[-3:]}"
+            seen.append(receiver.recv())
+        assert [n for n, _ in seen] == list(range(1, 401))
+        seqs = [seq for _, seq in seen]
+        assert seqs == sorted(set(seqs))  # each sequence number once, in order
+        assert seqs[-1] == 401  # 400 writes of n and one of "other", numbered on
+        watcher.join(10)
+        assert watcher.exitcode == 0
+    finally:
+        receiver.close()
+        stop(watcher)
+        stop(server)
+
+
+def apply_ops(d: dict[str, Any], ops: list[tuple[str, Any, Any]]) -> int:
+    for op, key, value in ops:
+        if op == "set":
+            d[key] = value
+        elif op == "del":
+            d.pop(key, None)
+        elif op == "append":
+            d.setdefault(key, []).append(value)
+    return len(d)
+
+
+def test_compaction_keeps_the_state_exact(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    path = tmp_path / "state.db"
+    options: dict[str, Any] = {"persist": path, "compact_after": 50, "history_size": 20}
+    server, _ = zproc.start_server(ipc_address, **options)
+    rng = random.Random(7)
+    model: dict[str, dict[str, Any]] = {"default": {}, "other": {}}
+    heads: dict[str, int] = {}
+    try:
+        states = {name: zproc.State(ipc_address, namespace=name) for name in model}
+        try:
+            for step in range(600):
+                name = rng.choice(["default", "default", "other"])
+                state, expected = states[name], model[name]
+                key = f"k{rng.randrange(30)}"
+                roll = rng.random()
+                if roll < 0.5:
+                    state[key] = expected[key] = rng.random()
+                elif roll < 0.65:
+                    state.pop(key, None)
+                    expected.pop(key, None)
+                elif roll < 0.8:
+                    batch = {f"u{rng.randrange(10)}": step, key: [step]}
+                    state.update(batch)
+                    expected.update(batch)
+                elif roll < 0.97:
+                    ops = [("append", f"l{rng.randrange(3)}", step), ("del", key, None)]
+                    zproc.atomic(apply_ops)(state, ops)
+                    apply_ops(expected, ops)
+                else:
+                    state.clear()
+                    expected.clear()
+            for name, state in states.items():
+                assert state.copy() == model[name]
+                heads[name] = head(state)
+        finally:
+            for state in states.values():
+                state.close()
+        kill9(server)
+        with sqlite3.connect(path) as db:  # the killed server left its log: recovered here
+            rows = db.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
+            snapshots = dict(db.execute("SELECT namespace, seq FROM snapshot").fetchall())
+        db.close()
+        assert rows <= 2 * 20 + 50 + 2, rows  # kept history per namespace + one interval
+        assert snapshots and all(0 < seq <= heads[name] for name, seq in snapshots.items())
+        server, _ = zproc.start_server(ipc_address, **options)
+        for name, expected in model.items():
+            with zproc.State(ipc_address, namespace=name) as state:
+                assert state.copy() == expected
+                assert head(state) == heads[name]
+                # the replay history came back too: the last events can be fetched again
+                body = S.dumps((heads[name] - 5, False))
+                latest, _, events = state._request(P.Kind.FETCH, 0, body)
+                assert latest == heads[name]
+                assert [ev.seq for ev in events] == list(range(heads[name] - 4, heads[name] + 1))
+    finally:
+        stop(server)
+
+
+def test_a_read_in_flight_is_resent_after_a_quick_restart(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    """A read queued behind a long atomic call is answered by the restarted server; the
+    atomic call itself (a write) reports that its outcome is unknown."""
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path)
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        with zproc.State(ipc_address, liveness=10.0) as other:
+            try:
+                zproc.atomic(sleep_on_server)(other, 30)
+            except BaseException as exc:
+                errors.append(exc)
+
+    try:
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            state["k"] = "kept"
+            thread = threading.Thread(target=busy)
+            thread.start()
+            time.sleep(0.3)  # the server sleeps in the atomic call
+
+            def restart() -> None:
+                nonlocal server
+                kill9(server)
+                server, _ = zproc.start_server(ipc_address, persist=path)
+
+            timer = threading.Timer(0.3, restart)
+            timer.start()
+            t0 = time.monotonic()
+            assert state["k"] == "kept"  # sent to the old server, answered by the new one
+            assert time.monotonic() - t0 < 8
+            timer.join()
+            thread.join(15)
+            assert len(errors) == 1 and isinstance(errors[0], zproc.ServerUnavailableError)
+            assert "outcome of the request is unknown" in str(errors[0])
+            assert "slept" not in state
+    finally:
+        stop(server)
+
+
+def test_every_second_commits_while_idle(tmp_path: Path, ipc_address: zproc.ServerAddress) -> None:
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="every second")
+    try:
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            state.update({f"k{i}": i for i in range(10)})
+            state["last"] = "written"
+            time.sleep(1.6)  # no request arrives: the idle server commits within ~1.2 s
+            kill9(server)
+            server, _ = zproc.start_server(ipc_address, persist=path, fsync="every second")
+            assert state["last"] == "written"
+            assert len(state) == 11
+            assert head(state) == 2
+    finally:
+        stop(server)
+
+
+def test_a_watcher_whose_server_lost_its_state_raises_then_starts_again(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    """No persist: the restarted server numbers from 0 again. A blocked watcher says so
+    instead of ignoring the new server's changes; its next call works."""
+    server, _ = zproc.start_server(ipc_address)
+    try:
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            for i in range(5):
+                state["x"] = i
+
+            def restart() -> None:
+                nonlocal server
+                kill9(server)
+                server, _ = zproc.start_server(ipc_address)
+
+            timer = threading.Timer(0.3, restart)
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(zproc.ServerUnavailableError, match="without persist"):
+                state.get_when_change("x", timeout=20)
+            assert time.monotonic() - t0 < 5
+            timer.join()
+            with zproc.State(ipc_address) as writer:
+                later = threading.Timer(0.3, writer.__setitem__, ("x", "new"))
+                later.start()
+                assert state.get_when_change("x", timeout=10) == "new"
+                later.join()
+    finally:
+        stop(server)

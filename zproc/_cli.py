@@ -1,0 +1,343 @@
+"""The ``zproc`` command line: run a server, and look at one from a shell.
+
+::
+
+    zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--persist PATH]
+    zproc ping  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--timeout S]
+    zproc dump  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--namespace NS] [--json]
+    zproc watch REQ_ENDPOINT PUB_ENDPOINT [KEY ...] [--secret-key-file F] [--count N]
+    zproc keygen DIRECTORY
+
+Also ``python -m zproc``. The secret key comes from ``--secret-key-file`` (a file whose
+first line is the passphrase, or a certificate directory made by ``zproc keygen``), else
+from the environment variable ``ZPROC_SECRET_KEY`` (a passphrase), else there is none.
+
+Exit status: 0 success, 1 failure (no server, rejected key, timeout...), 2 bad usage.
+``zproc serve`` runs until SIGINT or SIGTERM, then closes its sockets and ends by that
+signal, as Unix servers do (status 130 or 143 in a shell). Messages go to stderr; data
+(``dump``, ``watch``, ``ping``) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import pathlib
+import pprint
+import reprlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from ._transport import ServerAddress, normalize_address
+from .exceptions import ZProcError
+
+__all__ = ["main"]
+
+PROG = "zproc"
+ENV_SECRET_KEY = "ZPROC_SECRET_KEY"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line that cannot work (exit status 2)."""
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- arguments --------------------------------------------------------------------------
+
+
+def _address(endpoints: Sequence[str]) -> ServerAddress:
+    if len(endpoints) != 2:
+        raise UsageError(
+            f"expected two endpoints, REQ_ENDPOINT PUB_ENDPOINT (e.g. tcp://10.0.0.1:5000 "
+            f"tcp://10.0.0.1:5001), got {len(endpoints)}"
+        )
+    try:
+        return normalize_address(tuple(endpoints))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def read_secret_key(path: str | None) -> Any:
+    """The ``secret_key`` named on the command line or in the environment (None: no key).
+
+    A directory is a certificate directory; a file holds the passphrase on its first line.
+    """
+    if path is None:
+        value = os.environ.get(ENV_SECRET_KEY)
+        return value or None
+    if os.path.isdir(path):
+        return pathlib.Path(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().rstrip(b"\r\n")
+    except OSError as exc:
+        raise UsageError(f"cannot read the secret key file {path!r}: {exc.strerror}") from None
+    if not first:
+        raise UsageError(f"the secret key file {path!r} is empty; put the passphrase on line 1")
+    return first
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a zproc state server, or look at one.",
+        epilog=f"The secret key may also come from ${ENV_SECRET_KEY} (a passphrase).",
+    )
+    parser.add_argument("--version", action="version", version=f"zproc {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--secret-key-file",
+            metavar="F",
+            help="passphrase file (first line) or certificate directory (zproc keygen)",
+        )
+
+    serve = commands.add_parser(
+        "serve", help="run a server in the foreground until SIGINT/SIGTERM"
+    )
+    serve.add_argument("req_endpoint", metavar="REQ_ENDPOINT")
+    serve.add_argument("pub_endpoint", metavar="PUB_ENDPOINT")
+    common(serve)
+    serve.add_argument("--persist", metavar="PATH", help="keep the state in PATH")
+    serve.add_argument(
+        "--history-size", type=int, default=None, metavar="N",
+        help="events per namespace kept for clients to replay",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every rejection")
+
+    ping = commands.add_parser("ping", help="check that a server answers; print its pid")
+    ping.add_argument("endpoints", nargs="+", metavar="ADDRESS")
+    common(ping)
+    ping.add_argument("--timeout", type=float, default=5.0, metavar="S")
+
+    dump = commands.add_parser("dump", help="print the state")
+    dump.add_argument("endpoints", nargs="+", metavar="ADDRESS")
+    common(dump)
+    dump.add_argument("--namespace", default="default")
+    dump.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    dump.add_argument("--json", action="store_true", help="print JSON instead of Python")
+
+    watch = commands.add_parser(
+        "watch", help="print changes as they happen (of KEYs, or of everything)"
+    )
+    watch.add_argument(
+        "endpoints", nargs="+", metavar="ADDRESS [KEY]",
+        help="the two endpoints, then the keys to watch (str keys)",
+    )
+    common(watch)
+    watch.add_argument("--namespace", default="default")
+    watch.add_argument("--count", type=int, default=None, metavar="N",
+                       help="stop after N changes")
+    watch.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="fail when no change comes for S seconds")
+    watch.add_argument("--full", action="store_true", help="do not shorten long values")
+
+    keygen = commands.add_parser(
+        "keygen", help="write a server and a client certificate pair into DIRECTORY"
+    )
+    keygen.add_argument("directory", metavar="DIRECTORY")
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+class _Report:
+    """Receives the server's start-up report (in this process) and prints it."""
+
+    def __init__(self, secure: bool) -> None:
+        self.secure = secure
+        self.error: BaseException | None = None
+
+    def send(self, message: tuple[str, Any]) -> None:
+        from . import _serialization as S
+
+        if message[0] == "ok":
+            req, pub = message[1]
+            mode = "CURVE on" if self.secure else "no secret key"
+            print(
+                f"zproc server {os.getpid()} serving at {req} {pub} ({mode}); "
+                f"SIGINT or SIGTERM stops it",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            self.error = S.loads_exception(message[1])
+
+    def close(self) -> None:
+        pass
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._security import server_keys
+    from ._server import Server, serve
+
+    address = _address([args.req_endpoint, args.pub_endpoint])
+    secret_key = read_secret_key(args.secret_key_file)
+    options: dict[str, Any] = {"keys": server_keys(secret_key)}
+    if args.history_size is not None:
+        if args.history_size < 1:
+            raise UsageError(f"--history-size must be >= 1, got {args.history_size}")
+        options["history_size"] = args.history_size
+    if args.persist is not None:
+        if "persist" not in inspect.signature(Server).parameters:
+            raise UsageError(
+                "--persist is not supported by this version of the zproc server (it keeps "
+                "the state in memory only)"
+            )
+        options["persist"] = args.persist
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    report = _Report(secure=options["keys"] is not None)
+    serve(address, report, options)  # returns on failure; ends the process on a signal
+    if report.error is not None:
+        _error(str(report.error))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _ping(args: argparse.Namespace) -> int:
+    from .state import ping
+
+    address = _address(args.endpoints)
+    secret_key = read_secret_key(args.secret_key_file)
+    start = time.perf_counter()
+    pid = ping(address, timeout=args.timeout, secret_key=secret_key)
+    elapsed = (time.perf_counter() - start) * 1000
+    if pid is None:
+        _error(f"the server at {address.req_rep} answered with a different payload")
+        return EXIT_FAILURE
+    print(f"zproc server {pid} at {address.req_rep} answered in {elapsed:.1f} ms")
+    return EXIT_OK
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from .state import State
+
+    address = _address(args.endpoints)
+    secret_key = read_secret_key(args.secret_key_file)
+    with State(
+        address,
+        namespace=args.namespace,
+        request_timeout=args.timeout,
+        connect_timeout=args.timeout,
+        secret_key=secret_key,
+    ) as state:
+        data = state.copy()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=repr))
+    else:
+        pprint.pprint(data)
+    return EXIT_OK
+
+
+def _format_changes(update: Any, keys: frozenset[str], shorten: Any) -> list[str]:
+    before, after = update.before, update.after
+    stamp = time.strftime("%H:%M:%S", time.localtime(update.timestamp))
+    stamp += f".{int(update.timestamp * 1000) % 1000:03d}"
+    lines = []
+    for key, value in after.items():
+        if keys and key not in keys:
+            continue
+        if key not in before or before[key] is not value and before[key] != value:
+            lines.append(f"{stamp} {key!r} = {shorten(value)}")
+    for key in before:
+        if key not in after and (not keys or key in keys):
+            lines.append(f"{stamp} {key!r} deleted")
+    return lines
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .state import State
+
+    if len(args.endpoints) < 2:
+        raise UsageError("expected two endpoints, REQ_ENDPOINT PUB_ENDPOINT, then keys")
+    address = _address(args.endpoints[:2])
+    keys = frozenset(args.endpoints[2:])
+    if args.count is not None and args.count < 0:
+        raise UsageError(f"--count must be >= 0, got {args.count}")
+    secret_key = read_secret_key(args.secret_key_file)
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 200
+    shorten = repr if args.full else short.repr
+    seen = 0
+    with State(address, namespace=args.namespace, secret_key=secret_key) as state:
+        watcher = state.when_change_raw(timeout=args.timeout)
+        what = ", ".join(sorted(map(repr, keys))) if keys else "every key"
+        print(
+            f"watching {what} at {address.req_rep} (namespace {args.namespace!r}); "
+            f"Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        while args.count is None or seen < args.count:
+            lines = _format_changes(next(watcher), keys, shorten)
+            if lines:
+                print("\n".join(lines), flush=True)
+                seen += 1
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ._security import create_certificates
+
+    try:
+        server, client = create_certificates(args.directory)
+    except FileExistsError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    folder = os.path.abspath(args.directory)
+    print(
+        f"wrote {server} and {client} (and their public halves .key) in {folder}\n"
+        f"server host: server.key_secret + client.key; client hosts: client.key_secret + "
+        f"server.key. Pass the directory with --secret-key-file, or "
+        f"secret_key=pathlib.Path(...)"
+    )
+    return EXIT_OK
+
+
+COMMANDS = {"serve": _serve, "ping": _ping, "dump": _dump, "watch": _watch, "keygen": _keygen}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``zproc`` command line; return the exit status.
+
+    Parameters
+    ----------
+    argv
+        The arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits with status 2 on bad usage
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except (ZProcError, TimeoutError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except (TypeError, ValueError) as exc:  # an unusable secret key, a bad option value
+        _error(str(exc))
+        return EXIT_USAGE
