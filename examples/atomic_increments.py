@@ -25,7 +25,7 @@ INCREMENTS = 300
 
 
 @zproc.atomic
-def increment(d: dict, key: str) -> int:
+def increment(d: dict[str, int], key: str) -> int:
     """Runs inside the state server: nobody can change the dict meanwhile."""
     d[key] += 1
     return d[key]

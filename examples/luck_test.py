@@ -18,6 +18,7 @@ Run it with ``python examples/luck_test.py``.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import zproc
 
@@ -28,7 +29,7 @@ CHECK_EVERY = 20  # draws between two looks at the shared state
 
 
 @zproc.atomic
-def claim(d: dict, player: int, draws: int) -> bool:
+def claim(d: dict[str, Any], player: int, draws: int) -> bool:
     """Runs in the server: write the winner only if there is none yet."""
     if d.get("winner") is not None:
         d["too_late"] += 1
@@ -60,8 +61,10 @@ def main() -> None:
         winner, draws = ctx.state.get_when_not_none("winner", timeout=30)
         for process in players:
             print(process.wait(timeout=30))
-        print(f"winner: player {winner} after {draws} draws "
-              f"({ctx.state['too_late']} lucky player(s) came too late)")
+        print(
+            f"winner: player {winner} after {draws} draws "
+            f"({ctx.state['too_late']} lucky player(s) came too late)"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def node(state: zproc.State, level: int, path: str) -> int:
         children = [
             ctx.process(node, args=(level + 1, f"{path}.{i}")) for i in range(1, CHILDREN + 1)
         ]
-        return 1 + sum(child.wait(timeout=30) for child in children)
+        return 1 + sum(int(child.wait(timeout=30)) for child in children)
 
 
 def main() -> None:
@@ -45,8 +45,10 @@ def main() -> None:
         pids = {pid for _, _, pid, _ in tree}
         for path, level, pid, ppid in tree:
             parent = "the main script" if ppid == os.getpid() else f"pid {ppid}"
-            print(f"{'    ' * (level - 1)}level {level} process {path} (pid {pid}, "
-                  f"started by {parent})")
+            print(
+                f"{'    ' * (level - 1)}level {level} process {path} (pid {pid}, "
+                f"started by {parent})"
+            )
         assert all(ppid in pids for _, level, _, ppid in tree if level > 1)
         print(f"{total} processes across {LEVELS} levels, all sharing one state")
 

@@ -84,13 +84,14 @@ def main() -> None:
         with ctx.create_state() as state:
             got = buffered(state)
             behind = state["peanut"] - got[-1]
-        print(f"buffered: {got} -> none skipped: {skipped(got) == 0}; "
-              f"now {behind} peanuts behind")
+        print(f"buffered: {got} -> none skipped: {skipped(got) == 0}; now {behind} peanuts behind")
 
         with ctx.create_state() as state:
             got, catch_ups = hybrid(state)
-        print(f"hybrid:   {got} -> in order, except {catch_ups} go_live() catch-ups "
-              f"that skipped {skipped(got)}")
+        print(
+            f"hybrid:   {got} -> in order, except {catch_ups} go_live() catch-ups "
+            f"that skipped {skipped(got)}"
+        )
 
 
 if __name__ == "__main__":

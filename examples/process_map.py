@@ -20,19 +20,25 @@ import time
 import zproc
 
 
+def slowly(x: int) -> int:
+    """Return ``x`` after a pause, the longer the smaller ``x`` is."""
+    time.sleep(0.03 * (10 - x))
+    return x
+
+
 def main() -> None:
     with zproc.Context() as ctx:
         start = time.monotonic()
         # items 0..4 go to the first worker, 5..9 to the second; early items are slow
-        slow_square = lambda x: (time.sleep(0.03 * (10 - x)), x * x)[1]  # noqa: E731
-        results = ctx.process_map(slow_square, range(10), count=2)
+        results = ctx.process_map(lambda x: slowly(x) ** 2, range(10), count=2)
         print(f"process_map returned a lazy iterator after {time.monotonic() - start:.2f} s")
         for x, square in zip(range(10), results):
             print(f"  {x}^2 = {square:2d}  at {time.monotonic() - start:.2f} s")
 
         # the same two workers again, with an extra fixed argument and keyword
-        powers = ctx.process_map(lambda x, n, *, plus: x**n + plus, range(6), args=(3,),
-                                 kwargs={"plus": 1}, count=2)
+        powers = ctx.process_map(
+            lambda x, n, *, plus: x**n + plus, range(6), args=(3,), kwargs={"plus": 1}, count=2
+        )
         print(f"x**3 + 1 for x in 0..5: {list(powers)}")
         print(f"workers: {len(ctx.worker_list)}")
 

@@ -32,6 +32,8 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import zmq
 
@@ -59,9 +61,12 @@ def run_server(address: zproc.ServerAddress, key: str | None) -> int:
     try:
         with zproc.State(address, secret_key=key) as state:
             state["host_a"] = f"{socket.gethostname()} (server pid {server.pid})"
-            print(f"server: serving at {address.req_rep} and {address.pub_sub}, "
-                  f"{'CURVE on' if key else 'no secret_key: trusted network only'}",
-                  flush=True)
+            print(
+                f"server: serving at {address.req_rep} and {address.pub_sub} "
+                f"(server pid {server.pid}), "
+                f"{'CURVE on' if key else 'no secret_key: trusted network only'}",
+                flush=True,
+            )
             try:
                 question = state.get_when_available("question", timeout=TIMEOUT)
                 print(f"server: host B asks {question!r}", flush=True)
@@ -77,12 +82,18 @@ def run_server(address: zproc.ServerAddress, key: str | None) -> int:
     return 0
 
 
-def run_client(address: zproc.ServerAddress, key: str | None) -> int:
-    try:
-        pid = zproc.ping(address, timeout=TIMEOUT, secret_key=key)
-    except zproc.TimeoutError as exc:
-        print(f"client: {exc}", file=sys.stderr)
-        return 1
+def run_client(
+    address: zproc.ServerAddress, key: str | None, server_up: Callable[[], bool] = lambda: True
+) -> int:
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the server may still be starting: ping until it answers
+        try:
+            pid = zproc.ping(address, timeout=1, secret_key=key)
+            break
+        except zproc.TimeoutError as exc:
+            if time.monotonic() > deadline or not server_up():
+                print(f"client: no server answered, giving up. {exc}", file=sys.stderr)
+                return 1
     print(f"client: a server answers at {address.req_rep} (pid {pid} on host A)", flush=True)
     with zproc.State(address, secret_key=key) as state:
         host_a = state.get_when_available("host_a", timeout=TIMEOUT)
@@ -112,17 +123,18 @@ def free_port_pair() -> int:
 def run_both() -> int:
     """Host A in a subprocess (this script with --server), host B here, over loopback."""
     host_port = f"127.0.0.1:{free_port_pair()}"
-    env = dict(os.environ)
-    if zmq.has("curve") and not env.get("ZPROC_SECRET_KEY"):
-        env["ZPROC_SECRET_KEY"] = secrets.token_urlsafe(32)  # a throwaway shared secret
-    os.environ.update(env)
+    key = secret_key()
+    if key is None and zmq.has("curve"):
+        key = secrets.token_urlsafe(32)  # a throwaway shared secret for this run
+    env = dict(os.environ, ZPROC_SECRET_KEY=key or "")
     print(f"running both sides on this machine, at {host_port}", flush=True)
     host_a = subprocess.Popen([sys.executable, __file__, "--server", host_port], env=env)
     try:
-        code = run_client(address_of(host_port), secret_key())
+        code = run_client(address_of(host_port), key, lambda: host_a.poll() is None)
         return code or host_a.wait(timeout=TIMEOUT)
     finally:
-        if host_a.poll() is None:
+        if host_a.poll() is None:  # something failed: end host A and its server process
+            zproc.clean_process_tree(host_a.pid)
             host_a.kill()
             host_a.wait()
 

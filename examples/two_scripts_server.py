@@ -30,8 +30,13 @@ ADDRESS = ("tcp://127.0.0.1:25821", "tcp://127.0.0.1:25822")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("endpoints", nargs="*", default=list(ADDRESS),
-                        metavar="ENDPOINT", help="request and publish endpoints")
+    parser.add_argument(
+        "endpoints",
+        nargs="*",
+        default=list(ADDRESS),
+        metavar="ENDPOINT",
+        help="request and publish endpoints",
+    )
     parser.add_argument("--clients", type=int, default=1, help="clients to wait for")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait")
     args = parser.parse_args()
@@ -41,11 +46,14 @@ def main() -> int:
     server, address = zproc.start_server(args.endpoints)  # exactly once per address
     try:
         with zproc.State(address) as state:
-            state.update(message=f"hello from the server script (pid {os.getpid()})",
-                         visits=0, replies=[])
-            print(f"server: serving at {address.req_rep} {address.pub_sub} "
-                  f"(server pid {server.pid}); waiting for {args.clients} client(s)",
-                  flush=True)
+            state.update(
+                message=f"hello from the server script (pid {os.getpid()})", visits=0, replies=[]
+            )
+            print(
+                f"server: serving at {address.req_rep} {address.pub_sub} "
+                f"(server pid {server.pid}); waiting for {args.clients} client(s)",
+                flush=True,
+            )
             try:
                 state.get_when(lambda d: d["visits"] >= args.clients, timeout=args.timeout)
             except zproc.TimeoutError:

@@ -43,7 +43,7 @@ def unavailable_reason() -> str | None:
 
 def _ip(*args: str) -> None:
     result = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+        ["ip", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
     )
     if result.returncode:
         raise OSError(f"'ip {' '.join(args)}' failed: {result.stderr.strip()}")
@@ -108,11 +108,30 @@ class Host:
         return ["ip", "netns", "exec", self.netns, *args]
 
     def run(self, args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run a command in this host and wait for it."""
-        return subprocess.run(
-            self.command(args), capture_output=True, text=True, timeout=timeout,
+        """Run a command in this host and wait for it.
+
+        A command still running after ``timeout`` seconds gets SIGABRT (a Python process
+        prints the stacks of its threads then) and fails the test with its output.
+        """
+        command = self.command(args)
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=self.bed.env, cwd=ROOT,
-        )
+        ) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    out, err = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                raise AssertionError(
+                    f"{' '.join(command[4:6])}... in {self.netns} did not finish within "
+                    f"{timeout} s; stdout:\n{out}\nstderr:\n{err}"
+                ) from None
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
     def python(
         self, code: str, *args: str, timeout: float = 60.0
@@ -136,13 +155,37 @@ class Host:
         return self.start([sys.executable, "-c", code, *args])
 
 
+def remove_stale() -> None:
+    """Delete the namespaces of beds whose test process died without removing them."""
+    listing = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    for line in listing.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if len(parts) != 4 or parts[0] != "zproc" or parts[1] not in ("a", "b"):
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # its test process is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            _ip("netns", "del", name)
+        except OSError:
+            pass
+
+
 class TestBed:
     """Creates the namespaces and the link (:meth:`create`), removes them (:meth:`destroy`)."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self) -> None:
-        suffix = f"{os.getpid() % 100000}-{os.urandom(2).hex()}"
+        suffix = f"{os.getpid()}-{os.urandom(2).hex()}"
         self.a = Host(self, f"zproc-a-{suffix}", HOST_A_IP, "vethA")
         self.b = Host(self, f"zproc-b-{suffix}", HOST_B_IP, "vethB")
         self.processes: list[tuple[subprocess.Popen[str], Output, Output]] = []
@@ -152,9 +195,11 @@ class TestBed:
             [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
         )
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.env["PYTHONFAULTHANDLER"] = "1"
 
     def create(self) -> None:
         """Build both namespaces and the veth pair; on failure, remove what was made."""
+        remove_stale()
         a, b = self.a, self.b
         try:
             for host in (a, b):

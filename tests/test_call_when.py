@@ -129,3 +129,4 @@ def test_process_exit_ends_the_loop(ctx: zproc.Context) -> None:
 def test_timeout_is_rejected(ctx: zproc.Context) -> None:
     with pytest.raises(TypeError):
         ctx.call_when_change("a", timeout=1)
+

@@ -577,3 +577,17 @@ def test_wait_true_waits_at_exit_and_reports_errors(tmp_path: Path) -> None:
         """,
     )
     assert result.returncode == 0 and result.stderr == ""
+
+
+def test_process_map_return_task_and_pull_results(ctx: zproc.Context) -> None:
+    task = ctx.process_map(lambda x: x * 2, range(100), count=2, return_task=True)
+    assert isinstance(task, zproc.TaskDetail)
+    assert task.chunk_count == 2
+    other = ctx.process_map(lambda x: -x, range(5), count=2, return_task=True)
+    assert list(ctx.pull_results_for_task(other)) == [0, -1, -2, -3, -4]
+    assert list(ctx.pull_results_for_task(task)) == [x * 2 for x in range(100)]
+    with pytest.raises(ValueError, match="already pulled"):
+        ctx.pull_results_for_task(task)
+    empty = ctx.process_map(abs, [], return_task=True)
+    assert empty.chunk_count == 0
+    assert list(ctx.pull_results_for_task(empty)) == []

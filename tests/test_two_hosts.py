@@ -27,10 +27,9 @@ from typing import Any
 
 import pytest
 import zmq
+from _netns import TestBed, unavailable_reason
 
 import zproc
-
-from _netns import TestBed, unavailable_reason
 
 SECRET = "two hosts, one secret: 7d1f0c54e1b2a9"
 WRONG = "not the secret at all"
@@ -179,6 +178,28 @@ with zproc.Context((req, pub), start_server=False, **extra) as ctx:
     print(json.dumps({"got": got, "doubled": doubled, "squares": squares}))
 """
 
+POLLER = """
+import json, sys, time, zproc
+req, pub, key = sys.argv[1], sys.argv[2], sys.argv[3] or None
+duration = float(sys.argv[4])
+events = []  # (seconds since start, outcome), one per change of outcome
+with zproc.State((req, pub), secret_key=key) as state:
+    print("ready", flush=True)
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < duration:
+        try:
+            state.get("n")
+            outcome = "ok"
+        except Exception as exc:
+            outcome = type(exc).__name__
+        if outcome != last:
+            events.append((round(time.monotonic() - start, 2), outcome))
+            last = outcome
+        time.sleep(0.05)
+print(json.dumps(events), flush=True)
+"""
+
 SNIFFER = """
 import signal, socket, sys
 device, path = sys.argv[1], sys.argv[2]
@@ -233,7 +254,7 @@ def test_state_watcher_and_cli_from_host_b(hosts: TestBed) -> None:
     assert server.stop() in (0, -signal.SIGTERM)
 
 
-def test_context_in_host_b_uses_the_server_in_host_a(hosts: TestBed, key_file: str) -> None:
+def test_context_in_host_b_uses_the_server_in_host_a(hosts: TestBed) -> None:
     server = RemoteServer(hosts, key_file=None)
     report = result(hosts.b.python(CONTEXT, *_args(server, None), timeout=120))
     assert report == {"got": 21, "doubled": 42, "squares": [x * x for x in range(10)]}
@@ -292,7 +313,7 @@ def test_link_cut_loses_no_event(hosts: TestBed, key_file: str) -> None:
     count, interval = 200, 0.02  # 4 s of writes
     watcher, out, err = hosts.b.start_python(WATCHER, *_args(server, SECRET), str(count))
     out.wait_for("ready", timeout=60)
-    writer, writer_out, writer_err = hosts.a.start_python(
+    writer, _writer_out, writer_err = hosts.a.start_python(
         WRITER, *_args(server, SECRET), str(count), str(interval)
     )
     time.sleep(0.8)
@@ -313,6 +334,28 @@ def test_link_cut_loses_no_event(hosts: TestBed, key_file: str) -> None:
     assert report["seen"] == list(range(count))
     assert not report["errors"], report["errors"]  # shorter than the liveness bound: no error
     assert report["polls"] > 0
+
+
+def test_link_cut_beyond_the_liveness_bound_is_reported_then_recovered(
+    hosts: TestBed, key_file: str
+) -> None:
+    """A 10 s cut: a client in B reports ServerUnavailableError, and works once it ends."""
+    server = RemoteServer(hosts, key_file=key_file)
+    poller, out, err = hosts.b.start_python(POLLER, *_args(server, SECRET), "30")
+    out.wait_for("ready", timeout=60)
+    time.sleep(1.0)
+    hosts.set_link(up=False)
+    try:
+        time.sleep(10.0)
+    finally:
+        hosts.set_link(up=True)
+    assert poller.wait(60) == 0, err.text()
+    events = json.loads(out.wait_for("[", timeout=5))
+    outcomes = [outcome for _, outcome in events]
+    assert outcomes[0] == "ok" and outcomes[-1] == "ok", events
+    assert "ServerUnavailableError" in outcomes, events
+    first_error = next(t for t, outcome in events if outcome != "ok")
+    assert first_error >= 1.0 + 3.0, f"unavailability reported too early: {events}"
 
 
 # -- what is on the wire ----------------------------------------------------------------

@@ -11,7 +11,7 @@ __version__ = "1.0.0.dev0"
 
 from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
-from .context import Context
+from .context import Context, TaskDetail
 from .exceptions import (
     AddressInUseError,
     AuthenticationError,
@@ -61,6 +61,7 @@ __all__ = [
     "State",
     "StateUpdate",
     "StateWatcher",
+    "TaskDetail",
     "TimeoutError",
     "ZProcError",
     "__version__",

@@ -44,6 +44,11 @@ never           after each batch, no sync                   nothing on a process
                 (``synchronous=OFF``: the OS decides)       recent writes on an OS crash
 ==============  ==========================================  ===========================
 
+With ``every second``, events are published before their commit: after a crash, clients
+may have seen changes the restarted server lacks; their watchers then raise
+:class:`~zproc.ServerUnavailableError` instead of resuming. A failing disk stops the server
+(:meth:`Store.commit` raises): nothing it could not store is acknowledged.
+
 The database holds pickles: load it only from a path you trust, like code. One server at
 a time may use a path (the database is locked exclusively while the server runs).
 """
@@ -77,10 +82,14 @@ COMMIT_INTERVAL = 1.0
 _SYNCHRONOUS = {"always": "FULL", "every second": "FULL", "never": "OFF"}
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
-    "CREATE TABLE IF NOT EXISTS snapshot "
-    "(namespace TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS journal (namespace TEXT NOT NULL, seq INTEGER NOT NULL, "
-    "event BLOB NOT NULL, old BLOB, PRIMARY KEY (namespace, seq)) WITHOUT ROWID",
+    (
+        "CREATE TABLE IF NOT EXISTS snapshot "
+        "(namespace TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)"
+    ),
+    (
+        "CREATE TABLE IF NOT EXISTS journal (namespace TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "event BLOB NOT NULL, old BLOB, PRIMARY KEY (namespace, seq)) WITHOUT ROWID"
+    ),
 )
 _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
 
@@ -89,8 +98,13 @@ Loaded = tuple[str, int, dict[Any, Any], list[tuple[P.Event, bytes]]]
 
 
 class NamespaceLike(Protocol):
-    seq: int
-    data: dict[Any, Any]
+    """What compaction reads of a server namespace."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def data(self) -> dict[Any, Any]: ...
 
 
 def check_fsync(fsync: object) -> str:
@@ -249,7 +263,7 @@ class Store:
         """Queue one committed change (``event.old`` holds the previous values)."""
         try:
             old: bytes | None = S.dumps(event.old or {})
-        except Exception:  # values that were encoded once do not fail here; be safe anyway
+        except S.PICKLING_ERRORS:  # values encoded once do not fail here; be safe anyway
             old = None
         self._pending.append((namespace, event.seq, frame, old))
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from . import _serialization as S
 from .exceptions import ProtocolError
@@ -59,7 +59,7 @@ PROTOCOL_VERSION = 1
 EVENT_PREFIX = b"e"
 SYNC_PREFIX = b"s"
 
-Frame = Union[bytes, memoryview]
+Frame = bytes | memoryview
 
 
 class Kind(enum.IntEnum):

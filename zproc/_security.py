@@ -493,10 +493,15 @@ class Guard:
                 poller.register(mon, zmq.POLLIN)
             while not self._stop.is_set():
                 for sock, _ in poller.poll(100):
-                    if sock is zap:
-                        self._answer(zap)
-                    else:
-                        self._on_monitor(sock, monitors[sock])
+                    try:
+                        if sock is zap:
+                            self._answer(zap)
+                        else:
+                            self._on_monitor(sock, monitors[sock])
+                    except zmq.ContextTerminated:
+                        raise
+                    except Exception:  # keep guarding: a dead handler refuses everyone
+                        log.exception("zproc server %d: CURVE gatekeeper error", os.getpid())
         except zmq.ContextTerminated:
             pass
         finally:

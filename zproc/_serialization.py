@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from .exceptions import ProtocolError, RemoteTraceback, ServerError
 
@@ -58,7 +58,8 @@ def loads(data: bytes | memoryview) -> Any:
 
 def dumps_code(obj: Any) -> bytes:
     """Serialize functions (and whatever holds them) by value where needed (cloudpickle)."""
-    return cloudpickle.dumps(obj, PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, PROTOCOL)
+    return data
 
 
 def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -133,20 +134,20 @@ def loads_exception(data: bytes | memoryview) -> BaseException:
     """
     try:
         body, type_name, message, tb = pickle.loads(data)
-    except Exception as exc:
-        return ProtocolError(f"cannot decode an error reply: {exc!r}")
-    exc: BaseException | None = None
+    except Exception as error:
+        return ProtocolError(f"cannot decode an error reply: {error!r}")
+    rebuilt: BaseException | None = None
     if body is not None:
         try:
-            exc = pickle.loads(body)
+            rebuilt = pickle.loads(body)
         except Exception:
-            exc = None
-    if exc is None:
-        exc = ServerError(
+            rebuilt = None
+    if rebuilt is None:
+        rebuilt = ServerError(
             f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
         )
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
+    rebuilt.__cause__ = RemoteTraceback(tb)
+    return rebuilt
 
 
 def _qualname(cls: type) -> str:

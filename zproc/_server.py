@@ -11,7 +11,10 @@ Message flow::
 The loop drains every request already queued (up to ``MAX_BATCH``), applies them in
 arrival order, then publishes the batch's events (one message per namespace) and only then
 sends the replies. Every state change gets the next sequence number of its namespace and is
-kept in a bounded history so that clients can replay what they missed (``FETCH``).
+kept in a bounded history so that clients can replay what they missed (``FETCH``). With
+``persist=``, the batch's changes are journaled (:mod:`zproc._persist`) before anything is
+published or replied, and a server started on the same file continues state, sequence
+numbers and history.
 
 A dict operation is first *validated* (its result, change set and the encoded reply and
 event are computed without touching the dict), then applied; so a failure leaves the state
@@ -61,6 +64,8 @@ MAX_BATCH = 256
 DEFAULT_HISTORY = 10_000
 #: Largest accepted request, in bytes.
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+#: On a clean stop, how long the last replies and events may take to leave (ms).
+SHUTDOWN_LINGER_MS = 500
 #: Most namespaces one server holds (each costs a dict and a history).
 DEFAULT_MAX_NAMESPACES = 10_000
 
@@ -272,6 +277,14 @@ class Namespace:
         return [history[i][0] for i in range(start, len(history))]
 
 
+def _flush(timeout: float) -> None:
+    """Let ZeroMQ deliver what the closed sockets still hold (bounded: a stray open socket
+    must not keep a stopping server alive)."""
+    thread = threading.Thread(target=get_context().term, daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
 class _Prepared:
     """A validated dict operation: its result and change set, not applied yet."""
 
@@ -475,6 +488,10 @@ class Server:
         for sock in (self.router, self.pub):
             sock.linger = 0
         self.router.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        # A client that reconnects (after its heartbeats gave up on a cut link) keeps its
+        # identity: its new connection replaces the old one, which the server may never
+        # see closed.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.rcvhwm = 0
         self.router.sndhwm = 0
         self.pub.sndhwm = 100_000
@@ -534,7 +551,8 @@ class Server:
                 self.router, self.pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
         return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """Close the sockets (keeping unsent replies and events up to ``linger`` ms)."""
         store, self._store = self._store, None
         if store is not None:
             try:
@@ -543,7 +561,7 @@ class Server:
                 log.exception("zproc: could not save the last changes to %s", store.path)
         for sock in (self.router, self.pub):
             if not sock.closed:
-                sock.close(0)
+                sock.close(linger)
         for endpoint in self._created_ipc:
             remove_ipc_endpoint(endpoint)
         self._created_ipc.clear()
@@ -615,6 +633,12 @@ class Server:
                 frames = recv()
             if store is not None:  # durable before anyone hears of it (fsync="always")
                 store.commit(self.namespaces)
+            # replies first: a writer hears "done" no later than anyone watching it
+            for reply in replies:
+                last = len(reply) - 1
+                for i, frame in enumerate(reply):
+                    send_frame(frame, sndmore if i < last else 0)
+            replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 pub.send_multipart([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
@@ -624,11 +648,6 @@ class Server:
             for marker in syncs:
                 pub.send_multipart(marker)
             syncs.clear()
-            for reply in replies:
-                last = len(reply) - 1
-                for i, frame in enumerate(reply):
-                    send_frame(frame, sndmore if i < last else 0)
-            replies.clear()
 
     def handle(
         self, frames: list[bytes], dirty: list[Namespace], syncs: list[list[bytes]]
@@ -768,7 +787,9 @@ class Server:
         event, data = self._encode_event(ns, identity, changes, deleted)
         self._record(ns, (event._replace(old=old), data), dirty)
 
-    def _record(self, ns: Namespace, encoded: tuple[P.Event, bytes], dirty: list[Namespace]) -> None:
+    def _record(
+        self, ns: Namespace, encoded: tuple[P.Event, bytes], dirty: list[Namespace]
+    ) -> None:
         event, data = encoded
         ns.seq = event.seq
         ns.history.append(encoded)
@@ -862,7 +883,8 @@ def serve(
         server.serve(until=lambda: bool(stop))
     finally:
         if server is not None:
-            server.close()
+            server.close(linger=SHUTDOWN_LINGER_MS)
+            _flush(SHUTDOWN_LINGER_MS / 1000 + 0.5)
     if stop:
         signal.signal(stop[0], signal.SIG_DFL)
         os.kill(os.getpid(), stop[0])
@@ -977,7 +999,8 @@ def start_server(
     if persist is not None:
         options.update(_persist_options(persist, fsync, compact_after))
     receiver, sender = multiprocessing.Pipe(duplex=False)
-    process = backend(target=serve, args=(address, sender, options), name="zproc-server")
+    factory: Callable[..., Any] = backend
+    process: Any = factory(target=serve, args=(address, sender, options), name="zproc-server")
     process.start()
     sender.close()
     try:

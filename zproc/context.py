@@ -11,6 +11,7 @@ import atexit
 import enum
 import functools
 import inspect
+import itertools
 import multiprocessing
 import multiprocessing.util
 import os
@@ -20,7 +21,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 from ._pool import Pool, worker_main
 from ._server import start_server
@@ -37,7 +38,7 @@ from .process import (
 )
 from .state import State, ping
 
-__all__ = ["Context"]
+__all__ = ["Context", "TaskDetail"]
 
 
 #: Keywords a Context accepts as defaults for its processes.
@@ -50,6 +51,14 @@ PROCESS_KEYWORDS = frozenset(inspect.signature(Process).parameters) - {
 WORKER_KEYWORDS = ("backend",)
 
 Target = Callable[..., Any]
+
+
+class TaskDetail(NamedTuple):
+    """A ``process_map`` started with ``return_task=True``: pass it to
+    :meth:`Context.pull_results_for_task`."""
+
+    task_id: int
+    chunk_count: int
 
 
 class ContextStatus(enum.Enum):
@@ -77,6 +86,9 @@ class Context:
     start_server
         ``None``: start a server only when no ``server_address`` is given; ``False``:
         attach only; ``True``: start a server at ``server_address``.
+    persist, fsync
+        For a server this Context starts: keep its state on disk at ``persist`` (see
+        :func:`zproc.start_server`); ``ValueError`` when attaching to a server.
     **process_kwargs
         Defaults for every :class:`~zproc.Process` this Context creates (any Process
         keyword but ``server_address`` and ``target``); keywords given to a single call
@@ -112,6 +124,8 @@ class Context:
         namespace: str = "default",
         request_timeout: float | None = None,
         start_server: bool | None = None,
+        persist: str | os.PathLike[str] | None = None,
+        fsync: str = "always",
         **process_kwargs: Any,
     ) -> None:
         unknown = sorted(set(process_kwargs) - PROCESS_KEYWORDS)
@@ -123,6 +137,12 @@ class Context:
         address = None if server_address is None else normalize_address(server_address)
         if start_server is False and address is None:
             raise ValueError("start_server=False needs a server_address to attach to")
+        owns_server = bool(start_server or (start_server is None and address is None))
+        if persist is not None and not owns_server:
+            raise ValueError(
+                "persist= applies to a server this Context starts; this one attaches to "
+                f"{tuple(address or ())!r}: pass persist= to whoever starts that server"
+            )
         self.namespace = namespace
         self.request_timeout = request_timeout
         self._wait_at_exit = wait
@@ -133,9 +153,12 @@ class Context:
         self.process_list = ProcessList()
         self.worker_list = ProcessList()
         self._pool: Pool | None = None
+        self._tasks: dict[int, Iterator[Any]] = {}
+        self._task_ids = itertools.count(1)
         self.server_process: Any = None
-        if start_server or (start_server is None and address is None):
-            self.server_process, address = _start(address, server_backend)
+        if owns_server:
+            options = {} if persist is None else {"persist": persist, "fsync": fsync}
+            self.server_process, address = _start(address, server_backend, **options)
         assert address is not None
         self.server_address: ServerAddress = address
         try:
@@ -254,6 +277,7 @@ class Context:
         finally:
             for process in self.process_list:
                 process.close()
+            self._tasks.clear()  # results never pulled
             if self._pool is not None:
                 self._pool.close()
 
@@ -441,7 +465,8 @@ class Context:
         count: int | None = None,
         stateful: bool = False,
         new: bool = False,
-    ) -> Iterator[Any]:
+        return_task: bool = False,
+    ) -> Any:
         """A parallel ``map`` on long-lived worker processes; results come back in order.
 
         For item ``i`` the call is ``target(map_iter[i], *map_args[i], *args,
@@ -456,6 +481,9 @@ class Context:
             inputs are cut into ``count`` consecutive chunks, one per worker.
         new
             Start ``count`` new workers for this call instead of reusing idle ones.
+        return_task
+            Return a :class:`TaskDetail` instead of the iterator; fetch the results later
+            with :meth:`pull_results_for_task` (they are kept until then).
 
         Returns
         -------
@@ -483,9 +511,30 @@ class Context:
             self._pool = Pool(
                 self._spawn_worker, self.server_address, self.namespace, self.request_timeout
             )
-        return self._pool.map(
+        results = self._pool.map(
             target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new
         )
+        if not return_task:
+            return results
+        task = TaskDetail(next(self._task_ids), count if _map_length(items, margs, mkwargs) else 0)
+        self._tasks[task.task_id] = results
+        return task
+
+    def pull_results_for_task(self, task: TaskDetail) -> Iterator[Any]:
+        """The results of a ``process_map(..., return_task=True)``, as its iterator.
+
+        Each task's results can be pulled once, from the Context that started it.
+
+        .. versionadded:: 1.0
+        """
+        self._check_usable()
+        try:
+            return self._tasks.pop(task.task_id)
+        except KeyError:
+            raise ValueError(
+                f"no results for task {task.task_id} here: it was already pulled, or it "
+                f"was started by another Context"
+            ) from None
 
     def _spawn_worker(self, worker_args: tuple[Any, ...]) -> Process:
         defaults = {
@@ -723,5 +772,8 @@ def _map_length(*inputs: Any) -> int:
     return min(len(seq) for seq in inputs if seq is not None)
 
 
-def _start(address: ServerAddress | None, backend: Any) -> tuple[Any, ServerAddress]:
-    return start_server(address, backend=backend)
+def _start(
+    address: ServerAddress | None, backend: Any, **options: Any
+) -> tuple[Any, ServerAddress]:
+    # a module-level helper: inside Context.__init__ the name start_server is a parameter
+    return start_server(address, backend=backend, **options)

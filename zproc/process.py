@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -65,7 +65,7 @@ STOP_GRACE = 1.0
 #: Seconds a stopped process's descendants get after SIGTERM before SIGKILL.
 TREE_GRACE = 0.5
 
-RetryItem = Union[type[BaseException], signal.Signals]
+RetryItem = type[BaseException] | signal.Signals
 
 _HEADER = struct.Struct("!cQ")
 _VALUE, _ERROR, _EXIT = b"V", b"E", b"X"

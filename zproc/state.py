@@ -167,6 +167,7 @@ class _Stream:
         sub.linger = 0
         sub.rcvhwm = state._rcvhwm
         self.topic = P.event_topic(self.namespace)
+        assert self.conn is not None
         self.marker = P.sync_topic(self.conn.identity)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.setsockopt(zmq.SUBSCRIBE, self.marker)
@@ -216,7 +217,9 @@ class _Stream:
         if events is None:
             if snapshot:
                 undo = dict.fromkeys(snapshot, _MISSING)
-                self.log.append(_Ev(head, start_seq + 1, b"", time.time(), dict(snapshot), (), undo))
+                self.log.append(
+                    _Ev(head, start_seq + 1, b"", time.time(), dict(snapshot), (), undo)
+                )
         else:
             for ev in events:
                 undo = {key: (ev.old or {}).get(key, _MISSING) for key in ev.changes}
@@ -599,7 +602,7 @@ class State:
         assert conn is not None
         rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
         try:
-            self._start_seq_value: int | None = int(conn.result(rid, REGISTER_WAIT))
+            self._start_seq_value = int(conn.result(rid, REGISTER_WAIT))
             self._start_rid = None
         except (TimeoutError, ServerUnavailableError):
             self._start_seq_value = None
@@ -756,7 +759,7 @@ class State:
         return self._call(P.Method.POP, key, *default)
 
     def popitem(self) -> tuple[Any, Any]:
-        return tuple(self._call(P.Method.POPITEM))  # type: ignore[return-value]
+        return tuple(self._call(P.Method.POPITEM))
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         return self._call(P.Method.SETDEFAULT, key, default)
@@ -1278,7 +1281,7 @@ def decrease(state: State, key: Hashable, step: Any = 1) -> Any:
 
 def append(state: State, key: Hashable, item: Any) -> int:
     """``state[key].append(item)``, atomically; return the new length."""
-    return _atomic_append(state, key, item)  # type: ignore[no-any-return]
+    return _atomic_append(state, key, item)
 
 
 # -- ping -----------------------------------------------------------------------------------
