@@ -223,9 +223,10 @@ class Pool:
         server_address: ServerAddress,
         namespace: str,
         request_timeout: float | None,
+        secret_key: Any = None,
     ) -> None:
         self._spawn = spawn
-        self._server = (tuple(server_address), namespace, request_timeout)
+        self._server = (tuple(server_address), namespace, request_timeout, secret_key)
         self._listener: socket.socket | None = None
         self._address: Any = None
         self._dir: str | None = None
@@ -262,9 +263,9 @@ class Pool:
 
     def _start_worker(self) -> _Worker:
         token = os.urandom(_TOKEN_SIZE)
-        address, namespace, request_timeout = self._server
+        address, namespace, request_timeout, secret_key = self._server
         process = self._spawn(
-            (self._address, token, address, namespace, request_timeout, os.getpid())
+            (self._address, token, address, namespace, request_timeout, os.getpid(), secret_key)
         )
         return _Worker(process, token)
 
@@ -554,6 +555,7 @@ def worker_main(
     namespace: str,
     request_timeout: float | None,
     parent_pid: int,
+    secret_key: Any = None,
 ) -> None:
     """Entry point of a ``process_map`` worker: run chunks until stopped or orphaned."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
@@ -584,7 +586,10 @@ def worker_main(
                     from .state import State
 
                     state = State(
-                        server_address, namespace=namespace, request_timeout=request_timeout
+                        server_address,
+                        namespace=namespace,
+                        request_timeout=request_timeout,
+                        secret_key=secret_key,
                     )
             except Exception as exc:
                 send(*_failure([], 0, exc))

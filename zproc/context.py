@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, overload
 
 from ._pool import Pool, worker_main
+from ._security import SecretKey
 from ._server import start_server
 from ._transport import ServerAddress, normalize_address
 from .exceptions import ZProcError
@@ -83,6 +84,12 @@ class Context:
         Process class used to start the server.
     namespace, request_timeout
         Passed to ``ctx.state`` and to the State of every process.
+    secret_key
+        CURVE for every connection: the server this Context starts requires it, and
+        ``ctx.state``, every process, ``process_map`` worker and ``call_when_*`` handler
+        uses it (see :ref:`across-machines`). Read-only afterwards (``ctx.secret_key``).
+
+        .. versionadded:: 1.0
     start_server
         ``None``: start a server only when no ``server_address`` is given; ``False``:
         attach only; ``True``: start a server at ``server_address``.
@@ -126,6 +133,7 @@ class Context:
         start_server: bool | None = None,
         persist: str | os.PathLike[str] | None = None,
         fsync: str = "always",
+        secret_key: SecretKey | None = None,
         **process_kwargs: Any,
     ) -> None:
         unknown = sorted(set(process_kwargs) - PROCESS_KEYWORDS)
@@ -145,6 +153,7 @@ class Context:
             )
         self.namespace = namespace
         self.request_timeout = request_timeout
+        self._secret_key = secret_key
         self._wait_at_exit = wait
         self._cleanup = cleanup
         self._process_kwargs = dict(process_kwargs)
@@ -158,11 +167,18 @@ class Context:
         self.server_process: Any = None
         if owns_server:
             options = {} if persist is None else {"persist": persist, "fsync": fsync}
-            self.server_process, address = _start(address, server_backend, **options)
+            self.server_process, address = _start(
+                address, server_backend, secret_key=secret_key, **options
+            )
         assert address is not None
         self.server_address: ServerAddress = address
         try:
-            self.state = State(address, namespace=namespace, request_timeout=request_timeout)
+            self.state = State(
+                address,
+                namespace=namespace,
+                request_timeout=request_timeout,
+                secret_key=secret_key,
+            )
         except BaseException:
             self._stop_server()
             raise
@@ -243,7 +259,7 @@ class Context:
                 # A server blocked in a receive may not run its signal handler until a
                 # message arrives: send one (the reply does not matter).
                 try:
-                    ping(self.server_address, timeout=0.05)
+                    ping(self.server_address, timeout=0.05, secret_key=self._secret_key)
                 except Exception:
                     pass
                 proc.join(5)
@@ -330,7 +346,13 @@ class Context:
 
     def ping(self, **kwargs: Any) -> int | None:
         """Ping this Context's server: see :func:`zproc.ping`."""
+        kwargs.setdefault("secret_key", self._secret_key)
         return ping(self.server_address, **kwargs)
+
+    @property
+    def secret_key(self) -> SecretKey | None:
+        """The ``secret_key`` of this Context's server and States (read-only)."""
+        return self._secret_key
 
     def create_state(self, value: Any = None, *, namespace: str | None = None) -> State:
         """A new State for this Context's server, optionally updated with ``value``."""
@@ -339,6 +361,7 @@ class Context:
             self.server_address,
             namespace=self.namespace if namespace is None else namespace,
             request_timeout=self.request_timeout,
+            secret_key=self._secret_key,
         )
         if value is not None:
             state.update(value)
@@ -355,6 +378,7 @@ class Context:
         merged.update(process_kwargs)
         merged.setdefault("namespace", self.namespace)
         merged.setdefault("request_timeout", self.request_timeout)
+        merged.setdefault("secret_key", self._secret_key)
         return merged
 
     @overload
@@ -509,7 +533,11 @@ class Context:
         fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
         if self._pool is None:
             self._pool = Pool(
-                self._spawn_worker, self.server_address, self.namespace, self.request_timeout
+                self._spawn_worker,
+                self.server_address,
+                self.namespace,
+                self.request_timeout,
+                self._secret_key,
             )
         results = self._pool.map(
             target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new

@@ -256,6 +256,7 @@ class _ChildSpec(NamedTuple):
     retry_kwargs: dict[str, Any] | None
     namespace: str
     request_timeout: float | None
+    secret_key: Any = None
 
 
 def _target_name(target: Any) -> str:
@@ -306,6 +307,7 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
                     start_server=False,
                     namespace=spec.namespace,
                     request_timeout=spec.request_timeout,
+                    secret_key=spec.secret_key,
                 )
             elif spec.stateful:
                 from .state import State
@@ -314,6 +316,7 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
                     spec.server_address,
                     namespace=spec.namespace,
                     request_timeout=spec.request_timeout,
+                    secret_key=spec.secret_key,
                 )
             for sig in spec.retry_signals:
                 signal_to_exception(sig)
@@ -539,8 +542,8 @@ class Process:
         A :class:`multiprocessing.Process`-compatible class. The default uses the
         ``fork`` start method where available; other start methods ship the target with
         cloudpickle.
-    namespace, request_timeout
-        Settings of the child's State.
+    namespace, request_timeout, secret_key
+        Settings of the child's State (or Context, with ``pass_context``).
     pass_context
         Pass a new :class:`Context` attached to the server (for nested processes) as the
         first argument, instead of a State. The child closes it when the target ends.
@@ -580,6 +583,7 @@ class Process:
         request_timeout: float | None = None,
         pass_state: bool | None = None,
         pass_context: bool = False,
+        secret_key: Any = None,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, got {target!r}")
@@ -609,6 +613,7 @@ class Process:
         )
         self.namespace = namespace
         self.request_timeout = request_timeout
+        self.secret_key = secret_key
         self.backend = _resolve_backend(backend)
         self.child: Any = None
         self._owner = os.getpid()
@@ -644,6 +649,7 @@ class Process:
             self.retry_kwargs,
             self.namespace,
             self.request_timeout,
+            self.secret_key,
         )
 
     def _check_owner(self) -> None:
