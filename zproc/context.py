@@ -181,6 +181,7 @@ class Context:
             )
         except BaseException:
             self._stop_server()
+            self._status = ContextStatus.CLOSED  # nothing left open to warn about
             raise
         self._previous_sigterm: Any = None
         self._install_hooks()
