@@ -37,7 +37,7 @@ from ._security import (
     configure_client,
 )
 from ._transport import ServerAddress, get_context
-from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
+from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError
 
 __all__ = ["Connection", "new_identity"]
 
@@ -175,11 +175,6 @@ class Connection:
             self._expected.setdefault(rid, (self.drops, None))
         self._lapsed = None
 
-    def abandon(self, rid: int) -> None:
-        """Forget a request sent with :meth:`send` whose reply is no longer wanted."""
-        self._expected.pop(rid, None)
-        self._early.pop(rid, None)
-
     # -- liveness -----------------------------------------------------------------------
 
     def _poll_monitor(self) -> None:
@@ -276,7 +271,3 @@ def _decode(status: int, body: bytes) -> Any:
     if status == P.Status.ERROR:
         raise S.loads_exception(body)
     raise ProtocolError(f"unknown reply status {status}")
-
-
-def closed_error(what: str) -> ZProcError:
-    return ZProcError(f"{what} is closed; create a new one")

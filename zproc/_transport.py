@@ -168,10 +168,6 @@ def bind_random_tcp(sock: zmq.Socket[Any], host: str = "127.0.0.1") -> str:
     return f"tcp://{host}:{port}"
 
 
-def loopback_host() -> str:
-    return "127.0.0.1"
-
-
 def is_loopback_endpoint(endpoint: str) -> bool:
     if endpoint.startswith("ipc://"):
         return True
