@@ -283,7 +283,7 @@ class RawClient:
         self.rid = rid = self.rid + 1
         self.sock.send_multipart((_HEADER.pack(1, 5, method, rid) + _NAMESPACE, body))
         header, reply = self.sock.recv_multipart()
-        if _REPLY.unpack(header)[2] != rid:
+        if _REPLY.unpack_from(header)[2] != rid:
             raise RuntimeError("raw echo: reply out of order")
         return pickle.loads(reply)
 

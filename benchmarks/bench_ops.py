@@ -18,6 +18,15 @@ operations, so that they share the machine's noise):
 * ``ops.set @10k keys`` / ``ops.get @10k keys``: the cost of one operation (microseconds)
   on a state of 10,000 keys versus a state of 10 keys (the keys cycle through the whole
   state). Both states live on the same server, in two namespaces.
+* ``ops.set pipelined``: ``p[k] = v`` inside ``with state.pipeline() as p`` (one
+  request per slice, its time included) versus Manager's ``d[k] = v``, in the same
+  rotation as the rows above; also at 10,000 keys versus 10.
+* ``ops.get cached``: ``state[k]`` on a ``State(..., cache=True)`` (replica reads, kept
+  current by the event stream) versus Manager's ``d[k]``, in a second rotation of their
+  own run after the first (so that the cached States, which subscribe to every change,
+  do not load the machine while the rows above are measured); also at 10,000 keys.
+  Nothing writes during that rotation: each change costs a cached State a few
+  microseconds when it next reads, which these rows leave out.
 
 Every set writes a fresh integer (an unchanged value would be no change at all).
 ``ratio = value / baseline_value``.
@@ -25,6 +34,7 @@ Every set writes a fresh integer (an unchanged value would be no change at all).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -75,6 +85,68 @@ def _getter(getitem: Callable[[Any], Any], keys: Sequence[Any]) -> Callable[[int
     return op
 
 
+#: ``timer(n, start) -> seconds`` for ``n`` operations on the fresh integers from ``start``.
+Timer = Callable[[int, int], float]
+
+
+def _looped(fn: Callable[[int], None]) -> Timer:
+    return lambda n, start: time_loop(fn, n, start)
+
+
+def _pipelined(state: zproc.State, keys: Sequence[Any]) -> Timer:
+    """``n`` writes through one pipeline, its flush included."""
+    m = len(keys)
+
+    def timer(n: int, start: int) -> float:
+        t0 = time.perf_counter()
+        with state.pipeline() as p:
+            for i in range(start, start + n):
+                p[keys[i % m]] = i
+        return time.perf_counter() - t0
+
+    return timer
+
+
+def _rotate(
+    backends: dict[str, dict[str, Timer]],
+    counter: Counter,
+    *,
+    n: int,
+    reps: int,
+    warmup: int,
+    slow: dict[str, int] | None = None,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Time every backend's operations, taking turns; return the median rates (ops/s)
+    and costs (us/op) by ``(backend, op)``.
+
+    Each repetition is ``CHUNKS`` slices per backend, the backends taking turns, so that
+    a burst of outside load hits them all alike. ``slow`` gives some backends fewer
+    operations per repetition.
+    """
+    counts = {name: (slow or {}).get(name, n) for name in backends}
+    for ops in backends.values():
+        for timer in ops.values():
+            timer(warmup, counter.take(warmup))
+    times: dict[tuple[str, str], list[float]] = {
+        (name, op): [] for name, ops in backends.items() for op in ops
+    }
+    names = list(backends)
+    for rep in range(reps):
+        spent = dict.fromkeys(times, 0.0)
+        for c in range(CHUNKS):
+            shift = (rep + c) % len(names)
+            for name in names[shift:] + names[:shift]:
+                chunk = max(1, counts[name] // CHUNKS)
+                for op, timer in backends[name].items():
+                    spent[name, op] += timer(chunk, counter.take(chunk))
+        for pair, seconds in spent.items():
+            times[pair].append(seconds)
+    done = {name: max(1, count // CHUNKS) * CHUNKS for name, count in counts.items()}
+    rates = {pair: median([done[pair[0]] / t for t in ts]) for pair, ts in times.items()}
+    costs = {pair: median([t / done[pair[0]] * 1e6 for t in ts]) for pair, ts in times.items()}
+    return rates, costs
+
+
 # -- one client ----------------------------------------------------------------------
 
 
@@ -96,7 +168,7 @@ def bench_single(
         if len(big) != BIG or len(small) != SMALL:
             raise RuntimeError("bench_ops: the states were not filled as expected")
 
-        backends: dict[str, dict[str, Callable[[int], None]]] = {
+        loops: dict[str, dict[str, Callable[[int], None]]] = {
             "zproc": {
                 "set": _setter(small.__setitem__, small_keys),
                 "get": _getter(small.__getitem__, small_keys),
@@ -111,32 +183,33 @@ def bench_single(
                 "get": _getter(proxy.__getitem__, small_keys),
             },
         }
-        for ops in backends.values():
-            for fn in ops.values():
-                time_loop(fn, warmup, counter.take(warmup))
-        times: dict[tuple[str, str], list[float]] = {
-            (name, op): [] for name in backends for op in ("set", "get")
+        backends: dict[str, dict[str, Timer]] = {
+            name: {op: _looped(fn) for op, fn in ops.items()} for name, ops in loops.items()
         }
-        names = list(backends)
-        chunk = max(1, n // CHUNKS)
-        for rep in range(reps):
-            # each repetition is CHUNKS slices per backend, the backends taking turns, so
-            # that a burst of outside load hits them all alike
-            spent = dict.fromkeys(times, 0.0)
-            for c in range(CHUNKS):
-                shift = (rep + c) % len(names)
-                for name in names[shift:] + names[:shift]:
-                    for op, fn in backends[name].items():
-                        spent[name, op] += time_loop(fn, chunk, counter.take(chunk))
-            for pair, seconds in spent.items():
-                times[pair].append(seconds)
-        n = chunk * CHUNKS
+        backends["pipelined"] = {"set": _pipelined(small, small_keys)}
+        backends["pipelined-big"] = {"set": _pipelined(big, big_keys)}
+        rates, costs = _rotate(backends, counter, n=n, reps=reps, warmup=warmup)
+        small_cached = stack.enter_context(zproc.State(address, cache=True))
+        big_cached = stack.enter_context(
+            zproc.State(address, namespace="bench-big", cache=True)
+        )
+        reads: dict[str, dict[str, Timer]] = {
+            "cached": {"get": _looped(_getter(small_cached.__getitem__, small_keys))},
+            "cached-big": {"get": _looped(_getter(big_cached.__getitem__, big_keys))},
+            "manager-read": {"get": backends["manager"]["get"]},
+        }
+        # a cached read is fast: time more of them (Manager's reads are timed alongside)
+        read_rates, read_costs = _rotate(
+            reads, counter, n=n * 50, reps=reps, warmup=warmup, slow={"manager-read": n}
+        )
+        rates.update(read_rates)
+        costs.update(read_costs)
 
     def rate(name: str, op: str) -> float:
-        return median([n / t for t in times[name, op]])
+        return rates[name, op]
 
     def cost_us(name: str, op: str) -> float:
-        return median([t / n * 1e6 for t in times[name, op]])
+        return costs[name, op]
 
     rows = []
     for op in ("set", "get"):
@@ -152,6 +225,17 @@ def bench_single(
             row(f"ops.{op} @{BIG // 1000}k keys", cost_us("zproc-big", op), "us/op",
                 f"ops.{op} @{SMALL} keys", cost_us("zproc", op), target="<= 1.2")
         )
+    rows.append(row("ops.get cached", rate("cached", "get"), "ops/s", f"{MANAGER} d[k]",
+                    rate("manager-read", "get"), target=">= 50"))
+    rows.append(row("ops.set pipelined", rate("pipelined", "set"), "ops/s",
+                    f"{MANAGER} d[k] = v", rate("manager", "set"), target=">= 2"))
+    rows.append(row(f"ops.get cached @{BIG // 1000}k keys", cost_us("cached-big", "get"),
+                    "us/op", f"ops.get cached @{SMALL} keys", cost_us("cached", "get"),
+                    target="<= 1.2"))
+    rows.append(row(f"ops.set pipelined @{BIG // 1000}k keys",
+                    cost_us("pipelined-big", "set"), "us/op",
+                    f"ops.set pipelined @{SMALL} keys", cost_us("pipelined", "set"),
+                    target="<= 1.2"))
     return rows
 
 

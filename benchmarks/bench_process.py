@@ -9,9 +9,10 @@ repetitions, so slow changes in the machine's load affect both alike):
 
 * ``spawn_join_10``: start 10 processes with ``ctx.process`` and wait for all of them,
   versus ``multiprocessing.Process`` with the ``fork`` start method (start + join).
-  Measured with the default ``stateful=True`` (each child builds a State connected to the
-  server, which the baseline does not do) and with ``stateful=False`` (the same work as
-  the baseline). Target: within 1.5x.
+  Measured with the default ``stateful=True`` (each child gets a State, which connects
+  on first use), with ``stateful=False`` (the same work as the baseline), and with a
+  child that reads one key (it connects to the server and makes one round trip, which
+  the baseline does not do). Target: within 1.5x.
 * ``process_map_10000``: ``list(ctx.process_map(f, range(10_000), count=2))`` on running
   workers, versus ``Pool(2).map(f, range(10_000))`` on a running pool (default
   chunksize). Target: at most half the time.
@@ -49,6 +50,10 @@ def _noop(*_args: Any) -> None:
     return None
 
 
+def _read_one(state: zproc.State) -> Any:
+    return state.get("x")
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -69,7 +74,7 @@ def _medians(
             fn()
     times: list[list[float]] = [[] for _ in fns]
     while len(times[0]) < repeat:
-        for fn, bucket in zip(fns, times):
+        for fn, bucket in zip(fns, times, strict=True):
             for _ in range(2):
                 fn()
             bucket.extend(_timed(fn) for _ in range(block))
@@ -84,17 +89,20 @@ def bench_spawn(ctx: zproc.Context, repeat: int) -> list[dict[str, Any]]:
         for child in children:
             child.join(60)
 
-    def with_zproc(stateful: bool) -> Callable[[], None]:
+    def with_zproc(stateful: bool, target: Callable[..., Any] = _noop) -> Callable[[], None]:
         def run() -> None:
-            processes = [ctx.process(_noop, stateful=stateful) for _ in range(PROCESSES)]
+            processes = [ctx.process(target, stateful=stateful) for _ in range(PROCESSES)]
             for process in processes:
                 process.wait(60)
             ctx.process_list.clear()
 
         return run
 
-    baseline, stateful, stateless = _medians(
-        [with_multiprocessing, with_zproc(True), with_zproc(False)], repeat, warmup=2, block=5
+    baseline, stateful, stateless, reading = _medians(
+        [with_multiprocessing, with_zproc(True), with_zproc(False), with_zproc(True, _read_one)],
+        repeat,
+        warmup=2,
+        block=5,
     )
     name = "multiprocessing.Process (fork)"
     return [
@@ -105,7 +113,7 @@ def bench_spawn(ctx: zproc.Context, repeat: int) -> list[dict[str, Any]]:
             name,
             baseline * 1e3,
             target="<= 1.5",
-            note="each child also connects a State to the server (default stateful=True)",
+            note="default stateful=True: each child gets a State (it connects on first use)",
         ),
         row(
             f"spawn_join_{PROCESSES} ctx.process(stateful=False)",
@@ -114,6 +122,15 @@ def bench_spawn(ctx: zproc.Context, repeat: int) -> list[dict[str, Any]]:
             name,
             baseline * 1e3,
             target="<= 1.5",
+        ),
+        row(
+            f"spawn_join_{PROCESSES} ctx.process, child reads a key",
+            reading * 1e3,
+            "ms",
+            name,
+            baseline * 1e3,
+            note="each child connects to the server and makes one request; the baseline "
+            "does neither",
         ),
     ]
 

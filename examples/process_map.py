@@ -32,7 +32,7 @@ def main() -> None:
         # items 0..4 go to the first worker, 5..9 to the second; early items are slow
         results = ctx.process_map(lambda x: slowly(x) ** 2, range(10), count=2)
         print(f"process_map returned a lazy iterator after {time.monotonic() - start:.2f} s")
-        for x, square in zip(range(10), results):
+        for x, square in zip(range(10), results, strict=True):
             print(f"  {x}^2 = {square:2d}  at {time.monotonic() - start:.2f} s")
 
         # the same two workers again, with an extra fixed argument and keyword

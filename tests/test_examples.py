@@ -164,9 +164,11 @@ def test_every_example_has_a_test_and_a_docstring() -> None:
         "atomic_increments",
         "peanut_watchers",
         "process_map",
+        "swarm",
         "two_scripts_server",
         "two_scripts_client",
         "two_hosts",
+        "async_watcher",
     }
     present = {path.stem for path in EXAMPLES.glob("*.py")}
     assert present == tested
@@ -255,6 +257,17 @@ def test_peanut_watchers(runner: Runner) -> None:
     assert live[-1] < buffered[0] and buffered[-1] < hybrid[0], out
 
 
+def test_async_watcher(runner: Runner) -> None:
+    out = runner.run("async_watcher.py")
+    assert "watch: 200 readings, first 20.0, last 39.9" in out
+    assert "watch: every reading once, in order: True" in out
+    assert "finish: done is True" in out
+    match = re.search(r"^tick: the event loop ticked (\d+) times while waiting$", out, re.M)
+    assert match and int(match[1]) >= 3, out  # the loop ran while the watchers waited
+    assert "summary: 200 readings, last 39.9" in out
+    assert "context closed: server and processes stopped" in out
+
+
 def test_process_map(runner: Runner) -> None:
     out = runner.run("process_map.py")
     results = re.findall(r"^\s+(\d)\^2 = +(\d+)  at ([\d.]+) s$", out, re.MULTILINE)
@@ -263,6 +276,15 @@ def test_process_map(runner: Runner) -> None:
     assert times == sorted(times)
     assert "x**3 + 1 for x in 0..5: [1, 2, 9, 28, 65, 126]" in out
     assert "workers: 2" in out
+
+
+def test_swarm(runner: Runner) -> None:
+    out = runner.run("swarm.py")
+    assert "workers: 2" in out
+    assert "longest Collatz chain below 100001: 77031 (350 steps)" in out
+    assert "run on one worker: 2**20 = 1048576" in out
+    assert f"fetched by task id in another process: {sum(x * x for x in range(1000))}" in out
+    assert "after killing a worker mid-map: 200 results, all correct: True" in out
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])

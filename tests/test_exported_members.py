@@ -75,6 +75,13 @@ def test_exception_tree() -> None:
     assert issubclass(zproc.TimeoutError, builtins.TimeoutError)
     assert zproc.TimeoutError is not builtins.TimeoutError
     assert issubclass(zproc.ProcessWaitError, zproc.ProcessError)
+    assert issubclass(zproc.TaskError, zproc.ZProcError)
     if hasattr(zproc, "ProcessExit"):
         assert issubclass(zproc.ProcessExit, BaseException)
         assert not issubclass(zproc.ProcessExit, Exception)
+
+
+def test_asyncio_names_are_exported() -> None:
+    """The asyncio flavour of State and its iterator watcher."""
+    assert {"AsyncState", "AsyncStateWatcher"} <= set(zproc.__all__)
+    assert zproc.AsyncState.__module__ == "zproc._async"

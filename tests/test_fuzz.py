@@ -22,7 +22,10 @@ pytestmark = pytest.mark.timeout(180)
 
 def unimportable_pickle() -> bytes:
     """A pickle that references a class no process can import."""
-    return b"\x80\x05\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x0cnowhere_mod_\x94\x8c\x03Cls\x94\x93\x94)\x81\x94."
+    return (
+        b"\x80\x05\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x0cnowhere_mod_\x94"
+        b"\x8c\x03Cls\x94\x93\x94)\x81\x94."
+    )
 
 
 def hostile_messages(rng: random.Random, count: int) -> list[list[bytes]]:

@@ -7,10 +7,14 @@ starts the server and the processes and cleans everything up.
 
 from __future__ import annotations
 
+import logging as _logging
+
 __version__ = "1.0.0.dev0"
 
+from ._async import AsyncState, AsyncStateWatcher
 from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
+from ._utils import consume
 from .context import Context, TaskDetail
 from .exceptions import (
     AddressInUseError,
@@ -23,6 +27,7 @@ from .exceptions import (
     ServerError,
     ServerUnavailableError,
     SignalException,
+    TaskError,
     TimeoutError,
     ZProcError,
 )
@@ -34,6 +39,7 @@ from .process import (
     signal_to_exception,
 )
 from .state import (
+    Pipeline,
     State,
     StateUpdate,
     StateWatcher,
@@ -43,31 +49,40 @@ from .state import (
     increase,
     ping,
 )
+from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
 __all__ = [
     "AddressInUseError",
+    "AsyncState",
+    "AsyncStateWatcher",
     "AuthenticationError",
     "Context",
+    "Pipeline",
     "Process",
     "ProcessError",
     "ProcessExit",
     "ProcessWaitError",
     "ProtocolError",
     "RemoteTraceback",
+    "SequenceTaskResult",
     "ServerAddress",
     "ServerError",
     "ServerUnavailableError",
     "SignalException",
+    "SimpleTaskResult",
     "State",
     "StateUpdate",
     "StateWatcher",
+    "Swarm",
     "TaskDetail",
+    "TaskError",
     "TimeoutError",
     "ZProcError",
     "__version__",
     "append",
     "atomic",
     "clean_process_tree",
+    "consume",
     "create_ipc_address",
     "decrease",
     "exception_to_signal",
@@ -77,3 +92,7 @@ __all__ = [
     "signal_to_exception",
     "start_server",
 ]
+
+# Silent by default: server events, rejected peers and retries go to the "zproc" logger;
+# an application that configures logging sees them.
+_logging.getLogger("zproc").addHandler(_logging.NullHandler())

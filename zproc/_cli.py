@@ -7,6 +7,7 @@
     zproc dump  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--namespace NS] [--json]
     zproc watch REQ_ENDPOINT PUB_ENDPOINT [KEY ...] [--secret-key-file F] [--count N]
     zproc keygen DIRECTORY
+    zproc worker REQ_ENDPOINT PUB_ENDPOINT [--count N] [--secret-key-file F]
 
 Also ``python -m zproc``. The secret key comes from ``--secret-key-file`` (a file whose
 first line is the passphrase, or a certificate directory made by ``zproc keygen``), else
@@ -151,6 +152,15 @@ def _parser() -> argparse.ArgumentParser:
         "keygen", help="write a server and a client certificate pair into DIRECTORY"
     )
     keygen.add_argument("directory", metavar="DIRECTORY")
+
+    worker = commands.add_parser(
+        "worker", help="run swarm workers for the server until SIGINT/SIGTERM"
+    )
+    worker.add_argument("req_endpoint", metavar="REQ_ENDPOINT")
+    worker.add_argument("pub_endpoint", metavar="PUB_ENDPOINT")
+    common(worker)
+    worker.add_argument("--count", type=int, default=None, metavar="N",
+                        help="worker processes (default: the number of CPUs)")
     return parser
 
 
@@ -314,7 +324,29 @@ def _keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"serve": _serve, "ping": _ping, "dump": _dump, "watch": _watch, "keygen": _keygen}
+def _worker(args: argparse.Namespace) -> int:
+    from ._swarm import run_workers
+
+    address = _address([args.req_endpoint, args.pub_endpoint])
+    count = (os.cpu_count() or 1) if args.count is None else args.count
+    if count < 1:
+        raise UsageError(f"--count must be >= 1, got {count}")
+    secret_key = read_secret_key(args.secret_key_file)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    def report(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    return run_workers(address, count, secret_key, report)  # ends on SIGINT/SIGTERM
+
+
+COMMANDS = {
+    "serve": _serve, "ping": _ping, "dump": _dump, "watch": _watch, "keygen": _keygen,
+    "worker": _worker,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

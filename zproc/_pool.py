@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from . import _serialization as S
+from ._progress import track
 from ._transport import ServerAddress, make_private_ipc_dir, remove_ipc_dir
 from .exceptions import ProcessError, RemoteTraceback, TimeoutError, ZProcError
 from .process import POLLERR, POLLIN, POLLOUT, Process, poll_fds
@@ -408,8 +409,12 @@ class Pool:
         count: int,
         stateful: bool,
         new: bool,
+        progress: bool = False,
     ) -> Iterator[Any]:
-        """Send the chunks to the workers now; return the iterator over the results."""
+        """Send the chunks to the workers now; return the iterator over the results.
+
+        With ``progress``, the results are counted as they are consumed (see ``_progress``).
+        """
         inputs = [None if seq is None else _seq(seq) for seq in (map_iter, map_args, map_kwargs)]
         length = min(len(seq) for seq in inputs if seq is not None)
         if length == 0:
@@ -426,6 +431,8 @@ class Pool:
             message = _dumps_data((task.id, index, a, code, items))
             self._send(task, index, message, workers[index % len(workers)])
         chunks = self._chunks(task)
+        if progress:
+            chunks = track(chunks, length, "process_map")
         result = cast(MapResult, MapResult.from_iterable(chunks))
         return result._bind(self, task.id, chunks)
 

@@ -11,8 +11,20 @@ The ROUTER sees ``[identity, header, body]``; the identity is the State's 8-byte
 Replies (server -> the requesting DEALER)::
 
     [header, body]
-    header = struct "<BBI" (version, status, request_id)
+    header = struct "<BBIQ" (version, status, request_id, head)
     body   = pickled result (status OK) or a serialized exception (status ERROR)
+
+``head`` is the sequence number of the request's namespace once the request was applied
+(0 in error replies). A client that reads from its local replica waits until the replica
+has reached the highest head it was told, which gives read-your-writes and monotonic
+reads. A 6-byte header (no head) reads as head 0.
+
+Pipelines (``Kind.PIPELINE``): the body is a pickled list of operations, each one
+separately pickled ``(method, args)`` (a ``Method`` and its argument tuple). The server
+applies them in order, each one on its own (validated, then applied, with its own event,
+exactly as a ``CALL``); a failing operation does not stop the others. The reply body is
+a pickled list with one ``(status, body)`` pair per operation, the body being the
+pickled result (``Status.OK``) or the serialized exception (``Status.ERROR``).
 
 Events (server PUB -> client SUB, on ``server_address[1]``)::
 
@@ -33,6 +45,41 @@ Sync markers (server PUB, after a SYNC request)::
     [b"s" + identity, token]
 
 A subscriber that sees its marker knows every later event reaches it.
+
+Swarm (see :mod:`zproc._swarm`). A ``SWARM`` request on ``server_address[0]`` starts the
+server's broker thread (once) and returns its two endpoints. Clients then send requests
+with the header above to the broker's *tasks* endpoint, with a ``SwarmKind`` as kind
+(replies as above)::
+
+    SUBMIT   body: (task, length, code, max_attempts, keep, wait,
+                   [(start, count, items), ...])
+             reply: (workers connected, None), or with wait > 0 (workers connected, the
+             reply of RESULTS from chunk 0). keep=False: the broker drops the task once
+             a reply carried its last chunk (or a failed one)
+    RESULTS  body: (task, first_chunk, wait). reply: (chunk_count, length, chunks)
+             chunks = [(index, start, count, ChunkStatus, body), ...], the consecutive
+             finished chunks from first_chunk on; empty if none finished within wait s
+    FORGET   body: task. reply: whether the task was known
+    INFO     body: empty. reply: dict (workers, idle, queued, tasks, settings)
+
+Workers speak to the broker's *workers* endpoint with their own frames::
+
+    [work_header, *payload]
+    work_header = struct "<BBBIQI" (version, WorkOp, status, counter, task, chunk)
+
+    worker -> broker  READY      counter = chunks received so far; payload: [info]
+                      RESULT     task, chunk, ChunkStatus; payload: [body]
+                      BYE        leaving; the chunk it holds goes back to the queue
+                      HEARTBEAT  (from a second socket) payload: [worker identity]
+    broker -> worker  CHUNK      counter = its sequence number; task, chunk;
+                                 payload: [code or b"" when the worker has it, items]
+                      PONG       answer to a HEARTBEAT; status 1: unknown worker
+
+``code`` is ``(pass_state, namespace, call)`` with ``call`` the pickled
+``(target, args, kwargs)``; ``items`` is ``(iterables, map_args, map_kwargs, count)`` for
+the chunk. A result body is the pickled list of results (``OK``), or ``(results before
+the failure, their count, serialized exception, pid, host)`` (``FAILED``), or a message
+(``LOST``: the chunk failed on every attempt it was allowed).
 """
 
 from __future__ import annotations
@@ -48,10 +95,13 @@ __all__ = [
     "EVENT_PREFIX",
     "PROTOCOL_VERSION",
     "SYNC_PREFIX",
+    "ChunkStatus",
     "Event",
     "Kind",
     "Method",
     "Status",
+    "SwarmKind",
+    "WorkOp",
 ]
 
 PROTOCOL_VERSION = 1
@@ -74,6 +124,17 @@ class Kind(enum.IntEnum):
     FETCH = 7  # body: (after_seq, want_snapshot). reply: (head, snapshot|None, events|None)
     SYNC = 8  # body: token bytes (raw). reply: None; publishes a sync marker
     TIME = 9  # body: empty. reply: the server's time.time()
+    SWARM = 10  # body: settings dict (may be empty). reply: the broker's endpoints
+    PIPELINE = 16  # body: list of pickled (method, args). reply: [(status, body), ...]
+
+
+class SwarmKind(enum.IntEnum):
+    """Requests to the swarm broker's tasks endpoint (shapes in the module docstring)."""
+
+    SUBMIT = 32
+    RESULTS = 33
+    FORGET = 34
+    INFO = 35
 
 
 class Method(enum.IntEnum):
@@ -103,8 +164,14 @@ class Status(enum.IntEnum):
     ERROR = 1
 
 
+#: Plain ints for the hot paths (an enum member lookup costs more than the comparison).
+_CALL = int(Kind.CALL)
+OK = int(Status.OK)
+ERROR = int(Status.ERROR)
+
 _REQUEST = struct.Struct("<BBBI")
 _REPLY = struct.Struct("<BBI")
+_REPLY_HEAD = struct.Struct("<BBIQ")
 _EVENTS = struct.Struct("<BQQ")
 
 
@@ -148,7 +215,7 @@ def parse_request(frame: Frame) -> Request:
         )
     if kind not in _KINDS:
         raise ProtocolError(f"unknown request kind {kind}")
-    if kind == Kind.CALL and method not in _METHODS:
+    if kind == _CALL and method not in _METHODS:
         raise ProtocolError(f"unknown or forbidden dict method code {method}")
     if not namespace:
         raise ProtocolError("empty namespace")
@@ -167,7 +234,7 @@ _KINDS = frozenset(int(k) for k in Kind)
 _METHODS = frozenset(int(m) for m in Method)
 _READ_KINDS = frozenset(
     int(k) for k in (Kind.PING, Kind.META, Kind.HEAD, Kind.SNAPSHOT, Kind.FETCH, Kind.SYNC,
-                     Kind.TIME)
+                     Kind.TIME, Kind.SWARM, SwarmKind.RESULTS, SwarmKind.INFO)
 )
 _READ_METHODS = frozenset(
     int(m) for m in (Method.GETITEM, Method.CONTAINS, Method.LEN, Method.KEYS, Method.EQ,
@@ -177,13 +244,14 @@ _READ_METHODS = frozenset(
 
 def is_read_only(kind: int, method: int) -> bool:
     """True for requests that change no state: safe to send again if the first was lost."""
-    return kind in _READ_KINDS or (kind == Kind.CALL and method in _READ_METHODS)
+    return kind in _READ_KINDS or (kind == _CALL and method in _READ_METHODS)
 
 # -- replies ---------------------------------------------------------------------------
 
 
-def reply_header(status: int, request_id: int) -> bytes:
-    return _REPLY.pack(PROTOCOL_VERSION, status, request_id)
+def reply_header(status: int, request_id: int, head: int = 0) -> bytes:
+    """Header frame of a reply; ``head`` is the namespace's sequence number after it."""
+    return _REPLY_HEAD.pack(PROTOCOL_VERSION, status, request_id, head)
 
 
 def parse_reply(frame: Frame) -> tuple[int, int]:
@@ -198,6 +266,16 @@ def parse_reply(frame: Frame) -> tuple[int, int]:
             f"use the same zproc version on both sides"
         )
     return status, request_id
+
+
+def parse_reply_head(frame: Frame) -> tuple[int, int, int]:
+    """Return ``(status, request_id, head)``; raise :class:`ProtocolError` if malformed."""
+    if len(frame) >= _REPLY_HEAD.size:
+        version, status, request_id, head = _REPLY_HEAD.unpack_from(frame)
+        if version == PROTOCOL_VERSION:
+            return status, request_id, head
+    status, request_id = parse_reply(frame)
+    return status, request_id, 0
 
 
 # -- events ----------------------------------------------------------------------------
@@ -236,3 +314,72 @@ def decode_event(frame: Frame) -> Event:
         return Event(*S.loads(frame))
     except TypeError as exc:
         raise ProtocolError("malformed event frame") from exc
+
+
+# -- swarm -----------------------------------------------------------------------------
+
+
+class WorkOp(enum.IntEnum):
+    """Operations of the frames between the swarm broker and its workers."""
+
+    READY = 1
+    RESULT = 2
+    BYE = 3
+    HEARTBEAT = 4
+    CHUNK = 5
+    PONG = 6
+
+
+class ChunkStatus(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # the target raised (or a result did not pickle)
+    LOST = 2  # every attempt ended with its worker gone
+    NEED_CODE = 3  # the worker lacks the task's code: send the chunk again with it
+
+
+_WORK = struct.Struct("<BBBIQI")
+_SWARM_KINDS = frozenset(int(k) for k in SwarmKind)
+
+
+class WorkHeader(NamedTuple):
+    op: int
+    status: int
+    counter: int
+    task: int
+    chunk: int
+
+
+def work_header(op: int, *, status: int = 0, counter: int = 0, task: int = 0,
+                chunk: int = 0) -> bytes:
+    return _WORK.pack(PROTOCOL_VERSION, op, status, counter, task, chunk)
+
+
+def parse_work(frame: Frame) -> WorkHeader:
+    """Decode a worker/broker frame header; raise :class:`ProtocolError` if malformed."""
+    try:
+        version, op, status, counter, task, chunk = _WORK.unpack(frame)
+    except (struct.error, TypeError) as exc:
+        raise ProtocolError(f"malformed swarm frame header ({len(frame)} bytes)") from exc
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"swarm protocol version {version} != {PROTOCOL_VERSION}; use the same zproc "
+            f"version on the workers and the server"
+        )
+    return WorkHeader(op, status, counter, task, chunk)
+
+
+def parse_swarm_request(frame: Frame) -> Request:
+    """Decode the header of a request to the swarm broker (a ``SwarmKind``)."""
+    try:
+        version, kind, method, request_id = _REQUEST.unpack_from(frame)
+        namespace = bytes(frame[_REQUEST.size :]).decode()
+    except (struct.error, UnicodeDecodeError, TypeError) as exc:
+        raise ProtocolError(f"malformed request header ({len(frame)} bytes)") from exc
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported by this broker (it speaks "
+            f"{PROTOCOL_VERSION}); use the same zproc version on both sides"
+        )
+    if kind not in _SWARM_KINDS:
+        raise ProtocolError(f"unknown swarm request kind {kind}")
+    return Request(kind, method, request_id, namespace)

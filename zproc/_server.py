@@ -70,6 +70,7 @@ SHUTDOWN_LINGER_MS = 500
 DEFAULT_MAX_NAMESPACES = 10_000
 
 _MISSING: Any = object()
+_CALL = int(P.Kind.CALL)
 _RUNNING_IN: int | None = None  # pid of the process running a server loop
 
 
@@ -553,6 +554,9 @@ class Server:
 
     def close(self, linger: int = 0) -> None:
         """Close the sockets (keeping unsent replies and events up to ``linger`` ms)."""
+        broker = getattr(self, "_broker", None)
+        if broker is not None:
+            broker.close()
         store, self._store = self._store, None
         if store is not None:
             try:
@@ -608,12 +612,28 @@ class Server:
         global _RUNNING_IN
         _RUNNING_IN = os.getpid()
         router, pub = self.router, self.pub
-        recv, send_frame = router.recv_multipart, router.send
+        # pyzmq's own methods, without the Python layer over them, and plain int flags:
+        # the enums and wrappers cost a few microseconds per message
+        base = zmq.backend.Socket
+        recv_frame, send_frame, get = base.recv, base.send, base.get
+        poll_in, events, sndmore = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.SNDMORE)
+        rcvmore = int(zmq.RCVMORE)
+
+        def recv() -> list[bytes]:
+            # a ROUTER message always has a frame after the identity
+            frames = [recv_frame(router), recv_frame(router)]
+            while get(router, rcvmore):
+                frames.append(recv_frame(router))
+            return frames
+
+        def publish(frames: list[bytes]) -> None:
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                send_frame(pub, frame, sndmore if i < last else 0)
+
         replies: list[list[bytes]] = []
         syncs: list[list[bytes]] = []
         dirty: list[Namespace] = []
-        # plain ints: pyzmq's flag enums cost a few microseconds per message
-        poll_in, events, sndmore = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.SNDMORE)
         until = until or (lambda: False)
         store = self._store
         router.rcvtimeo = 200  # wake up now and then to notice signals and idle work
@@ -628,7 +648,7 @@ class Server:
                 reply = self.handle(frames, dirty, syncs)
                 if reply is not None:
                     replies.append(reply)
-                if not router.get(events) & poll_in:
+                if not get(router, events) & poll_in:  # type: ignore[operator]
                     break
                 frames = recv()
             if store is not None:  # durable before anyone hears of it (fsync="always")
@@ -637,16 +657,16 @@ class Server:
             for reply in replies:
                 last = len(reply) - 1
                 for i, frame in enumerate(reply):
-                    send_frame(frame, sndmore if i < last else 0)
+                    send_frame(router, frame, sndmore if i < last else 0)
             replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
-                pub.send_multipart([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
+                publish([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
                 ns.outbox = []
             dirty.clear()
             for marker in syncs:
-                pub.send_multipart(marker)
+                publish(marker)
             syncs.clear()
 
     def handle(
@@ -677,7 +697,9 @@ class Server:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
             return self._error(identity, request.request_id, exc)
-        return [identity, P.reply_header(P.Status.OK, request.request_id), result]
+        ns = self.namespaces.get(request.namespace)
+        head = 0 if ns is None else ns.seq
+        return [identity, P.reply_header(P.OK, request.request_id, head), result]
 
     def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
         self.stats["errors"] += 1
@@ -694,7 +716,7 @@ class Server:
         """Run one request and return the encoded result (raises on failure)."""
         kind = request.kind
         ns = self.namespace(request.namespace)
-        if kind == P.Kind.CALL:
+        if kind == _CALL:
             args = S.loads(body) if body else ()
             if not isinstance(args, tuple):
                 raise ProtocolError("CALL arguments must be a tuple")
@@ -709,6 +731,8 @@ class Server:
             return reply
         if kind == P.Kind.ATOMIC:
             return self._atomic(ns, identity, body, dirty)
+        if kind == P.Kind.PIPELINE:
+            return self._pipeline(ns, identity, body, dirty)
         if kind == P.Kind.HEAD:
             return S.dumps(ns.seq)
         if kind == P.Kind.FETCH:
@@ -727,6 +751,8 @@ class Server:
             return S.dumps(time.time())
         if kind == P.Kind.META:
             return S.dumps(self.meta())
+        if kind == P.Kind.SWARM:
+            return S.dumps(self.swarm(S.loads(body) if body else {}))
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
 
     def meta(self) -> dict[str, Any]:
@@ -741,6 +767,20 @@ class Server:
             "stats": dict(self.stats),
             "started": self.started,
         }
+
+    def swarm(self, settings: dict[str, Any]) -> tuple[str, str]:
+        """Start the swarm broker on first use (:mod:`zproc._swarm`); return its endpoints."""
+        from ._swarm import Broker
+
+        broker: Broker | None = getattr(self, "_broker", None)
+        if broker is None or not broker.alive:
+            if broker is not None:
+                broker.close()
+            guard = getattr(self, "_guard", None)
+            broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir)
+            self._broker = broker
+        broker.configure(settings)
+        return broker.endpoints
 
     def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
         fn, args, kwargs = S.loads(body)
@@ -769,6 +809,38 @@ class Server:
             self._record(ns, (event[0]._replace(old=old), event[1]), dirty)
         return reply
 
+    def _pipeline(
+        self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]
+    ) -> bytes:
+        """Apply a pipeline's operations in order, each on its own (as separate CALLs)."""
+        ops = S.loads(body)
+        if not isinstance(ops, list):
+            raise ProtocolError("PIPELINE body must be a list of operations")
+        data = ns.data
+        ok, error = int(P.Status.OK), int(P.Status.ERROR)
+        out: list[tuple[int, bytes]] = []
+        for op in ops:
+            try:
+                method, args = S.loads(op)
+                fn = _OPS.get(method) if type(method) is int else None
+                if fn is None or type(args) is not tuple:
+                    raise ProtocolError(
+                        f"a pipelined operation must be (dict method code, args tuple), got "
+                        f"method {method!r}"
+                    )
+                prepared = fn(data, *args)
+                reply = S.dumps(prepared.result)
+                if prepared.apply is not None and (prepared.changes or prepared.deleted):
+                    self._commit(
+                        ns, identity, prepared.changes, prepared.deleted, prepared.old, dirty
+                    )
+                    prepared.apply()
+                out.append((ok, reply))
+            except Exception as exc:
+                self.stats["errors"] += 1
+                out.append((error, S.dumps_exception(exc)))
+        return S.dumps(out)
+
     def _encode_event(
         self, ns: Namespace, identity: bytes, changes: dict[Any, Any], deleted: tuple[Any, ...]
     ) -> tuple[P.Event, bytes]:
@@ -784,8 +856,8 @@ class Server:
         old: dict[Any, Any],
         dirty: list[Namespace],
     ) -> None:
-        event, data = self._encode_event(ns, identity, changes, deleted)
-        self._record(ns, (event._replace(old=old), data), dirty)
+        event = P.Event(ns.seq + 1, identity, time.time(), changes, deleted, old)
+        self._record(ns, (event, P.encode_event(event)), dirty)
 
     def _record(
         self, ns: Namespace, encoded: tuple[P.Event, bytes], dirty: list[Namespace]

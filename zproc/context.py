@@ -38,6 +38,7 @@ from .process import (
     wait_processes,
 )
 from .state import State, ping
+from .swarm import Swarm
 
 __all__ = ["Context", "TaskDetail"]
 
@@ -162,6 +163,7 @@ class Context:
         self.process_list = ProcessList()
         self.worker_list = ProcessList()
         self._pool: Pool | None = None
+        self._swarms: list[Swarm] = []
         self._tasks: dict[int, Iterator[Any]] = {}
         self._task_ids = itertools.count(1)
         self.server_process: Any = None
@@ -290,6 +292,8 @@ class Context:
         if os.getpid() != self._pid:
             return
         try:
+            for swarm in self._swarms:
+                swarm.close()
             stop_processes(self.process_list)
         finally:
             for process in self.process_list:
@@ -491,6 +495,7 @@ class Context:
         stateful: bool = False,
         new: bool = False,
         return_task: bool = False,
+        progress: bool = False,
     ) -> Any:
         """A parallel ``map`` on long-lived worker processes; results come back in order.
 
@@ -509,6 +514,12 @@ class Context:
         return_task
             Return a :class:`TaskDetail` instead of the iterator; fetch the results later
             with :meth:`pull_results_for_task` (they are kept until then).
+        progress
+            Show how many results have arrived: a progress bar when tqdm is installed
+            (``pip install "zproc[progress]"``), else ``process_map: done/total`` lines on
+            stderr. Results are counted as the iterator yields them.
+
+            .. versionadded:: 1.0
 
         Returns
         -------
@@ -541,7 +552,7 @@ class Context:
                 self._secret_key,
             )
         results = self._pool.map(
-            target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new
+            target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new, progress
         )
         if not return_task:
             return results
@@ -564,6 +575,32 @@ class Context:
                 f"no results for task {task.task_id} here: it was already pulled, or it "
                 f"was started by another Context"
             ) from None
+
+    def create_swarm(self, count: int | None = None) -> Swarm:
+        """A :class:`~zproc.Swarm` on this Context's server, with ``count`` workers
+        started here (default: ``os.cpu_count()``; ``0``: none, e.g. to use only workers
+        of other hosts).
+
+        The swarm gets this Context's namespace, ``secret_key``, ``request_timeout`` and
+        ``backend``; :meth:`close` stops its workers.
+
+        .. versionadded:: 1.0
+        """
+        self._check_usable()
+        swarm = Swarm(
+            self.server_address,
+            namespace=self.namespace,
+            secret_key=self._secret_key,
+            request_timeout=self.request_timeout,
+            backend=self._process_kwargs.get("backend", multiprocessing.Process),
+        )
+        self._swarms.append(swarm)
+        try:
+            swarm.start(count)
+        except BaseException:
+            swarm.close()
+            raise
+        return swarm
 
     def _spawn_worker(self, worker_args: tuple[Any, ...]) -> Process:
         defaults = {

@@ -12,6 +12,8 @@ The hierarchy::
     ├── TimeoutError                (also builtins.TimeoutError) a timeout expired
     ├── ProcessError                a child process failed (carries pid and exit code)
     │   └── ProcessWaitError        wait() on a child that failed, died or was stopped
+    ├── TaskError                   a swarm task's chunk was lost on every attempt, or its
+    │                               results are gone (forgotten, expired)
     └── SignalException             a signal converted into an exception (``signum``)
     ProcessExit (BaseException)     raise in a child to exit with ``exitcode``
 
@@ -36,6 +38,7 @@ __all__ = [
     "ServerError",
     "ServerUnavailableError",
     "SignalException",
+    "TaskError",
     "TimeoutError",
     "ZProcError",
 ]
@@ -105,6 +108,37 @@ class ProcessError(ZProcError):
 
 class ProcessWaitError(ProcessError):
     """``wait()`` was called on a child that raised, died, was stopped or sent no value."""
+
+
+class TaskError(ZProcError):
+    """A swarm task failed outside its function, or its results no longer exist.
+
+    ``task_id`` names the task; ``chunk`` and ``items`` (a :class:`range` of item indexes)
+    say which part failed, when one did. An exception raised by the task's function is
+    raised as itself instead (see :meth:`zproc.Swarm.map`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str | None = None,
+        chunk: int | None = None,
+        items: range | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.chunk = chunk
+        self.items = items
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_task_error, (self.args[0], self.task_id, self.chunk, self.items))
+
+
+def _rebuild_task_error(
+    message: str, task_id: str | None, chunk: int | None, items: range | None
+) -> TaskError:
+    return TaskError(message, task_id=task_id, chunk=chunk, items=items)
 
 
 class SignalException(ZProcError):

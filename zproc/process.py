@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -280,7 +281,7 @@ def _child_main(payload: Any, writer: multiprocessing.connection.Connection) -> 
     try:
         spec = payload if isinstance(payload, _ChildSpec) else S.loads(payload)
     except BaseException as exc:
-        log.error("zproc: process %d could not load its target", os.getpid(), exc_info=exc)
+        _report(f"zproc: process {os.getpid()} could not load its target", exc)
         code, tag, body = 1, _ERROR, S.dumps_exception(exc)
     else:
         code, tag, body = _run_child(spec)
@@ -310,9 +311,9 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
                     secret_key=spec.secret_key,
                 )
             elif spec.stateful:
-                from .state import State
+                from .state import ChildState
 
-                first = State(
+                first = ChildState(
                     spec.server_address,
                     namespace=spec.namespace,
                     request_timeout=spec.request_timeout,
@@ -335,12 +336,7 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
             code = 1
         return code, _EXIT, S.dumps(code)
     except BaseException as exc:
-        log.error(
-            "zproc: process %d (target %s) failed",
-            os.getpid(),
-            _target_name(spec.target),
-            exc_info=exc,
-        )
+        _report(f"zproc: process {os.getpid()} (target {_target_name(spec.target)}) failed", exc)
         return 1, _ERROR, S.dumps_exception(exc)
     try:
         return 0, _VALUE, _dump_value(value)
@@ -350,8 +346,23 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
             f"cannot be pickled: {exc}. Return plain data (or an importable class)"
         )
         error.__cause__ = exc
-        log.error("zproc: process %d: %s", os.getpid(), error)
+        _report(f"zproc: process {os.getpid()}: {error}", None)
         return 1, _ERROR, S.dumps_exception(error)
+
+
+def _report(message: str, exc: BaseException | None) -> None:
+    """Print a child's failure on its stderr, as multiprocessing does.
+
+    The parent gets the exception from ``wait()`` too; printing it here means a failure
+    is never silent when nobody waits.
+    """
+    try:
+        sys.stderr.write(message + "\n")
+        if exc is not None:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _dump_value(value: Any) -> bytes:

@@ -25,7 +25,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
 
@@ -33,11 +33,12 @@ from . import _protocol as P
 from . import _serialization as S
 from . import _server
 from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Connection
-from ._security import SecretKey, client_keys, configure_client
+from ._security import ClientKeys, SecretKey, client_keys, configure_client
 from ._transport import ServerAddress, get_context, normalize_address
-from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
+from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = [
+    "Pipeline",
     "State",
     "StateUpdate",
     "StateWatcher",
@@ -48,7 +49,13 @@ __all__ = [
     "ping",
 ]
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from ._async import AsyncState
+
 T = TypeVar("T")
+_Sock = TypeVar("_Sock", bound="zmq.Socket[Any]")
 _MISSING: Any = _server._MISSING
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset)
 
@@ -60,6 +67,19 @@ DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_RCVHWM = 10_000
 #: How long a new State waits for the server to acknowledge its registration.
 REGISTER_WAIT = 1.0
+#: With ``cache=True``: a read applies the events queued for the replica at most this
+#: often (seconds) ...
+CACHE_POLL = 0.001
+#: ... and confirms with the server (one round trip) at least this often that no event
+#: was lost on the way.
+CACHE_CHECK = 1.0
+#: How long a cached read waits for the events of writes it must see before it fetches
+#: them from the server instead.
+CACHE_WAIT = 0.05
+#: Operations a pipeline buffers before it sends them.
+DEFAULT_PIPELINE_OPS = 1000
+# plain ints for the hot paths (an enum member lookup costs more than the comparison)
+_CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
 
 
 def _copy(value: Any) -> Any:
@@ -148,70 +168,31 @@ class _Cursor:
             snap.update(ev.changes)
 
 
-class _Stream:
-    """The event side of a State: SUB socket, replica, log and cursors."""
+class _StreamCore:
+    """The event-stream logic without I/O: replica, event log, cursors.
 
-    def __init__(self, state: State, start_seq: int) -> None:
-        self.state = state
-        self.conn = state._conn
-        self.namespace = state._ns
+    It turns event messages and FETCH replies into log entries and answers questions
+    about the log; it never touches a socket. :class:`_Stream` (for :class:`State`) and
+    the asyncio flavour in :mod:`zproc._async` add the sockets and decide when to
+    receive, fetch and wait.
+    """
+
+    def __init__(self, namespace: bytes, start_seq: int, max_backlog: int) -> None:
+        self.namespace = namespace
         self.replica: dict[Any, Any] = {}
         self.seq = start_seq
         self.head = start_seq  # the server's head as of the last catch_up()
         self.log: list[_Ev] = []
         self.buffer = _Cursor(start_seq)
         self.cursors: weakref.WeakSet[_Cursor] = weakref.WeakSet()
-        self.max_backlog = state._max_backlog
-        ctx = get_context()
-        sub = ctx.socket(zmq.SUB)
-        sub.linger = 0
-        sub.rcvhwm = state._rcvhwm
-        self.topic = P.event_topic(self.namespace)
-        assert self.conn is not None
-        self.marker = P.sync_topic(self.conn.identity)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        sub.setsockopt(zmq.SUBSCRIBE, self.marker)
-        configure_client(sub, state._keys)
-        sub.connect(state.server_address.pub_sub)
-        self.sub = sub
-        self._sync_and_load(start_seq)
+        self.max_backlog = max_backlog
+        self.topic = P.event_topic(namespace)
 
-    def close(self) -> None:
-        if not self.sub.closed:
-            self.sub.close(0)
-
-    # -- start-up: subscribe, then load what came before --------------------------------
-
-    def _sync_and_load(self, start_seq: int) -> None:
-        """Make sure the subscription is live, then load the snapshot and the backlog."""
-        token = os.urandom(8)
-        stash: list[list[bytes]] = []
-        wait = 0.002
-        connect_deadline = time.monotonic() + (self.state._connect_timeout or 3600.0)
-        synced = False
-        while not synced:
-            self.state._request(P.Kind.SYNC, 0, token)
-            end = time.monotonic() + wait
-            while not synced:
-                remaining = end - time.monotonic()
-                if remaining <= 0 or not self.sub.poll(remaining * 1000):
-                    break
-                frames = self.sub.recv_multipart()
-                if frames[0] == self.marker:
-                    synced = frames[1] == token
-                else:
-                    stash.append(frames)
-            wait = min(wait * 2, 0.1)
-            if time.monotonic() > connect_deadline:
-                raise TimeoutError(
-                    f"could not subscribe to the events at {self.state.server_address.pub_sub}: "
-                    f"the server answers requests but its events never arrive. Check that "
-                    f"both endpoints of the address belong to the same server"
-                    + (" and that it runs with this secret_key" if self.state._keys else "")
-                )
-        head, snapshot, events = self.state._request(
-            P.Kind.FETCH, 0, S.dumps((start_seq, True))
-        )
+    def _load(
+        self, start_seq: int, head: int, snapshot: dict[Any, Any], events: list[P.Event] | None
+    ) -> None:
+        """Start from a FETCH reply: the state at ``head`` and the events after ``start_seq``
+        (or, when those are gone, the whole snapshot as one change)."""
         self.replica = snapshot
         self.seq = self.head = head
         if events is None:
@@ -228,10 +209,6 @@ class _Stream:
                 self.log.append(
                     _Ev(ev.seq, ev.seq, ev.origin, ev.timestamp, ev.changes, ev.deleted, undo)
                 )
-        for frames in stash:
-            self._on_message(frames)
-
-    # -- receiving ----------------------------------------------------------------------
 
     def _apply(self, seq: int, origin: bytes, timestamp: float, changes: dict[Any, Any],
                deleted: tuple[Any, ...]) -> None:
@@ -245,41 +222,29 @@ class _Stream:
         self.log.append(_Ev(seq, seq, origin, timestamp, changes, deleted, undo))
         self.seq = seq
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes]) -> bool:
+        """Apply one message from the SUB socket; True if it shows a gap to replay."""
         if frames[0] != self.topic or len(frames) < 3:
-            return
+            return False
         first, last = P.parse_events_header(frames[1])
         if last <= self.seq:
-            return
+            return False
         if first > self.seq + 1:
-            self.replay()
-            return
+            return True
         for frame in frames[2:]:
             seq, origin, timestamp, changes, deleted, _old = P.decode_event(frame)
             if seq == self.seq + 1:
                 self._apply(seq, origin, timestamp, changes, deleted)
         self._bound_backlog()
+        return False
 
-    def drain(self) -> bool:
-        """Apply every message already queued on the SUB socket; True if any arrived."""
-        before = self.seq
-        sub = self.sub
-        while True:
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return self.seq != before
-            self._on_message(frames)
-
-    def replay(self) -> None:
-        """Fetch the events after ``self.seq`` from the server's history (or resync)."""
-        head, snapshot, events = self.state._request(
-            P.Kind.FETCH, 0, S.dumps((self.seq, False))
-        )
-        if head < self.seq:
-            self._lost(head)
+    def _replayed(
+        self, head: int, snapshot: dict[Any, Any] | None, events: list[P.Event] | None
+    ) -> None:
+        """Apply a FETCH reply for the events after ``self.seq`` (resync if they are gone)."""
         if events is None:
-            self._resync(head, snapshot)
+            if head > self.seq:
+                self._resync(head, snapshot or {})
             return
         for ev in events:
             if ev.seq == self.seq + 1:
@@ -303,51 +268,6 @@ class _Stream:
         self.seq = head
         if changes or deleted:
             self.log.append(_Ev(head, first, b"", time.time(), changes, deleted, undo))
-
-    def _lost(self, head: int) -> None:
-        """The server's head went back: a server that lost changes replaced the one seen."""
-        state = self.state
-        seen = self.seq
-        state._reset_stream()
-        state._start_seq_value = state._start_rid = None
-        raise ServerUnavailableError(
-            f"the zproc server at {state.server_address.req_rep} was replaced by one that "
-            f"lacks changes this State saw (its last change is {head}, this State saw "
-            f"{seen}): it restarted without persist=, or lost its last writes in a crash "
-            f"(fsync='every second'). The next watcher call starts from the current state"
-        )
-
-    def catch_up(self) -> int:
-        """Bring the replica at least to the server's current head; return that head."""
-        head: int = self.state._request(P.Kind.HEAD, 0, b"")
-        if head < self.seq:
-            self._lost(head)
-        self.head = head
-        self.drain()
-        if self.seq < head:
-            self.replay()
-        return head
-
-    def wait_more(self, deadline: float | None) -> bool:
-        """Block until new events are in the log (True) or the deadline passes (False)."""
-        before = self.seq
-        sub = self.sub
-        while True:
-            self.drain()
-            if self.seq != before:  # new events, drained now or replayed below
-                return True
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return False
-            wait = IDLE_CHECK if deadline is None else min(IDLE_CHECK, deadline - now)
-            if sub.poll(wait * 1000):
-                continue
-            # idle: make sure nothing was dropped on the way and the server is alive
-            head: int = self.state._request(P.Kind.HEAD, 0, b"")
-            if head > self.seq:
-                self.replay()
-            elif head < self.seq:
-                self._lost(head)
 
     # -- reading the log ----------------------------------------------------------------
 
@@ -380,42 +300,21 @@ class _Stream:
                 return None if before is _MISSING else before
         return self.replica.get(key)
 
-    def find(
-        self,
-        qualifies: Callable[[_Ev, _Cursor], bool],
-        cursor: _Cursor,
-        deadline: float | None,
-        consume: bool = False,
-        fresh: bool = True,
+    def scan(
+        self, qualifies: Callable[[_Ev, _Cursor], bool], cursor: _Cursor, consume: bool
     ) -> _Ev | None:
-        """Advance ``cursor`` to the next event that qualifies, blocking for new events.
+        """Advance ``cursor`` over the logged events up to the first one that qualifies.
 
-        ``consume`` moves the buffer cursor along. Unless ``fresh`` (the stream was just
-        caught up with the server's head), catch up once before blocking, so that every
-        change acknowledged before this call is considered.
+        ``consume`` moves the buffer cursor along. Returns None at the end of the log.
         """
-        self._trim()  # what earlier calls consumed (kept until now for their results)
-        registered = cursor in self.cursors
-        if cursor is not self.buffer:
-            self.cursors.add(cursor)
-        try:
-            while True:
-                for ev in self.after(cursor.seq):
-                    cursor.advance(ev)
-                    if consume:
-                        self.buffer.seq = ev.seq
-                        self.buffer.snap = None
-                    if qualifies(ev, cursor):
-                        return ev
-                if not fresh:
-                    self.catch_up()
-                    fresh = True
-                    continue
-                if not self.wait_more(deadline):
-                    return None
-        finally:
-            if not registered:
-                self.cursors.discard(cursor)
+        for ev in self.after(cursor.seq):
+            cursor.advance(ev)
+            if consume:
+                self.buffer.seq = ev.seq
+                self.buffer.snap = None
+            if qualifies(ev, cursor):
+                return ev
+        return None
 
     # -- memory bounds -------------------------------------------------------------------
 
@@ -463,6 +362,191 @@ class _Stream:
                 cursor.snap = None
 
 
+def _open_subscriber(
+    sub: _Sock, address: ServerAddress, topic: bytes, marker: bytes, rcvhwm: int,
+    keys: ClientKeys | None,
+) -> _Sock:
+    """Set up and connect a new SUB socket for a stream's events and its sync markers."""
+    sub.linger = 0
+    sub.rcvhwm = rcvhwm
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.setsockopt(zmq.SUBSCRIBE, marker)
+    configure_client(sub, keys)
+    sub.connect(address.pub_sub)
+    return sub
+
+
+def _no_events_error(address: ServerAddress, secure: bool) -> TimeoutError:
+    """The error when requests are answered but the sync marker never arrives."""
+    return TimeoutError(
+        f"could not subscribe to the events at {address.pub_sub}: "
+        f"the server answers requests but its events never arrive. Check that "
+        f"both endpoints of the address belong to the same server"
+        + (" and that it runs with this secret_key" if secure else "")
+    )
+
+
+def _lost_error(address: ServerAddress, head: int, seen: int) -> ServerUnavailableError:
+    """The error when the server's head went back below what a stream already saw."""
+    return ServerUnavailableError(
+        f"the zproc server at {address.req_rep} was replaced by one that "
+        f"lacks changes this State saw (its last change is {head}, this State saw "
+        f"{seen}): it restarted without persist=, or lost its last writes in a crash "
+        f"(fsync='every second'). The next watcher call starts from the current state"
+    )
+
+
+class _Stream(_StreamCore):
+    """The event side of a State: the SUB socket and the round trips, over
+    :class:`_StreamCore`."""
+
+    def __init__(self, state: State, start_seq: int) -> None:
+        super().__init__(state._ns, start_seq, state._max_backlog)
+        self.state = state
+        self.conn = state._conn
+        assert self.conn is not None
+        self.marker = P.sync_topic(self.conn.identity)
+        self.sub = _open_subscriber(
+            get_context().socket(zmq.SUB), state.server_address, self.topic, self.marker,
+            state._rcvhwm, state._keys,
+        )
+        self._sync_and_load(start_seq)
+
+    def close(self) -> None:
+        if not self.sub.closed:
+            self.sub.close(0)
+
+    # -- start-up: subscribe, then load what came before --------------------------------
+
+    def _sync_and_load(self, start_seq: int) -> None:
+        """Make sure the subscription is live, then load the snapshot and the backlog."""
+        token = os.urandom(8)
+        stash: list[list[bytes]] = []
+        wait = 0.002
+        connect_deadline = time.monotonic() + (self.state._connect_timeout or 3600.0)
+        synced = False
+        while not synced:
+            self.state._request(P.Kind.SYNC, 0, token)
+            end = time.monotonic() + wait
+            while not synced:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or not self.sub.poll(remaining * 1000):
+                    break
+                frames = self.sub.recv_multipart()
+                if frames[0] == self.marker:
+                    synced = frames[1] == token
+                else:
+                    stash.append(frames)
+            wait = min(wait * 2, 0.1)
+            if time.monotonic() > connect_deadline:
+                raise _no_events_error(self.state.server_address, self.state._keys is not None)
+        head, snapshot, events = self.state._request(
+            P.Kind.FETCH, 0, S.dumps((start_seq, True))
+        )
+        self._load(start_seq, head, snapshot, events)
+        for frames in stash:
+            self._on_message(frames)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        if self._receive(frames):
+            self.replay()
+
+    def drain(self) -> bool:
+        """Apply every message already queued on the SUB socket; True if any arrived."""
+        before = self.seq
+        sub = self.sub
+        while True:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.seq != before
+            self._on_message(frames)
+
+    def replay(self) -> None:
+        """Fetch the events after ``self.seq`` from the server's history (or resync)."""
+        head, snapshot, events = self.state._request(
+            P.Kind.FETCH, 0, S.dumps((self.seq, False))
+        )
+        if head < self.seq:
+            self._lost(head)
+        self._replayed(head, snapshot, events)
+
+    def _lost(self, head: int) -> None:
+        """The server's head went back: a server that lost changes replaced the one seen."""
+        state = self.state
+        seen = self.seq
+        state._reset_stream()
+        state._start_seq_value = state._start_rid = None
+        raise _lost_error(state.server_address, head, seen)
+
+    def catch_up(self) -> int:
+        """Bring the replica at least to the server's current head; return that head."""
+        head: int = self.state._request(P.Kind.HEAD, 0, b"")
+        if head < self.seq:
+            self._lost(head)
+        self.head = head
+        self.drain()
+        if self.seq < head:
+            self.replay()
+        return head
+
+    def wait_more(self, deadline: float | None) -> bool:
+        """Block until new events are in the log (True) or the deadline passes (False)."""
+        before = self.seq
+        sub = self.sub
+        while True:
+            self.drain()
+            if self.seq != before:  # new events, drained now or replayed below
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            wait = IDLE_CHECK if deadline is None else min(IDLE_CHECK, deadline - now)
+            if sub.poll(wait * 1000):
+                continue
+            # idle: make sure nothing was dropped on the way and the server is alive
+            head: int = self.state._request(P.Kind.HEAD, 0, b"")
+            if head > self.seq:
+                self.replay()
+            elif head < self.seq:
+                self._lost(head)
+
+    def find(
+        self,
+        qualifies: Callable[[_Ev, _Cursor], bool],
+        cursor: _Cursor,
+        deadline: float | None,
+        consume: bool = False,
+        fresh: bool = True,
+    ) -> _Ev | None:
+        """Advance ``cursor`` to the next event that qualifies, blocking for new events.
+
+        ``consume`` moves the buffer cursor along. Unless ``fresh`` (the stream was just
+        caught up with the server's head), catch up once before blocking, so that every
+        change acknowledged before this call is considered.
+        """
+        self._trim()  # what earlier calls consumed (kept until now for their results)
+        registered = cursor in self.cursors
+        if cursor is not self.buffer:
+            self.cursors.add(cursor)
+        try:
+            while True:
+                ev = self.scan(qualifies, cursor, consume)
+                if ev is not None:
+                    return ev
+                if not fresh:
+                    self.catch_up()
+                    fresh = True
+                    continue
+                if not self.wait_more(deadline):
+                    return None
+        finally:
+            if not registered:
+                self.cursors.discard(cursor)
+
+
 # -- State -------------------------------------------------------------------------------
 
 
@@ -494,6 +578,14 @@ class State:
         missing one) raises :class:`zproc.AuthenticationError`.
 
         .. versionadded:: 1.0
+    cache
+        Serve reads (``[]``, ``get``, ``in``, ``len``, iteration, ``copy``, ``==``) from a
+        local replica kept current by the event stream, without a round trip; writes
+        still go to the server. Reads see this State's own acknowledged writes and never
+        go back in time, but may lag other States' latest writes by about a millisecond
+        plus the event's delivery time. See :ref:`performance`.
+
+        .. versionadded:: 1.0
 
     Notes
     -----
@@ -502,6 +594,11 @@ class State:
     A State pickles as its address and settings; unpickled (or used after ``fork``) it
     connects anew with a new identity.
     """
+
+    #: Seconds ``_register`` waits for the server's head (see there).
+    _register_wait = REGISTER_WAIT
+    #: Connect in the constructor (False: on first use).
+    _connect_eagerly = True
 
     def __init__(
         self,
@@ -514,8 +611,11 @@ class State:
         rcvhwm: int = DEFAULT_RCVHWM,
         secret_key: SecretKey | None = None,
         liveness: float = DEFAULT_LIVENESS,
+        cache: bool = False,
     ) -> None:
         self._address = normalize_address(server_address)
+        self._cache = bool(cache)
+        self._cache_due = self._cache_check_due = 0.0
         if not liveness > 0:
             raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
         self._liveness = liveness
@@ -535,8 +635,8 @@ class State:
         self._start_rid: int | None = None
         self._start_seq_value: int | None = None
         self._closed = False
-        if not _server.in_server_process():  # there, using it raises (see _connect)
-            self._connect()
+        if self._connect_eagerly and not _server.in_server_process():
+            self._connect()  # in the server process, using a State raises (see _connect)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -562,7 +662,7 @@ class State:
             return
         self._namespace, self._ns = value, value.encode()
         self._reset_stream()
-        self._connection()
+        self._connection().head = 0  # heads of the old namespace mean nothing here
         self._register()
 
     @property
@@ -601,13 +701,16 @@ class State:
         conn = self._conn
         assert conn is not None
         rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
-        try:
-            self._start_seq_value = int(conn.result(rid, REGISTER_WAIT))
-            self._start_rid = None
-        except (TimeoutError, ServerUnavailableError):
-            self._start_seq_value = None
-            self._start_rid = rid
-            conn.expect(rid)
+        if self._register_wait > 0:
+            try:
+                self._start_seq_value = int(conn.result(rid, self._register_wait))
+                self._start_rid = None
+                return
+            except (TimeoutError, ServerUnavailableError):
+                pass
+        self._start_seq_value = None
+        self._start_rid = rid
+        conn.expect(rid)
 
     def _connection(self) -> Connection:
         if self._closed:
@@ -634,8 +737,53 @@ class State:
         if conn is None or conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.result(
-            conn.send(P.Kind.CALL, method, S.dumps(args), self._ns), self.request_timeout
+            conn.send(_CALL, method, S.dumps(args), self._ns), self.request_timeout
         )
+
+    def _replica(self) -> dict[Any, Any]:
+        """The local replica, current enough for a cached read (``cache=True``).
+
+        No round trip and no socket call unless the replica lacks a change this State was
+        told of (read-your-writes) or the event queue was last looked at ``CACHE_POLL``
+        seconds ago.
+        """
+        stream = self._stream
+        if (
+            stream is None
+            or stream.seq < self._conn.head  # type: ignore[union-attr]
+            or time.monotonic() >= self._cache_due
+        ):
+            stream = self._refresh_replica()
+        return stream.replica
+
+    def _refresh_replica(self) -> _Stream:
+        """Apply the queued events, then wait for those of every head a reply reported."""
+        try:
+            stream = self._watching(catch_up=False)
+            conn = self._conn
+            assert conn is not None
+            now = time.monotonic()
+            if now >= self._cache_check_due:  # HEAD: replays what a full queue dropped
+                stream.catch_up()
+                self._cache_check_due = now + CACHE_CHECK
+            else:
+                stream.drain()
+            seen = conn.head
+            deadline = time.monotonic() + CACHE_WAIT
+            while stream.seq < seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not stream.sub.poll(remaining * 1000):
+                    head = stream.catch_up()  # slow events: fetch them instead
+                    if stream.seq < seen:  # the server lacks changes it acknowledged
+                        stream._lost(head)
+                    break
+                stream.drain()
+        except ServerUnavailableError:
+            if self._stream is None and self._conn is not None:
+                self._conn.head = 0  # a replaced server: start again from its state
+            raise
+        self._cache_due = time.monotonic() + CACHE_POLL
+        return stream
 
     def _start_seq(self) -> int:
         conn = self._connection()
@@ -698,6 +846,7 @@ class State:
                 self.request_timeout,
                 self._connect_timeout,
                 self._secret_key,
+                self._cache,
                 self._liveness,
             ),
         )
@@ -713,38 +862,53 @@ class State:
             connect_timeout=self._connect_timeout,
             secret_key=self._secret_key,
             liveness=self._liveness,
+            cache=self._cache,
         )
 
     # -- dict interface -------------------------------------------------------------------
 
     def __getitem__(self, key: Hashable) -> Any:
-        return self._call(P.Method.GETITEM, key)
+        if self._cache:
+            return _copy(self._replica()[key])
+        return self._call(_GETITEM, key)
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
-        self._call(P.Method.SETITEM, key, value)
+        self._call(_SETITEM, key, value)
 
     def __delitem__(self, key: Hashable) -> None:
         self._call(P.Method.DELITEM, key)
 
     def __contains__(self, key: object) -> bool:
+        if self._cache:
+            return key in self._replica()
         return bool(self._call(P.Method.CONTAINS, key))
 
     def __len__(self) -> int:
+        if self._cache:
+            return len(self._replica())
         return int(self._call(P.Method.LEN))
 
     def __iter__(self) -> Iterator[Any]:
+        if self._cache:
+            return iter(list(self._replica()))
         return iter(self._call(P.Method.KEYS))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, State):
             return self.copy() == other.copy()
-        result = self._call(P.Method.EQ, other)
+        if self._cache:
+            result: Any = dict.__eq__(self._replica(), other)
+        else:
+            result = self._call(P.Method.EQ, other)
         return result if result is NotImplemented else bool(result)
 
     def __ne__(self, other: object) -> bool:
         if isinstance(other, State):
             return self.copy() != other.copy()
-        result = self._call(P.Method.NE, other)
+        if self._cache:
+            result: Any = dict.__ne__(self._replica(), other)
+        else:
+            result = self._call(P.Method.NE, other)
         return result if result is NotImplemented else bool(result)
 
     __hash__ = object.__hash__
@@ -753,6 +917,8 @@ class State:
         self._call(P.Method.CLEAR)
 
     def get(self, key: Hashable, default: Any = None) -> Any:
+        if self._cache:
+            return _copy(self._replica().get(key, default))
         return self._call(P.Method.GET, key, default)
 
     def pop(self, key: Hashable, *default: Any) -> Any:
@@ -766,23 +932,7 @@ class State:
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; a failure part-way leaves the state unchanged."""
-        if len(args) > 1:
-            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
-        merged: Any = {}
-        if args:
-            merged = args[0]
-            if isinstance(merged, State):
-                merged = merged.copy()
-            elif not isinstance(merged, dict):
-                merged = (
-                    {key: merged[key] for key in merged.keys()}
-                    if hasattr(merged, "keys")
-                    else list(merged)
-                )
-        if kwargs:
-            merged = dict(merged)
-            merged.update(kwargs)
-        self._call(P.Method.UPDATE, merged)
+        self._call(P.Method.UPDATE, _update_argument(args, kwargs))
 
     def fromkeys(self, iterable: Iterable[Any], value: Any = None) -> dict[Any, Any]:
         """``dict.fromkeys(iterable, value)``, computed by the server; the state is untouched."""
@@ -790,6 +940,8 @@ class State:
 
     def copy(self) -> dict[Any, Any]:
         """A deep copy of the whole state, as a plain dict (one round trip)."""
+        if self._cache:
+            return S.loads(S.dumps(self._replica()))  # type: ignore[no-any-return]
         return self._call(P.Method.COPY)  # type: ignore[no-any-return]
 
     def keys(self) -> Any:
@@ -807,6 +959,17 @@ class State:
     def set(self, value: Mapping[Any, Any]) -> None:
         """Replace the whole dict with ``value``, atomically (one event)."""
         self._call(P.Method.SET, dict(value))
+
+    def pipeline(self, max_ops: int = DEFAULT_PIPELINE_OPS) -> Pipeline:
+        """Buffer writes and send them in batches, without a round trip per write.
+
+        ``with state.pipeline() as p: p[k] = v; ...`` sends the buffered writes when the
+        block ends (and every ``max_ops`` writes on the way) and raises the first error
+        there. See :class:`Pipeline`.
+
+        .. versionadded:: 1.0
+        """
+        return Pipeline(self, max_ops)
 
     def __repr__(self) -> str:
         try:
@@ -865,31 +1028,11 @@ class State:
         deadline = _deadline(timeout, "get_when_change")
         stream = self._watching(catch_up=live)
         me = self._conn.identity  # type: ignore[union-attr]
-        keyset = frozenset(keys)
-        whole = not keys or exclude
-
-        def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
-            if ev.origin == me:
-                return False
-            if not keyset:
-                return True
-            return any((key in keyset) != exclude for key in ev.keys())
-
-        if live:
-            # from the head the call saw: later events already drained still count
-            cursor = _Cursor(stream.head, stream.snapshot_at(stream.head) if whole else None)
-        else:
-            cursor = stream.buffer
-            if whole and cursor.snap is None:
-                cursor.snap = stream.snapshot_at(cursor.seq)
+        qualifies, cursor = _change_watch(stream, stream.head, me, keys, exclude, live)
         ev = stream.find(qualifies, cursor, deadline, fresh=live)
         if ev is None:
             raise _timeout_error("get_when_change", timeout)
-        if whole:
-            return _copy(cursor.snap)
-        if len(keys) == 1:
-            return _copy(stream.value_at(ev.seq, keys[0]))
-        return [_copy(stream.value_at(ev.seq, key)) for key in keys]
+        return _change_result(stream, ev, cursor, keys, exclude)
 
     def _when_snapshot(
         self,
@@ -907,15 +1050,8 @@ class State:
         snap = dict(stream.replica)
         if test(snap):
             return snap
-        cursor = _Cursor(stream.seq, dict(stream.replica))
-        if not live:
-            # buffered events older than the snapshot are consumed without evaluation
-            stream.buffer.seq = max(stream.buffer.seq, stream.seq)
         me = self._conn.identity  # type: ignore[union-attr]
-
-        def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-            return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
-
+        qualifies, cursor = _level_watch(stream, test, live, me)
         ev = stream.find(qualifies, cursor, deadline, consume=not live)
         if ev is None:
             raise _timeout_error(what, timeout)
@@ -944,7 +1080,7 @@ class State:
         """Block until ``state.get(key) == value``; return the stored value."""
         deadline = _deadline(timeout, "get_when_equal")
         snap = self._when_snapshot(
-            lambda s: s.get(key) == value, live, deadline, "get_when_equal", timeout
+            _equal_test(key, value), live, deadline, "get_when_equal", timeout
         )
         return _copy(snap.get(key))
 
@@ -954,7 +1090,7 @@ class State:
         """Block until ``state.get(key) != value``; return the stored value."""
         deadline = _deadline(timeout, "get_when_not_equal")
         snap = self._when_snapshot(
-            lambda s: s.get(key) != value, live, deadline, "get_when_not_equal", timeout
+            _not_equal_test(key, value), live, deadline, "get_when_not_equal", timeout
         )
         return _copy(snap.get(key))
 
@@ -964,7 +1100,7 @@ class State:
         """Block until ``key`` exists and is ``None``."""
         deadline = _deadline(timeout, "get_when_none")
         self._when_snapshot(
-            lambda s: key in s and s[key] is None, live, deadline, "get_when_none", timeout
+            _none_test(key), live, deadline, "get_when_none", timeout
         )
 
     def get_when_not_none(
@@ -973,7 +1109,7 @@ class State:
         """Block until ``key`` exists and is not ``None``; return its value."""
         deadline = _deadline(timeout, "get_when_not_none")
         snap = self._when_snapshot(
-            lambda s: s.get(key) is not None, live, deadline, "get_when_not_none", timeout
+            _not_none_test(key), live, deadline, "get_when_not_none", timeout
         )
         return _copy(snap[key])
 
@@ -983,7 +1119,7 @@ class State:
         """Block until ``key`` exists; return its value."""
         deadline = _deadline(timeout, "get_when_available")
         snap = self._when_snapshot(
-            lambda s: key in s, live, deadline, "get_when_available", timeout
+            _available_test(key), live, deadline, "get_when_available", timeout
         )
         return _copy(snap[key])
 
@@ -1011,13 +1147,8 @@ class State:
         count: int | None = None,
     ) -> StateWatcher:
         """An iterator over the snapshots after each change of ``keys`` (or of anything)."""
-        keyset = frozenset(keys)
-
-        def test(ev: _Ev, _snap: dict[Any, Any]) -> bool:
-            return not keyset or any((key in keyset) != exclude for key in ev.keys())
-
-        return StateWatcher(self, test, live=live, timeout=timeout, start_time=start_time,
-                            count=count)
+        return StateWatcher(self, _keys_test(keys, exclude), live=live, timeout=timeout,
+                            start_time=start_time, count=count)
 
     def when(
         self,
@@ -1031,42 +1162,41 @@ class State:
         count: int | None = None,
     ) -> StateWatcher:
         """An iterator over the snapshots after each change for which ``test_fn`` is true."""
-        a, kw = tuple(args or ()), dict(kwargs or {})
-        return StateWatcher(self, lambda _ev, snap: test_fn(dict(snap), *a, **kw), live=live,
+        return StateWatcher(self, _fn_test(test_fn, args, kwargs), live=live,
                             timeout=timeout, start_time=start_time, count=count)
 
     def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and equals ``value``."""
-        return self._when_key(lambda s: key in s and s[key] == value, watcher_kwargs)
+        return self._when_key(_present_equal_test(key, value), watcher_kwargs)
 
     def when_not_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and differs from ``value``."""
-        return self._when_key(lambda s: key in s and s[key] != value, watcher_kwargs)
+        return self._when_key(_present_not_equal_test(key, value), watcher_kwargs)
 
     def when_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and is ``None``."""
-        return self._when_key(lambda s: key in s and s[key] is None, watcher_kwargs)
+        return self._when_key(_none_test(key), watcher_kwargs)
 
     def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and is not ``None``."""
-        return self._when_key(lambda s: s.get(key) is not None, watcher_kwargs)
+        return self._when_key(_not_none_test(key), watcher_kwargs)
 
     def when_available(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists."""
-        return self._when_key(lambda s: key in s, watcher_kwargs)
+        return self._when_key(_available_test(key), watcher_kwargs)
 
     def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and is truthy."""
-        return self._when_key(lambda s: key in s and bool(s[key]), watcher_kwargs)
+        return self._when_key(_truthy_test(key), watcher_kwargs)
 
     def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
         """Iterator: snapshots after changes where ``key`` exists and is falsy."""
-        return self._when_key(lambda s: key in s and not s[key], watcher_kwargs)
+        return self._when_key(_falsy_test(key), watcher_kwargs)
 
     def _when_key(
         self, test: Callable[[dict[Any, Any]], bool], watcher_kwargs: dict[str, Any]
     ) -> StateWatcher:
-        return StateWatcher(self, lambda _ev, snap: test(snap), **watcher_kwargs)
+        return StateWatcher(self, _snapshot_test(test), **watcher_kwargs)
 
     def when_change_raw(
         self,
@@ -1077,17 +1207,189 @@ class State:
         count: int | None = None,
     ) -> StateWatcher:
         """An iterator over :class:`StateUpdate` values, one per change by another State."""
-        return StateWatcher(self, lambda _ev, _snap: True, live=live, timeout=timeout,
+        return StateWatcher(self, _any_test, live=live, timeout=timeout,
                             start_time=start_time, count=count, raw=True)
 
 
-def _update_of(stream: _Stream, ev: _Ev) -> StateUpdate:
+def _update_of(stream: _StreamCore, ev: _Ev) -> StateUpdate:
     return StateUpdate(
         _copy(stream.snapshot_at(ev.first - 1)),
         _copy(stream.snapshot_at(ev.seq)),
         ev.timestamp,
         False,
     )
+
+
+# -- watcher logic without I/O, shared with the asyncio flavour (zproc._async) ------------
+
+_Qualifies = Callable[[_Ev, _Cursor], bool]
+_SnapTest = Callable[[dict[Any, Any]], Any]
+_EvTest = Callable[[_Ev, dict[Any, Any]], Any]
+
+
+def _foreign_test(me: bytes) -> _Qualifies:
+    """Qualifies every event not caused by the State with identity ``me``."""
+    return lambda ev, _cursor: ev.origin != me
+
+
+def _change_watch(
+    stream: _StreamCore, head: int, me: bytes, keys: tuple[Hashable, ...], exclude: bool,
+    live: bool,
+) -> tuple[_Qualifies, _Cursor]:
+    """The event test and the starting cursor of ``get_when_change``."""
+    keyset = frozenset(keys)
+    whole = not keys or exclude
+
+    def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
+        if ev.origin == me:
+            return False
+        if not keyset:
+            return True
+        return any((key in keyset) != exclude for key in ev.keys())
+
+    if live:
+        # from the head the call saw: later events already drained still count
+        cursor = _Cursor(head, stream.snapshot_at(head) if whole else None)
+    else:
+        cursor = stream.buffer
+        if whole and cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+    return qualifies, cursor
+
+
+def _change_result(
+    stream: _StreamCore, ev: _Ev, cursor: _Cursor, keys: tuple[Hashable, ...], exclude: bool
+) -> Any:
+    """What ``get_when_change`` returns for the event that woke it."""
+    if not keys or exclude:
+        return _copy(cursor.snap)
+    if len(keys) == 1:
+        return _copy(stream.value_at(ev.seq, keys[0]))
+    return [_copy(stream.value_at(ev.seq, key)) for key in keys]
+
+
+def _level_watch(
+    stream: _StreamCore, test: _SnapTest, live: bool, me: bytes
+) -> tuple[_Qualifies, _Cursor]:
+    """The event test and cursor of a level-triggered wait whose first check failed."""
+    cursor = _Cursor(stream.seq, dict(stream.replica))
+    if not live:
+        # buffered events older than the snapshot are consumed without evaluation
+        stream.buffer.seq = max(stream.buffer.seq, stream.seq)
+
+    def qualifies(ev: _Ev, cur: _Cursor) -> bool:
+        return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
+
+    return qualifies, cursor
+
+
+# Tests of the one-shot watchers: 0.9.1 rules, a missing key counts as None.
+def _equal_test(key: Hashable, value: Any) -> _SnapTest:
+    return lambda s: s.get(key) == value
+
+
+def _not_equal_test(key: Hashable, value: Any) -> _SnapTest:
+    return lambda s: s.get(key) != value
+
+
+# Tests that the one-shot and the iterator watchers share: a missing key never matches.
+def _none_test(key: Hashable) -> _SnapTest:
+    return lambda s: key in s and s[key] is None
+
+
+def _not_none_test(key: Hashable) -> _SnapTest:
+    return lambda s: s.get(key) is not None
+
+
+def _available_test(key: Hashable) -> _SnapTest:
+    return lambda s: key in s
+
+
+# Tests of the iterator watchers only.
+def _present_equal_test(key: Hashable, value: Any) -> _SnapTest:
+    return lambda s: key in s and s[key] == value
+
+
+def _present_not_equal_test(key: Hashable, value: Any) -> _SnapTest:
+    return lambda s: key in s and s[key] != value
+
+
+def _truthy_test(key: Hashable) -> _SnapTest:
+    return lambda s: key in s and bool(s[key])
+
+
+def _falsy_test(key: Hashable) -> _SnapTest:
+    return lambda s: key in s and not s[key]
+
+
+def _snapshot_test(test: _SnapTest) -> _EvTest:
+    """An iterator watcher's test from a test of the snapshot."""
+    return lambda _ev, snap: test(snap)
+
+
+def _keys_test(keys: tuple[Hashable, ...], exclude: bool) -> _EvTest:
+    """The test of ``when_change``: any change, or a change of (or outside) ``keys``."""
+    keyset = frozenset(keys)
+    return lambda ev, _snap: not keyset or any((key in keyset) != exclude for key in ev.keys())
+
+
+def _fn_test(
+    test_fn: Callable[..., Any], args: Iterable[Any] | None, kwargs: Mapping[str, Any] | None
+) -> _EvTest:
+    """The test of ``when``: ``test_fn(snapshot_copy, *args, **kwargs)``."""
+    a, kw = tuple(args or ()), dict(kwargs or {})
+    return lambda _ev, snap: test_fn(dict(snap), *a, **kw)
+
+
+def _any_test(_ev: _Ev, _snap: dict[Any, Any]) -> bool:
+    return True
+
+
+def _check_watcher_args(timeout: float | None, count: int | None) -> None:
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    if count is not None and count < 0:
+        raise ValueError(f"count must be >= 0 or None, got {count!r}")
+
+
+def _watch_start(stream: _StreamCore, start_time: float | None) -> int:
+    """Where a new iterator watcher starts: now, or at the first logged event from
+    ``start_time`` (server clock) on."""
+    start = stream.seq
+    if start_time is not None:
+        start = stream.buffer.seq
+        for ev in stream.log:
+            if ev.timestamp >= start_time:
+                break
+            start = ev.seq
+    return start
+
+
+def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: bytes) -> _Qualifies:
+    """An iterator watcher's event test: another State's change that passes ``test``."""
+
+    def qualifies(ev: _Ev, cur: _Cursor) -> bool:
+        if ev.origin == me:
+            return False
+        if cur.snap is None:  # invalidated by coalescing
+            cur.snap = stream.snapshot_at(cur.seq)
+        return bool(test(ev, cur.snap))
+
+    return qualifies
+
+
+def _watch_item(ev: _Ev, cursor: _Cursor, raw: bool) -> Any:
+    """What an iterator watcher yields for ``ev``: the snapshot, or a StateUpdate."""
+    after = _copy(cursor.snap)
+    if not raw:
+        return after
+    before = dict(after)
+    for key, old in ev.undo.items():
+        if old is _MISSING:
+            before.pop(key, None)
+        else:
+            before[key] = _copy(old)
+    return StateUpdate(before, after, ev.timestamp, False)
 
 
 class StateWatcher(Iterator[Any]):
@@ -1111,10 +1413,7 @@ class StateWatcher(Iterator[Any]):
         count: int | None = None,
         raw: bool = False,
     ) -> None:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        if count is not None and count < 0:
-            raise ValueError(f"count must be >= 0 or None, got {count!r}")
+        _check_watcher_args(timeout, count)
         self.state = state
         self.live = live
         self.timeout = timeout
@@ -1124,14 +1423,7 @@ class StateWatcher(Iterator[Any]):
         self._yielded = 0
         stream = state._watching()
         self._stream = stream
-        start = stream.seq
-        if start_time is not None:
-            start = stream.buffer.seq
-            for ev in stream.log:
-                if ev.timestamp >= start_time:
-                    break
-                start = ev.seq
-        self._cursor = _Cursor(start)
+        self._cursor = _Cursor(_watch_start(stream, start_time))
         stream.cursors.add(self._cursor)
 
     def __iter__(self) -> StateWatcher:
@@ -1153,29 +1445,12 @@ class StateWatcher(Iterator[Any]):
         if cursor.snap is None:
             cursor.snap = stream.snapshot_at(cursor.seq)
         me = state._conn.identity  # type: ignore[union-attr]
-        test = self._test
-
-        def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-            if ev.origin == me:
-                return False
-            if cur.snap is None:  # invalidated by coalescing
-                cur.snap = stream.snapshot_at(cur.seq)
-            return bool(test(ev, cur.snap))
-
+        qualifies = _watch_qualifies(stream, self._test, me)
         ev = stream.find(qualifies, cursor, deadline, fresh=self.live)
         if ev is None:
             raise _timeout_error("StateWatcher", self.timeout)
         self._yielded += 1
-        after = _copy(cursor.snap)
-        if not self._raw:
-            return after
-        before = dict(after)
-        for key, old in ev.undo.items():
-            if old is _MISSING:
-                before.pop(key, None)
-            else:
-                before[key] = _copy(old)
-        return StateUpdate(before, after, ev.timestamp, False)
+        return _watch_item(ev, cursor, self._raw)
 
     def current(self) -> dict[str, Any]:
         """A copy of the state at this watcher's position (where the next item starts)."""
@@ -1195,12 +1470,28 @@ class StateWatcher(Iterator[Any]):
             pass
 
 
+class ChildState(State):
+    """The State a zproc process hands its target: it connects on first use.
+
+    Its buffer (for watchers with ``live=False``) starts at that first use, and the
+    registration does not wait for the server's answer: the request goes out first, so
+    every change the target causes, or learns of through the server, comes after it. A
+    child cannot be sure to see changes made between its start and its first use of
+    the State in any case (it starts asynchronously); a child that never uses its State
+    pays for no sockets at all.
+    """
+
+    _register_wait = 0.0
+    _connect_eagerly = False
+
+
 def _rebuild_state(
     address: tuple[str, str],
     namespace: str,
     request_timeout: float | None,
     connect_timeout: float | None,
     secret_key: SecretKey | None = None,
+    cache: bool = False,
     liveness: float = DEFAULT_LIVENESS,
 ) -> State:
     return State(
@@ -1210,6 +1501,7 @@ def _rebuild_state(
         connect_timeout=connect_timeout,
         secret_key=secret_key,
         liveness=liveness,
+        cache=cache,
     )
 
 
@@ -1218,6 +1510,160 @@ def _check_namespace(namespace: object) -> None:
         raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
     if "\0" in namespace:
         raise ValueError("namespace must not contain NUL characters")
+
+
+def _update_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The one argument ``update(*args, **kwargs)`` sends to the server."""
+    if len(args) > 1:
+        raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+    merged: Any = {}
+    if args:
+        merged = args[0]
+        if isinstance(merged, State):
+            merged = merged.copy()
+        elif not isinstance(merged, dict):
+            merged = (
+                {key: merged[key] for key in merged.keys()}
+                if hasattr(merged, "keys")
+                else list(merged)
+            )
+    if kwargs:
+        merged = dict(merged)
+        merged.update(kwargs)
+    return merged
+
+
+# -- pipelines ----------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Writes to a :class:`State`, buffered and sent many to a request.
+
+    Made by :meth:`State.pipeline`. Each write is pickled when it is made (so a value
+    that cannot be pickled fails at once, and later changes to the value are not sent)
+    and buffered; :meth:`flush` (or the end of a ``with`` block) sends the buffer as one
+    request, and so does every ``max_ops``-th write.
+
+    The server applies the operations in order, each one on its own, exactly as if they
+    had been sent one by one: each is atomic, publishes its own event (watchers see every
+    change, with consecutive sequence numbers) and, if it fails, leaves the state as it
+    was and does not stop the operations after it. Operations of other States may run
+    between two batches, not inside one. The first failure is raised by :meth:`flush`:
+    the original exception type, the server's traceback as ``__cause__`` and a note
+    naming the operation's index. A ``with`` block that raises discards the writes not
+    sent yet (those already sent stay applied).
+
+    Afterwards, this State's reads with ``cache=True`` see every write of the pipeline.
+
+    .. versionadded:: 1.0
+    """
+
+    def __init__(self, state: State, max_ops: int = DEFAULT_PIPELINE_OPS) -> None:
+        if not isinstance(max_ops, int) or max_ops < 1:
+            raise ValueError(f"max_ops must be an int >= 1, got {max_ops!r}")
+        self.state = state
+        self.max_ops = max_ops
+        self._ops: list[bytes] = []
+        self._names: list[str] = []
+        self._results: list[Any] = []
+        self._failed = 0
+        self._error: tuple[int, str, BaseException] | None = None
+
+    def _add(self, name: str, method: int, args: tuple[Any, ...]) -> None:
+        self._ops.append(S.dumps((int(method), args)))
+        self._names.append(name)
+        if len(self._ops) >= self.max_ops:
+            self._send()
+
+    def _send(self) -> None:
+        ops, names = self._ops, self._names
+        if not ops:
+            return
+        self._ops, self._names = [], []
+        replies = self.state._request(P.Kind.PIPELINE, 0, S.dumps(ops))
+        if not isinstance(replies, list) or len(replies) != len(ops):
+            raise ProtocolError(
+                f"the server answered a pipeline of {len(ops)} operations with "
+                f"{len(replies) if isinstance(replies, list) else 'no'} results; use the "
+                f"same zproc version on both sides"
+            )
+        ok = P.Status.OK
+        for name, (status, body) in zip(names, replies, strict=True):
+            index = len(self._results)
+            try:
+                if status != ok:
+                    raise S.loads_exception(body)
+                self._results.append(S.loads(body))
+            except Exception as exc:
+                self._results.append(None)
+                self._failed += 1
+                if self._error is None:
+                    self._error = (index, name, exc)
+
+    def flush(self) -> list[Any]:
+        """Send the buffered writes; return the result of every write since the last flush.
+
+        Raises the first failure among them (see the class documentation); the others
+        were applied regardless.
+        """
+        try:
+            self._send()
+        finally:
+            results, error, failed = self._results, self._error, self._failed
+            self._results, self._error, self._failed = [], None, 0
+        if error is not None:
+            index, name, exc = error
+            others = f"; {failed - 1} later one(s) failed too" if failed > 1 else ""
+            exc.add_note(
+                f"raised by operation #{index} ({name}) of a pipeline of {len(results)}"
+                f"{others}; the other operations were applied"
+            )
+            raise exc
+        return results
+
+    def discard(self) -> None:
+        """Drop the writes not sent yet."""
+        self._ops, self._names = [], []
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is None:
+            self.flush()
+        else:
+            self.discard()
+
+    # writes
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        self._add("setitem", P.Method.SETITEM, (key, value))
+
+    def __delitem__(self, key: Hashable) -> None:
+        self._add("delitem", P.Method.DELITEM, (key,))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``dict.update`` (one operation: all of it applies, or none)."""
+        self._add("update", P.Method.UPDATE, (_update_argument(args, kwargs),))
+
+    def pop(self, key: Hashable, *default: Any) -> None:
+        """Pop ``key`` (its value is in :meth:`flush`'s results)."""
+        self._add("pop", P.Method.POP, (key, *default))
+
+    def popitem(self) -> None:
+        """Remove the last inserted item (it is in :meth:`flush`'s results)."""
+        self._add("popitem", P.Method.POPITEM, ())
+
+    def setdefault(self, key: Hashable, default: Any = None) -> None:
+        """Set ``key`` to ``default`` if it is missing (the value is in the results)."""
+        self._add("setdefault", P.Method.SETDEFAULT, (key, default))
+
+    def clear(self) -> None:
+        """Remove every key."""
+        self._add("clear", P.Method.CLEAR, ())
+
+    def set(self, value: Mapping[Any, Any]) -> None:
+        """Replace the whole dict with ``value`` (one event)."""
+        self._add("set", P.Method.SET, (dict(value),))
 
 
 # -- atomic -------------------------------------------------------------------------------
@@ -1232,6 +1678,9 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
     state is restored exactly, no event is published and the same exception is raised
     here with the server's traceback as ``__cause__``. ``fn`` travels with cloudpickle, so
     defaults, closures and globals work as in a local call.
+
+    Called with a :class:`zproc.AsyncState`, the wrapper returns an awaitable instead:
+    ``await wrapper(async_state, *args, **kwargs)``.
     """
     if not callable(fn):
         raise TypeError(f"atomic() needs a callable, got {fn!r}")
@@ -1239,9 +1688,13 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> T:
         if not isinstance(state, State):
+            from ._async import AsyncState
+
+            if isinstance(state, AsyncState):
+                return state._atomic(fn, args, kwargs)
             raise TypeError(
-                f"the first argument of an atomic function must be a zproc.State, got "
-                f"{type(state).__name__}"
+                f"the first argument of an atomic function must be a zproc.State (or a "
+                f"zproc.AsyncState), got {type(state).__name__}"
             )
         return state._atomic(fn, args, kwargs)
 
@@ -1269,18 +1722,31 @@ _atomic_decrease = atomic(_decrease)
 _atomic_append = atomic(_append)
 
 
-def increase(state: State, key: Hashable, step: Any = 1) -> Any:
-    """``state[key] += step``, atomically; return the new value (``KeyError`` if missing)."""
+def increase(state: State | AsyncState, key: Hashable, step: Any = 1) -> Any:
+    """``state[key] += step``, atomically; return the new value (``KeyError`` if missing).
+
+    With an :class:`~zproc.AsyncState`, returns an awaitable of the new value.
+    """
     return _atomic_increase(state, key, step)
 
 
-def decrease(state: State, key: Hashable, step: Any = 1) -> Any:
-    """``state[key] -= step``, atomically; return the new value (``KeyError`` if missing)."""
+def decrease(state: State | AsyncState, key: Hashable, step: Any = 1) -> Any:
+    """``state[key] -= step``, atomically; return the new value (``KeyError`` if missing).
+
+    With an :class:`~zproc.AsyncState`, returns an awaitable of the new value.
+    """
     return _atomic_decrease(state, key, step)
 
 
-def append(state: State, key: Hashable, item: Any) -> int:
-    """``state[key].append(item)``, atomically; return the new length."""
+@overload
+def append(state: State, key: Hashable, item: Any) -> int: ...
+@overload
+def append(state: AsyncState, key: Hashable, item: Any) -> Awaitable[int]: ...
+def append(state: State | AsyncState, key: Hashable, item: Any) -> int | Awaitable[int]:
+    """``state[key].append(item)``, atomically; return the new length.
+
+    With an :class:`~zproc.AsyncState`, returns an awaitable of the new length.
+    """
     return _atomic_append(state, key, item)
 
 

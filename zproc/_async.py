@@ -1,0 +1,1067 @@
+"""AsyncState: the State API for asyncio programs, over ``zmq.asyncio`` sockets.
+
+Data flow of one AsyncState::
+
+    coroutines --await--> AsyncConnection.arequest --DEALER (asyncio)--> server ROUTER
+                               ^ one reader task hands each reply to its request id
+    watchers   --await--> _AsyncStream: replica, log, cursors (the _StreamCore of State)
+                               ^ SUB (asyncio) <-- server PUB: events, sync markers
+
+Only the I/O is written here. Message shapes come from :mod:`zproc._protocol`; request
+ids, liveness and reconnection from :class:`zproc._client.Connection`; the replica, the
+event log, gap detection and resynchronisation from :class:`zproc.state._StreamCore`;
+the watchers' tests, starting cursors and return values from the helpers in
+:mod:`zproc.state`. So an AsyncState behaves like a State, one ``await`` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
+from typing import Any, TypeVar, cast
+
+import zmq
+import zmq.asyncio
+
+from . import _protocol as P
+from . import _serialization as S
+from . import _server
+from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, SLICE, Connection, _decode
+from ._security import SecretKey, client_keys
+from ._transport import ServerAddress, get_context, normalize_address
+from .exceptions import ProtocolError, TimeoutError, ZProcError
+from .state import (
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_RCVHWM,
+    IDLE_CHECK,
+    State,
+    StateUpdate,
+    _any_test,
+    _available_test,
+    _change_result,
+    _change_watch,
+    _check_namespace,
+    _check_watcher_args,
+    _copy,
+    _Cursor,
+    _deadline,
+    _equal_test,
+    _Ev,
+    _EvTest,
+    _falsy_test,
+    _fn_test,
+    _foreign_test,
+    _keys_test,
+    _level_watch,
+    _lost_error,
+    _no_events_error,
+    _none_test,
+    _not_equal_test,
+    _not_none_test,
+    _open_subscriber,
+    _present_equal_test,
+    _present_not_equal_test,
+    _Qualifies,
+    _snapshot_test,
+    _SnapTest,
+    _StreamCore,
+    _timeout_error,
+    _truthy_test,
+    _update_of,
+    _watch_item,
+    _watch_qualifies,
+    _watch_start,
+)
+
+__all__ = ["AsyncState", "AsyncStateWatcher"]
+
+T = TypeVar("T")
+
+
+def _closed_error() -> ZProcError:
+    return ZProcError("this AsyncState is closed; create a new one")
+
+
+def _running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))
+
+
+class AsyncConnection(Connection):
+    """A :class:`Connection` whose DEALER is an asyncio socket.
+
+    Any number of coroutines may wait for replies at once: one reader task receives
+    every reply and hands it to the request with that id. A wait that is cancelled or
+    times out forgets its id, so its late reply is recognised and dropped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        super().__init__(*args, **kwargs)
+        self.sock.rcvtimeo = -1  # the reader waits on the event loop, not in recv
+
+    def _new_socket(self, kind: int) -> Any:
+        # Same context as the sync sockets, so the monitor socket stays a sync one.
+        return zmq.asyncio.Socket(get_context(), kind)
+
+    def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
+        rid = super().send(kind, method, body, namespace)
+        self._kick()
+        return rid
+
+    def _kick(self) -> None:
+        """After a send that bypassed the asyncio layer, let it look for readable replies
+        (ZeroMQ's notification is edge-triggered and the send may have consumed it)."""
+        if _running():
+            self.sock.get(zmq.EVENTS)
+
+    async def arequest(
+        self, kind: int, method: int, body: bytes, namespace: bytes, timeout: float | None
+    ) -> Any:
+        """Send a request and await its decoded result (or its error)."""
+        return await self.aresult(self.send(kind, method, body, namespace), timeout)
+
+    async def aresult(self, rid: int, timeout: float | None = None) -> Any:
+        """Await the reply to request ``rid``; decode it or raise the remote error."""
+        early = self._early.pop(rid, None)
+        if early is not None:
+            self._expected.pop(rid, None)
+            return _decode(*early)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self._waiters[rid] = waiter
+        self._start_reader()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
+                if wait > 0:
+                    await asyncio.wait((waiter,), timeout=wait)
+                if waiter.done():
+                    self._expected.pop(rid, None)
+                    return _decode(*waiter.result())
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._poll_monitor()
+                    raise TimeoutError(
+                        f"no reply from the server at {self.address.req_rep} within "
+                        f"{timeout} s; the request's outcome is unknown (the server may "
+                        f"still apply it). Raise request_timeout if the server is busy."
+                        f"{self._handshake.hint()}"
+                    )
+                self._check_alive(rid)
+                self._kick()
+                self._start_reader()
+        except BaseException:
+            self._waiters.pop(rid, None)
+            entry = self._expected.pop(rid, None)
+            if entry is not None:
+                self._lapsed = (rid, entry)
+            raise
+
+    def _start_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        """Receive replies for as long as the connection is open."""
+        sock = self.sock
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 2:
+                    continue
+                try:
+                    status, got = P.parse_reply(frames[0])
+                except ProtocolError as exc:
+                    self._fail_waiters(exc)
+                    continue
+                waiter = self._waiters.pop(got, None)
+                if waiter is not None:
+                    if not waiter.done():
+                        waiter.set_result((status, frames[1]))
+                elif got in self._expected:
+                    self._early[got] = (status, frames[1])
+        except asyncio.CancelledError:
+            if not self.closed:
+                raise
+        except Exception as exc:  # the socket failed: the waiting requests fail with it
+            if not self.closed:
+                self._fail_waiters(exc)
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+
+    async def aclose(self) -> None:
+        """Stop the reader task and close the sockets; waiting requests raise."""
+        reader, self._reader = self._reader, None
+        self.close()
+        if reader is not None and reader is not asyncio.current_task():
+            await asyncio.wait((reader,))
+
+    def forget(self, rid: int) -> None:
+        """Drop the reply to ``rid`` whenever it comes (nobody will ask for it)."""
+        self._expected.pop(rid, None)
+        self._early.pop(rid, None)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._fail_waiters(_closed_error())
+            if self._reader is not None:
+                self._reader.cancel()
+        except RuntimeError:  # the event loop is closed already: nothing waits
+            pass
+        self._reader = None
+        super().close()
+
+
+class _AsyncStream(_StreamCore):
+    """The event side of an AsyncState: an asyncio SUB socket over :class:`_StreamCore`.
+
+    Several coroutines may use it at once. Applying events is guarded by sequence
+    numbers, so concurrent drains and replays are safe; a FETCH reply older than what
+    another coroutine applied meanwhile is ignored rather than taken for a lost server.
+    """
+
+    def __init__(self, state: AsyncState, conn: AsyncConnection, start_seq: int) -> None:
+        super().__init__(state._ns, start_seq, state._max_backlog)
+        self.state = state
+        self.marker = P.sync_topic(conn.identity)
+        self.sub = _open_subscriber(
+            zmq.asyncio.Socket(get_context(), zmq.SUB), state.server_address, self.topic,
+            self.marker, state._rcvhwm, state._keys,
+        )
+        self.failure: BaseException | None = None
+        self._stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the socket; coroutines waiting on this stream raise ``error``."""
+        if self.failure is None:
+            self.failure = error or _closed_error()
+        try:
+            if not self._stopped.done():
+                self._stopped.set_result(None)
+        except RuntimeError:  # the event loop is closed already: nothing waits
+            pass
+        if not self.sub.closed:
+            self.sub.close(0)
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _poll(self, seconds: float) -> bool:
+        """Wait until a message is queued on the SUB socket (True) or ``seconds`` pass."""
+        self._check_open()
+        poll = cast("asyncio.Future[int]", self.sub.poll(_ms(seconds)))
+        try:
+            await asyncio.wait((poll, self._stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not poll.done():
+                poll.cancel()
+        self._check_open()
+        return bool(poll.result())
+
+    # -- start-up: subscribe, then load what came before --------------------------------
+
+    async def start(self, start_seq: int) -> None:
+        """Make sure the subscription is live, then load the snapshot and the backlog."""
+        state = self.state
+        token = os.urandom(8)
+        stash: list[list[bytes]] = []
+        wait = 0.002
+        connect_deadline = time.monotonic() + (state._connect_timeout or 3600.0)
+        synced = False
+        while not synced:
+            await state._request(P.Kind.SYNC, 0, token)
+            end = time.monotonic() + wait
+            while not synced:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or not await self._poll(remaining):
+                    break
+                frames = await self.sub.recv_multipart(zmq.NOBLOCK)
+                if frames[0] == self.marker:
+                    synced = frames[1] == token
+                else:
+                    stash.append(frames)
+            wait = min(wait * 2, 0.1)
+            if time.monotonic() > connect_deadline:
+                raise _no_events_error(state.server_address, state._keys is not None)
+        head, snapshot, events = await state._request(
+            P.Kind.FETCH, 0, S.dumps((start_seq, True))
+        )
+        self._load(start_seq, head, snapshot, events)
+        for frames in stash:
+            await self._on_message(frames)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def _on_message(self, frames: list[bytes]) -> None:
+        if self._receive(frames):
+            await self.replay()
+
+    async def drain(self) -> None:
+        """Apply every message already queued on the SUB socket."""
+        self._check_open()
+        sub = self.sub
+        while True:
+            try:
+                frames = await sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            await self._on_message(frames)
+
+    async def replay(self) -> None:
+        """Fetch the events after ``self.seq`` from the server's history (or resync)."""
+        sent_at = self.seq
+        head, snapshot, events = await self.state._request(
+            P.Kind.FETCH, 0, S.dumps((sent_at, False))
+        )
+        if head < sent_at:
+            self._lost(head)
+        self._replayed(head, snapshot, events)
+
+    def _lost(self, head: int) -> None:
+        error = _lost_error(self.state.server_address, head, self.seq)
+        self.state._drop_stream(self, error)
+        raise error
+
+    async def catch_up(self) -> int:
+        """Bring the replica at least to the server's current head; return that head."""
+        sent_at = self.seq
+        head = int(await self.state._request(P.Kind.HEAD, 0, b""))
+        if head < sent_at:
+            self._lost(head)
+        self.head = max(self.head, head)
+        await self.drain()
+        if self.seq < head:
+            await self.replay()
+        return head
+
+    async def wait_more(self, deadline: float | None) -> bool:
+        """Wait until new events are in the log (True) or the deadline passes (False)."""
+        before = self.seq
+        while True:
+            await self.drain()
+            if self.seq != before:  # new events, drained now or replayed below
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if await self._poll(IDLE_CHECK if deadline is None else min(IDLE_CHECK,
+                                                                           deadline - now)):
+                continue
+            # idle: make sure nothing was dropped on the way and the server is alive
+            sent_at = self.seq
+            head = int(await self.state._request(P.Kind.HEAD, 0, b""))
+            if head > self.seq:
+                await self.replay()
+            elif head < sent_at:
+                self._lost(head)
+
+    async def find(
+        self,
+        qualifies: _Qualifies,
+        cursor: _Cursor,
+        deadline: float | None,
+        consume: bool = False,
+        fresh: bool = True,
+    ) -> _Ev | None:
+        """Advance ``cursor`` to the next event that qualifies, waiting for new events
+        (as ``_Stream.find``)."""
+        self._trim()
+        registered = cursor in self.cursors
+        if cursor is not self.buffer:
+            self.cursors.add(cursor)
+        try:
+            while True:
+                ev = self.scan(qualifies, cursor, consume)
+                if ev is not None:
+                    return ev
+                if not fresh:
+                    await self.catch_up()
+                    fresh = True
+                    continue
+                if not await self.wait_more(deadline):
+                    return None
+        finally:
+            if not registered:
+                self.cursors.discard(cursor)
+
+
+class AsyncState:
+    """A :class:`State` for asyncio: every dict operation and watcher is awaited.
+
+    The parameters are those of :class:`State`. Create it inside a coroutine (it
+    registers with the server right away, without waiting for the answer, so its
+    buffer starts at construction); use it from that event loop only. Each method is a
+    coroutine; the dict operators are spelt as methods (``await s.getitem(k)``,
+    ``await s.setitem(k, v)``, ``await s.contains(k)``, ``await s.len()``).
+
+    Several coroutines may share one AsyncState: requests go out as they are made, and
+    replies are matched by request id, so cancelling one await (``asyncio.wait_for``,
+    task cancellation) leaves the others in step. ``namespace`` is fixed: use
+    :meth:`fork` for another one.
+
+    .. versionadded:: 1.0
+    """
+
+    def __init__(
+        self,
+        server_address: Iterable[str],
+        *,
+        namespace: str = "default",
+        request_timeout: float | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        rcvhwm: int = DEFAULT_RCVHWM,
+        secret_key: SecretKey | None = None,
+        liveness: float = DEFAULT_LIVENESS,
+    ) -> None:
+        self._address = normalize_address(server_address)
+        if not liveness > 0:
+            raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
+        self._liveness = liveness
+        self._keys = client_keys(secret_key)
+        self._secret_key = secret_key
+        _check_namespace(namespace)
+        if request_timeout is not None and request_timeout < 0:
+            raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
+        self._namespace = namespace
+        self._ns = namespace.encode()
+        self.request_timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._max_backlog = max_backlog
+        self._rcvhwm = rcvhwm
+        self._conn: AsyncConnection | None = None
+        self._stream: _AsyncStream | None = None
+        self._stream_lock = asyncio.Lock()
+        self._pending: list[_Cursor] = []  # watcher cursors waiting for the stream
+        self._epoch = 0  # bumped whenever the stream is dropped
+        self._start_rid: int | None = None
+        self._start_seq_value: int | None = None
+        self._closed = False
+        if _running():
+            self._connection()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def server_address(self) -> ServerAddress:
+        """The server's address (read-only)."""
+        return self._address
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this AsyncState works on (read-only)."""
+        return self._namespace
+
+    @property
+    def secret_key(self) -> SecretKey | None:
+        """The ``secret_key`` this AsyncState was given (read-only)."""
+        return self._secret_key
+
+    @property
+    def identity(self) -> bytes:
+        """The identity this AsyncState's changes carry."""
+        return self._connection().identity
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _connection(self) -> AsyncConnection:
+        if self._closed:
+            raise _closed_error()
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        if _server.in_server_process():
+            raise RuntimeError(
+                "an AsyncState cannot be used in the server process (inside an atomic "
+                "function): work on the dict the atomic function receives instead"
+            )
+        self._drop_stream(self._stream, None)
+        self._conn = conn = AsyncConnection(
+            self._address,
+            connect_timeout=self._connect_timeout,
+            keys=self._keys,
+            liveness=self._liveness,
+        )
+        # Register without waiting: the buffer starts at the server's head as of this
+        # request, whose reply is read when the event stream starts.
+        self._start_rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
+        self._start_seq_value = None
+        return conn
+
+    def _drop_stream(self, stream: _AsyncStream | None, error: BaseException | None) -> None:
+        """Forget the event stream (closed, lost or left behind by ``fork``)."""
+        if stream is None or stream is not self._stream:
+            return
+        self._stream = None
+        self._pending.clear()
+        self._epoch += 1
+        self._start_seq_value = self._start_rid = None
+        if self._conn is not None and self._conn.pid == os.getpid():
+            stream.close(error)
+
+    async def _request(self, kind: int, method: int, body: bytes) -> Any:
+        conn = self._connection()
+        return await conn.arequest(kind, method, body, self._ns, self.request_timeout)
+
+    async def _call(self, method: int, *args: Any) -> Any:
+        return await self._request(P.Kind.CALL, method, S.dumps(args))
+
+    async def _start_seq(self, conn: AsyncConnection) -> int:
+        if self._start_seq_value is not None:
+            return self._start_seq_value
+        rid, self._start_rid = self._start_rid, None
+        if rid is None:
+            return int(await self._request(P.Kind.HEAD, 0, b""))
+        return int(await conn.aresult(rid, self.request_timeout))
+
+    async def _watching(self, catch_up: bool = True) -> tuple[_AsyncStream, int]:
+        """The event stream, started on first use, and the server's head (current when
+        ``catch_up``, else as last seen)."""
+        conn = self._connection()
+        stream = self._stream
+        if stream is None:
+            async with self._stream_lock:
+                stream = self._stream
+                if stream is None:
+                    stream = _AsyncStream(self, conn, await self._start_seq(conn))
+                    try:
+                        await stream.start(stream.seq)
+                    except BaseException:
+                        stream.close()
+                        raise
+                    self._stream = stream
+                    stream.cursors.update(self._pending)
+                    self._pending.clear()
+                    return stream, stream.head
+        if catch_up:
+            return stream, await stream.catch_up()
+        return stream, stream.head
+
+    def _me(self) -> bytes:
+        return self._connection().identity
+
+    async def close(self) -> None:
+        """Close the sockets. Idempotent; later use raises :class:`ZProcError`, and
+        coroutines still waiting on this AsyncState raise it too."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_stream(self._stream, _closed_error())
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
+
+    async def __aenter__(self) -> AsyncState:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None and not self._closed and conn.pid == os.getpid():
+            warnings.warn(
+                f"unclosed AsyncState for {self._address}; await close() or use "
+                f"'async with AsyncState(...)'",
+                ResourceWarning,
+                stacklevel=2,
+            )
+            self._closed = True
+            try:
+                if self._stream is not None:
+                    self._stream.close()
+                conn.close()
+            except Exception:
+                pass
+
+    def __reduce__(self) -> Any:
+        return (
+            _rebuild_async_state,
+            (
+                tuple(self._address),
+                self._namespace,
+                self.request_timeout,
+                self._connect_timeout,
+                self._secret_key,
+                self._liveness,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncState server_address={tuple(self._address)!r} namespace={self._namespace!r}>"
+
+    def fork(
+        self, server_address: Iterable[str] | None = None, *, namespace: str | None = None
+    ) -> AsyncState:
+        """A new AsyncState with the same settings, unless overridden."""
+        return AsyncState(
+            self._address if server_address is None else server_address,
+            namespace=self._namespace if namespace is None else namespace,
+            request_timeout=self.request_timeout,
+            connect_timeout=self._connect_timeout,
+            secret_key=self._secret_key,
+            liveness=self._liveness,
+        )
+
+    # -- dict interface -------------------------------------------------------------------
+
+    async def getitem(self, key: Hashable) -> Any:
+        """``state[key]``: the value (a copy); ``KeyError`` if missing."""
+        return await self._call(P.Method.GETITEM, key)
+
+    async def setitem(self, key: Hashable, value: Any) -> None:
+        """``state[key] = value``."""
+        await self._call(P.Method.SETITEM, key, value)
+
+    async def delitem(self, key: Hashable) -> None:
+        """``del state[key]``; ``KeyError`` if missing."""
+        await self._call(P.Method.DELITEM, key)
+
+    async def contains(self, key: Hashable) -> bool:
+        """``key in state``."""
+        return bool(await self._call(P.Method.CONTAINS, key))
+
+    async def len(self) -> int:
+        """``len(state)``."""
+        return int(await self._call(P.Method.LEN))
+
+    async def get(self, key: Hashable, default: Any = None) -> Any:
+        return await self._call(P.Method.GET, key, default)
+
+    async def pop(self, key: Hashable, *default: Any) -> Any:
+        return await self._call(P.Method.POP, key, *default)
+
+    async def popitem(self) -> tuple[Any, Any]:
+        return tuple(await self._call(P.Method.POPITEM))
+
+    async def setdefault(self, key: Hashable, default: Any = None) -> Any:
+        return await self._call(P.Method.SETDEFAULT, key, default)
+
+    async def update(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``dict.update``; a failure part-way leaves the state unchanged."""
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+        merged: Any = {}
+        if args:
+            merged = args[0]
+            if isinstance(merged, AsyncState):
+                merged = await merged.copy()
+            elif isinstance(merged, State):
+                merged = merged.copy()
+            elif not isinstance(merged, dict):
+                merged = (
+                    {key: merged[key] for key in merged.keys()}
+                    if hasattr(merged, "keys")
+                    else list(merged)
+                )
+        if kwargs:
+            merged = dict(merged)
+            merged.update(kwargs)
+        await self._call(P.Method.UPDATE, merged)
+
+    async def clear(self) -> None:
+        await self._call(P.Method.CLEAR)
+
+    async def copy(self) -> dict[Any, Any]:
+        """A deep copy of the whole state, as a plain dict (one round trip)."""
+        return await self._call(P.Method.COPY)  # type: ignore[no-any-return]
+
+    async def keys(self) -> Any:
+        """``dict_keys`` of one snapshot."""
+        return (await self.copy()).keys()
+
+    async def values(self) -> Any:
+        """``dict_values`` of one snapshot."""
+        return (await self.copy()).values()
+
+    async def items(self) -> Any:
+        """``dict_items`` of one snapshot."""
+        return (await self.copy()).items()
+
+    async def set(self, value: Mapping[Any, Any]) -> None:
+        """Replace the whole dict with ``value``, atomically (one event)."""
+        await self._call(P.Method.SET, dict(value))
+
+    # -- server helpers -------------------------------------------------------------------
+
+    async def ping(self, *, timeout: float | None = 5.0, payload: bytes | None = None
+                   ) -> int | None:
+        """The server's pid if it echoes ``payload`` (see :func:`zproc.ping`)."""
+        if payload is None:
+            payload = os.urandom(56)
+        elif not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        conn = self._connection()
+        echoed, pid = await conn.arequest(P.Kind.PING, 0, payload, self._ns, timeout)
+        return int(pid) if echoed == payload else None
+
+    async def time(self) -> float:
+        """The server's clock (``time.time()`` in the server process)."""
+        return float(await self._request(P.Kind.TIME, 0, b""))
+
+    async def atomic(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(dict, *args, **kwargs)`` on the server, atomically (see
+        :func:`zproc.atomic`); ``fn`` may be plain or already wrapped by it."""
+        if getattr(fn, "__zproc_atomic__", False):
+            fn = fn.__wrapped__  # type: ignore[attr-defined]
+        return await self._atomic(fn, args, kwargs)
+
+    async def _atomic(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        return await self._request(  # type: ignore[no-any-return]
+            P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs)
+        )
+
+    # -- one-shot watchers ----------------------------------------------------------------
+
+    async def go_live(self) -> None:
+        """Discard the buffer: buffered watchers see only changes made after this returns."""
+        if self._stream is None:
+            conn = self._connection()
+            head = int(await conn.arequest(P.Kind.HEAD, 0, b"", self._ns, self.request_timeout))
+            if self._stream is None:
+                self._start_seq_value, self._start_rid = head, None
+                return
+        stream, _ = await self._watching()
+        stream.buffer.seq = stream.seq
+        stream.buffer.snap = None
+        stream._trim()
+
+    async def get_when_change(
+        self,
+        *keys: Hashable,
+        exclude: bool = False,
+        live: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """Wait until another State changes the state (or one of ``keys``); returns as
+        :meth:`State.get_when_change`."""
+        deadline = _deadline(timeout, "get_when_change")
+        stream, head = await self._watching(catch_up=live)
+        qualifies, cursor = _change_watch(stream, head, self._me(), keys, exclude, live)
+        ev = await stream.find(qualifies, cursor, deadline, fresh=live)
+        if ev is None:
+            raise _timeout_error("get_when_change", timeout)
+        return _change_result(stream, ev, cursor, keys, exclude)
+
+    async def _when_snapshot(
+        self, test: _SnapTest, live: bool, deadline: float | None, what: str,
+        timeout: float | None,
+    ) -> dict[Any, Any]:
+        """Level-triggered wait: the first snapshot (now, or after a change) passing
+        ``test``; as ``State._when_snapshot``."""
+        stream, _ = await self._watching()
+        snap = dict(stream.replica)
+        if test(snap):
+            return snap
+        qualifies, cursor = _level_watch(stream, test, live, self._me())
+        ev = await stream.find(qualifies, cursor, deadline, consume=not live)
+        if ev is None:
+            raise _timeout_error(what, timeout)
+        return cursor.snap  # type: ignore[return-value]
+
+    async def get_when(
+        self,
+        test_fn: Callable[[dict[Any, Any]], Any],
+        *,
+        live: bool = True,
+        timeout: float | None = None,
+    ) -> dict[Any, Any]:
+        """Wait until ``test_fn(snapshot)`` is true (checked now, then after each change
+        by another State); return that snapshot."""
+        deadline = _deadline(timeout, "get_when")
+        snap = await self._when_snapshot(lambda s: test_fn(dict(s)), live, deadline,
+                                         "get_when", timeout)
+        return _copy(snap)  # type: ignore[no-any-return]
+
+    async def get_when_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Wait until ``state.get(key) == value``; return the stored value."""
+        deadline = _deadline(timeout, "get_when_equal")
+        snap = await self._when_snapshot(
+            _equal_test(key, value), live, deadline, "get_when_equal", timeout
+        )
+        return _copy(snap.get(key))
+
+    async def get_when_not_equal(
+        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Wait until ``state.get(key) != value``; return the stored value."""
+        deadline = _deadline(timeout, "get_when_not_equal")
+        snap = await self._when_snapshot(
+            _not_equal_test(key, value), live, deadline, "get_when_not_equal", timeout
+        )
+        return _copy(snap.get(key))
+
+    async def get_when_none(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> None:
+        """Wait until ``key`` exists and is ``None``."""
+        deadline = _deadline(timeout, "get_when_none")
+        await self._when_snapshot(_none_test(key), live, deadline, "get_when_none", timeout)
+
+    async def get_when_not_none(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Wait until ``key`` exists and is not ``None``; return its value."""
+        deadline = _deadline(timeout, "get_when_not_none")
+        snap = await self._when_snapshot(
+            _not_none_test(key), live, deadline, "get_when_not_none", timeout
+        )
+        return _copy(snap[key])
+
+    async def get_when_available(
+        self, key: Hashable, *, live: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Wait until ``key`` exists; return its value."""
+        deadline = _deadline(timeout, "get_when_available")
+        snap = await self._when_snapshot(
+            _available_test(key), live, deadline, "get_when_available", timeout
+        )
+        return _copy(snap[key])
+
+    async def get_raw_update(
+        self, *, live: bool = True, timeout: float | None = None
+    ) -> StateUpdate:
+        """Wait until another State changes anything; return the before and after dicts."""
+        deadline = _deadline(timeout, "get_raw_update")
+        stream, head = await self._watching(catch_up=live)
+        cursor = _Cursor(head) if live else stream.buffer
+        ev = await stream.find(_foreign_test(self._me()), cursor, deadline, fresh=live)
+        if ev is None:
+            raise _timeout_error("get_raw_update", timeout)
+        return _update_of(stream, ev)
+
+    # -- iterator watchers ----------------------------------------------------------------
+
+    def when_change(
+        self,
+        *keys: Hashable,
+        exclude: bool = False,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> AsyncStateWatcher:
+        """``async for`` over the snapshots after each change of ``keys`` (or of anything)."""
+        return AsyncStateWatcher(self, _keys_test(keys, exclude), live=live, timeout=timeout,
+                                 start_time=start_time, count=count)
+
+    def when(
+        self,
+        test_fn: Callable[..., Any],
+        *,
+        args: Iterable[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> AsyncStateWatcher:
+        """``async for`` over the snapshots after each change for which ``test_fn`` is
+        true."""
+        return AsyncStateWatcher(self, _fn_test(test_fn, args, kwargs), live=live,
+                                 timeout=timeout, start_time=start_time, count=count)
+
+    def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and equals ``value``."""
+        return self._when_key(_present_equal_test(key, value), watcher_kwargs)
+
+    def when_not_equal(
+        self, key: Hashable, value: Any, **watcher_kwargs: Any
+    ) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and differs from ``value``."""
+        return self._when_key(_present_not_equal_test(key, value), watcher_kwargs)
+
+    def when_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and is ``None``."""
+        return self._when_key(_none_test(key), watcher_kwargs)
+
+    def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and is not ``None``."""
+        return self._when_key(_not_none_test(key), watcher_kwargs)
+
+    def when_available(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists."""
+        return self._when_key(_available_test(key), watcher_kwargs)
+
+    def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and is truthy."""
+        return self._when_key(_truthy_test(key), watcher_kwargs)
+
+    def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
+        """Watcher: snapshots after changes where ``key`` exists and is falsy."""
+        return self._when_key(_falsy_test(key), watcher_kwargs)
+
+    def _when_key(self, test: _SnapTest, watcher_kwargs: dict[str, Any]) -> AsyncStateWatcher:
+        return AsyncStateWatcher(self, _snapshot_test(test), **watcher_kwargs)
+
+    def when_change_raw(
+        self,
+        *,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+    ) -> AsyncStateWatcher:
+        """``async for`` over :class:`StateUpdate` values, one per change by another State."""
+        return AsyncStateWatcher(self, _any_test, live=live, timeout=timeout,
+                                 start_time=start_time, count=count, raw=True)
+
+
+class AsyncStateWatcher(AsyncIterator[Any]):
+    """An asynchronous iterator over the changes of an AsyncState that pass a test.
+
+    The asyncio twin of :class:`StateWatcher`: each ``await anext(watcher)`` (or each
+    round of ``async for``) waits for the next qualifying change made by another State
+    and returns the snapshot right after it (a :class:`StateUpdate` for
+    :meth:`AsyncState.when_change_raw`). A buffered watcher (``live=False``) starts at
+    the server's head when it was created and sees every later change exactly once, in
+    order; a live one sees only changes after each wait began.
+
+    .. versionadded:: 1.0
+    """
+
+    def __init__(
+        self,
+        state: AsyncState,
+        test: _EvTest,
+        *,
+        live: bool = False,
+        timeout: float | None = None,
+        start_time: float | None = None,
+        count: int | None = None,
+        raw: bool = False,
+    ) -> None:
+        _check_watcher_args(timeout, count)
+        self.state = state
+        self.live = live
+        self.timeout = timeout
+        self.count = count
+        self._test = test
+        self._raw = raw
+        self._start_time = start_time
+        self._yielded = 0
+        conn = state._connection()
+        stream = state._stream
+        # Hold the events from here on in the log until the start is known.
+        self._cursor = _Cursor(stream.seq if stream is not None else 0)
+        if stream is not None:
+            stream.cursors.add(self._cursor)
+        else:
+            state._pending.append(self._cursor)
+        self._stream: _AsyncStream | None = None
+        self._epoch = state._epoch
+        self._head_rid: int | None = None
+        if not live and start_time is None:
+            # the start: the server's head when it answers this request
+            self._head_rid = rid = conn.send(P.Kind.HEAD, 0, b"", state._ns)
+            weakref.finalize(self, conn.forget, rid)
+
+    def __aiter__(self) -> AsyncStateWatcher:
+        return self
+
+    async def _attach(self, stream: _AsyncStream) -> None:
+        """Fix this watcher's position on ``stream`` (on first use, or after the
+        AsyncState's stream was replaced)."""
+        state = self.state
+        rid, self._head_rid = self._head_rid, None
+        if rid is not None and self._epoch == state._epoch and self._stream is None:
+            conn = state._connection()
+            start = int(await conn.aresult(rid, state.request_timeout))
+            if start > stream.seq:
+                await stream.catch_up()
+        else:
+            start = _watch_start(stream, self._start_time if self._stream is None else None)
+        cursor = self._cursor
+        cursor.seq, cursor.snap = start, None
+        stream.cursors.add(cursor)
+        self._stream = stream
+
+    async def __anext__(self) -> Any:
+        if self.count is not None and self._yielded >= self.count:
+            raise StopAsyncIteration
+        deadline = _deadline(self.timeout, "AsyncStateWatcher")
+        state = self.state
+        stream, head = await state._watching(catch_up=self.live)
+        if stream is not self._stream:  # first use, or the stream was replaced
+            await self._attach(stream)
+        cursor = self._cursor
+        if self.live:
+            cursor.seq, cursor.snap = head, None
+        if cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+        qualifies = _watch_qualifies(stream, self._test, state._me())
+        ev = await stream.find(qualifies, cursor, deadline, fresh=self.live)
+        if ev is None:
+            raise _timeout_error("AsyncStateWatcher", self.timeout)
+        self._yielded += 1
+        return _watch_item(ev, cursor, self._raw)
+
+    async def current(self) -> dict[Any, Any]:
+        """A copy of the state at this watcher's position (where the next item starts)."""
+        stream, _ = await self.state._watching(catch_up=False)
+        if stream is not self._stream:
+            await self._attach(stream)
+        cursor = self._cursor
+        if cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+        return _copy(cursor.snap)  # type: ignore[no-any-return]
+
+    async def go_live(self) -> None:
+        """Skip every change so far: the next item is a change made after this call."""
+        self._head_rid = None
+        stream, _ = await self.state._watching()
+        if stream is not self._stream:
+            await self._attach(stream)
+        self._cursor.seq, self._cursor.snap = stream.seq, None
+
+    async def consume(self) -> None:
+        """Exhaust the watcher (use with ``count``)."""
+        async for _ in self:
+            pass
+
+
+def _rebuild_async_state(
+    address: tuple[str, str],
+    namespace: str,
+    request_timeout: float | None,
+    connect_timeout: float | None,
+    secret_key: SecretKey | None,
+    liveness: float,
+) -> AsyncState:
+    return AsyncState(
+        address,
+        namespace=namespace,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
+        secret_key=secret_key,
+        liveness=liveness,
+    )

@@ -1,0 +1,26 @@
+"""Small helpers that belong to no other module."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["consume"]
+
+
+def consume(iterator: Iterable[Any], n: int | None = None) -> None:
+    """Advance ``iterator`` by ``n`` items, or to its end when ``n`` is ``None``.
+
+    The ``itertools`` recipe: handy to run a lazy result (a watcher, a swarm's
+    :class:`~zproc.SequenceTaskResult`) for its side effects only.
+
+    .. versionadded:: 1.0
+    """
+    if n is None:
+        collections.deque(iterator, maxlen=0)
+    else:
+        if n < 0:
+            raise ValueError(f"n must be >= 0 or None, got {n!r}")
+        next(itertools.islice(iterator, n, n), None)
