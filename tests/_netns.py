@@ -13,6 +13,7 @@ Run as a script it prints whether the bed can be built here (``.ci/run`` shows i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,6 +246,25 @@ class TestBed:
                 except OSError:
                     pass
             self.created.clear()
+
+
+@contextlib.contextmanager
+def created_bed() -> Iterator[TestBed]:
+    """A created :class:`TestBed`, destroyed on exit; skips the test where none can be made."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"two-host test bed unavailable: {reason}")
+    testbed = TestBed()
+    try:
+        testbed.create()
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"two-host test bed unavailable: cannot create network namespaces: {exc}")
+    try:
+        yield testbed
+    finally:
+        testbed.destroy()
 
 
 def probe() -> str | None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -332,6 +335,88 @@ async def test_cancelled_awaits_keep_the_state_usable(
     assert await astate.get_when_change("b", timeout=10) == 1
 
 
+def hold(d: dict[str, Any], started: str, release: str) -> None:
+    """Keep the server busy until ``release`` exists (at most 20 s)."""
+    open(started, "w").close()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("cancelled_in", ["registration", "subscription"])
+async def test_a_cancelled_first_watcher_keeps_the_buffer_start(
+    server: zproc.ServerAddress, writer: zproc.State, tmp_path: Any, cancelled_in: str
+) -> None:
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    states: list[zproc.AsyncState] = []
+    if cancelled_in == "subscription":
+        states.append(zproc.AsyncState(server, request_timeout=30))
+        await states[0].len()  # registered; starting the stream will wait
+    try:
+        with zproc.State(server, request_timeout=30) as blocker:
+            holding = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(zproc.atomic(hold), blocker, started, release)
+            )
+            try:
+                for _ in range(1000):
+                    if os.path.exists(started):
+                        break
+                    await asyncio.sleep(0.01)
+                if not states:
+                    states.append(zproc.AsyncState(server, request_timeout=30))  # registers
+                # the server is busy: the first watcher's round trips cannot end in time
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(states[0].get_when_change("x", live=False), 0.2)
+            finally:
+                open(release, "w").close()
+                await holding
+        s = states[0]
+        await s.len()  # every request sent before has been answered by now
+        await asyncio.to_thread(writer.__setitem__, "x", 1)
+        # made after the State registered: it is in the buffer
+        assert await s.get_when_change("x", live=False, timeout=5) == 1
+    finally:
+        for st in states:
+            await st.close()
+
+
+async def test_a_cancelled_first_step_keeps_an_iterator_watchers_start(
+    server: zproc.ServerAddress, writer: zproc.State, tmp_path: Any
+) -> None:
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    async with zproc.AsyncState(server, request_timeout=30) as s:
+        assert await s.get_when(lambda d: True, timeout=10) == {}  # the event stream runs
+        with zproc.State(server, request_timeout=30) as blocker:
+            holding = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(zproc.atomic(hold), blocker, started, release)
+            )
+            try:
+                for _ in range(1000):
+                    if os.path.exists(started):
+                        break
+                    await asyncio.sleep(0.01)
+                watcher = s.when_change("x", timeout=5)  # starts here (the server's head)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(watcher.__anext__(), 0.2)  # the server is busy
+            finally:
+                open(release, "w").close()
+                await holding
+        await s.len()  # every request sent before has been answered by now
+        await asyncio.to_thread(writer.__setitem__, "x", 1)
+        await s.go_live()  # the stream moves past the change
+        assert (await watcher.__anext__())["x"] == 1
+
+
+async def test_go_live_keeps_the_changes_an_unstarted_iterator_watcher_waits_for(
+    astate: zproc.AsyncState, writer: zproc.State
+) -> None:
+    await astate.len()
+    watcher = astate.when_change("x", timeout=5)  # buffered: from here on
+    await asyncio.to_thread(writer.__setitem__, "x", 1)
+    await astate.go_live()  # the State's buffer, not the watcher's position
+    assert (await watcher.__anext__())["x"] == 1
+
+
 async def test_close(server: zproc.ServerAddress) -> None:
     s = zproc.AsyncState(server, request_timeout=20)
     await s.setitem("a", 1)
@@ -369,6 +454,29 @@ async def test_a_waiting_watcher_notices_that_the_server_died() -> None:
         stop(proc)
         for endpoint in addr:
             zproc._transport.remove_ipc_endpoint(endpoint)
+
+
+MANY_REQUESTS_NO_SERVER = """
+import asyncio, sys, zproc
+async def main():
+    address = (f"ipc://{sys.argv[1]}/rr", f"ipc://{sys.argv[1]}/ps")
+    async with zproc.AsyncState(address, request_timeout=1, connect_timeout=1) as s:
+        results = await asyncio.gather(*(s.setitem(i, i) for i in range(1500)),
+                                       return_exceptions=True)
+    print(sorted({type(r).__name__ for r in results}))
+asyncio.run(main())
+"""
+
+
+async def test_many_requests_to_a_missing_server_time_out(tmp_path: Any) -> None:
+    # More requests than a socket queues by default: sending must not block the loop.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", MANY_REQUESTS_NO_SERVER, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] in ("['TimeoutError']", "['ServerUnavailableError']")
 
 
 async def test_unclosed_state_warns(server: zproc.ServerAddress) -> None:

@@ -182,15 +182,22 @@ def test_wait_all_timeout_and_safe(ctx: zproc.Context) -> None:
     assert time.monotonic() - start < 3
 
 
+def _up_then_sleep(state: zproc.State, name: str) -> None:
+    state[name] = True
+    time.sleep(30)
+
+
 def test_start_all_and_stop_all(ctx: zproc.Context) -> None:
-    idle = ctx.process(lambda state: time.sleep(30), start=False)
+    idle = ctx.process(_up_then_sleep, args=("idle",), start=False)
     never = ctx.process(lambda state: 1, start=False)
-    running = ctx.process(lambda state: time.sleep(30))
+    running = ctx.process(_up_then_sleep, args=("running",))
     assert idle.pid is None
     ctx.start_all()
     assert idle.pid is not None and never.pid is not None
     ctx.start_all()  # already started: skipped
     assert never.wait(10) == 1
+    # both sleepers run their targets (a signal during a child's start-up is another test)
+    ctx.state.get_when(lambda s: "idle" in s and "running" in s, timeout=20)
     start = time.monotonic()
     codes = ctx.stop_all()
     assert time.monotonic() - start < 2  # one grace period for all of them

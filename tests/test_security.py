@@ -409,3 +409,21 @@ def test_secure_server_in_process_closes_its_gatekeeper() -> None:
         assert "rejected" in server.stats
         server.close()
     wait_for(lambda: threading.active_count() <= threads, what="the guard thread to end")
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["client-with-key", "client-without"])
+def test_handshakes_dropped_without_detail_name_the_key(secure: bool) -> None:
+    """A server that only ever drops the handshake (no reason given) points at the keys,
+    for a client with a key and for one without (a CURVE server drops plain clients)."""
+    no_detail = getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0)
+    if not no_detail:
+        pytest.skip("this libzmq reports no handshake failures")
+    watch = _security.HandshakeWatch("tcp://127.0.0.1:1", secure=secure)
+    for _ in range(_security.NO_DETAIL_LIMIT - 1):
+        watch.on_event(no_detail, 0)
+    assert watch.error() is None
+    watch.on_event(no_detail, 0)
+    error = watch.error()
+    assert isinstance(error, zproc.AuthenticationError)
+    expected = "secret_key differs" if secure else "requires a secret_key"
+    assert expected in str(error)

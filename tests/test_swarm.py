@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import zmq
-from _netns import Output, TestBed, unavailable_reason
+from _netns import Output, TestBed, created_bed
 
 import zproc
 from zproc import _swarm
@@ -252,6 +252,78 @@ def test_a_chunk_lost_on_every_attempt_fails_clearly(ctx: zproc.Context) -> None
         swarm.close()
 
 
+UNCLOSED_SWARM = """
+import sys, zproc
+def square(x):
+    return x * x
+if __name__ == "__main__":
+    server, address = zproc.start_server()
+    swarm = zproc.Swarm(address)
+    swarm.start(1)
+    print(swarm.map(square, range(3), timeout=30), flush=True)
+    server.terminate()
+    server.join(10)
+"""
+
+
+def test_a_script_that_does_not_close_its_swarm_still_exits(tmp_path: pathlib.Path) -> None:
+    script = tmp_path / "unclosed.py"
+    script.write_text(UNCLOSED_SWARM)
+    done = subprocess.run(
+        [sys.executable, str(script)], env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[0, 1, 4]"
+
+
+def test_a_swarm_goes_on_after_its_server_restarts() -> None:
+    from conftest import make_address, stop
+
+    address = make_address("tcp")
+    server, _ = zproc.start_server(address)
+    swarm = zproc.Swarm(address)
+    try:
+        swarm.start(1)
+        lazy = swarm.map_lazy(square, range(4))
+        assert lazy.get(timeout=30) == [0, 1, 4, 9]
+        server.kill()
+        server.join(10)
+        server, _ = zproc.start_server(address)  # a new server, a new broker, no old tasks
+        with pytest.raises(zproc.TaskError, match="no task"):
+            lazy.get(timeout=30)
+        assert swarm.map(square, range(5), timeout=30) == [0, 1, 4, 9, 16]
+    finally:
+        swarm.close()
+        stop(server)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ("not an id", 1, b"", 3, True, 0.0, [(0, 1, b"x")]),
+        (2**64, 1, b"", 3, True, 0.0, [(0, 1, b"x")]),
+        (12345, 1, "code", 3, True, 0.0, [(0, 1, b"x")]),
+        (12345, 1, b"", 3, True, 0.0, [(0, 1, 7)]),
+        (12345, 1, b"", 3, True, 0.0, "chunks"),
+    ],
+)
+def test_a_malformed_submit_is_refused_and_the_broker_goes_on(
+    swarm: zproc.Swarm, message: tuple[Any, ...]
+) -> None:
+    from zproc import _protocol as P
+    from zproc.swarm import _Link
+
+    link = _Link(swarm.server_address, None, 10.0)
+    try:
+        with pytest.raises(zproc.ProtocolError, match="malformed swarm SUBMIT"):
+            link.request(P.SwarmKind.SUBMIT, message)
+    finally:
+        link.close()
+    assert swarm.map(square, range(6), timeout=30) == [0, 1, 4, 9, 16, 25]
+    assert swarm.info()["tasks"] == 0
+
+
 # -- retention -------------------------------------------------------------------------
 
 
@@ -392,18 +464,8 @@ print(json.dumps({"workers": len(workers), "order": [x for x, _ in results] == l
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[TestBed]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"two-host test bed unavailable: {reason}")
-    testbed = TestBed()
-    try:
-        testbed.create()
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"two-host test bed unavailable: cannot create network namespaces: {exc}")
-    try:
+    with created_bed() as testbed:
         yield testbed
-    finally:
-        testbed.destroy()
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE")

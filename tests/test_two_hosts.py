@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import zmq
-from _netns import TestBed, unavailable_reason
+from _netns import TestBed, created_bed
 
 import zproc
 
@@ -44,18 +44,8 @@ _ports = itertools.count(21000, 2)
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[TestBed]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"two-host test bed unavailable: {reason}")
-    testbed = TestBed()
-    try:
-        testbed.create()
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"two-host test bed unavailable: cannot create network namespaces: {exc}")
-    try:
+    with created_bed() as testbed:
         yield testbed
-    finally:
-        testbed.destroy()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,40 @@ def test_buffer_starts_at_construction(server: zproc.ServerAddress) -> None:
             with zproc.State(server) as watcher:
                 writer["v"] = i
                 assert watcher.get_when_change("v", live=False, timeout=5) == i
+
+
+def hold(d: dict[str, Any], started: str, release: str) -> None:
+    """Keep the server busy until ``release`` exists (at most 20 s)."""
+    open(started, "w").close()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_buffer_start_survives_a_timed_out_first_watcher(
+    server: zproc.ServerAddress, tmp_path: Any
+) -> None:
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with zproc.State(server, request_timeout=30) as blocker, zproc.State(server) as w:
+        holder = threading.Thread(target=zproc.atomic(hold), args=(blocker, started, release))
+        holder.start()
+        try:
+            for _ in range(1000):
+                if os.path.exists(started):
+                    break
+                time.sleep(0.01)
+            with zproc.State(server, request_timeout=0.2) as s:  # registers, unanswered
+                with pytest.raises(zproc.TimeoutError):
+                    s.get_when_change("x", live=False)  # the server is still busy
+                open(release, "w").close()
+                holder.join(30)
+                s.request_timeout = 30
+                len(s)  # the registration has been answered by now
+                w["x"] = 1  # made after s registered: it is in s's buffer
+                assert s.get_when_change("x", live=False, timeout=5) == 1
+        finally:
+            open(release, "w").close()
+            holder.join(30)
 
 
 def test_live_watcher_sees_an_update_right_after_the_call(server: zproc.ServerAddress) -> None:

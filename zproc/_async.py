@@ -535,7 +535,17 @@ class AsyncState:
         rid, self._start_rid = self._start_rid, None
         if rid is None:
             return int(await self._request(P.Kind.HEAD, 0, b""))
-        return int(await conn.aresult(rid, self.request_timeout))
+        try:
+            start = int(await conn.aresult(rid, self.request_timeout))
+        except (asyncio.CancelledError, TimeoutError):
+            # keep the registration: the buffer still starts where the State was made
+            if self._conn is conn and not conn.closed and self._start_rid is None:
+                self._start_rid = rid
+                conn.expect(rid)
+            raise
+        if self._conn is conn and self._start_rid is None:
+            self._start_seq_value = start  # kept if starting the stream fails
+        return start
 
     async def _watching(self, catch_up: bool = True) -> tuple[_AsyncStream, int]:
         """The event stream, started on first use, and the server's head (current when
@@ -742,10 +752,12 @@ class AsyncState:
 
     async def go_live(self) -> None:
         """Discard the buffer: buffered watchers see only changes made after this returns."""
-        if self._stream is None:
+        # (without a stream, just move its start; not while an iterator watcher waits
+        # for it, whose changes since its creation must stay in the log)
+        if self._stream is None and not self._pending:
             conn = self._connection()
             head = int(await conn.arequest(P.Kind.HEAD, 0, b"", self._ns, self.request_timeout))
-            if self._stream is None:
+            if self._stream is None and not self._pending:
                 self._start_seq_value, self._start_rid = head, None
                 return
         stream, _ = await self._watching()
@@ -995,7 +1007,13 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         rid, self._head_rid = self._head_rid, None
         if rid is not None and self._epoch == state._epoch and self._stream is None:
             conn = state._connection()
-            start = int(await conn.aresult(rid, state.request_timeout))
+            try:
+                start = int(await conn.aresult(rid, state.request_timeout))
+            except (asyncio.CancelledError, TimeoutError):
+                if self._head_rid is None and conn is state._conn and not conn.closed:
+                    self._head_rid = rid  # keep this watcher's start for the next call
+                    conn.expect(rid)
+                raise
             if start > stream.seq:
                 await stream.catch_up()
         else:

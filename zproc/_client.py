@@ -108,6 +108,10 @@ class Connection:
         self.head = 0
         sock = self._new_socket(zmq.DEALER)
         sock.linger = 0
+        # Never block in send: while no server takes them, requests queue here and each
+        # one ends by its own timeout or liveness check (a full queue would block the
+        # caller, and an event loop, with no time limit).
+        sock.sndhwm = 0
         sock.identity = self.identity
         sock.rcvtimeo = int(SLICE * 1000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -163,6 +167,14 @@ class Connection:
         try:
             while True:
                 if deadline is None:
+                    try:
+                        frames = recv_frames(sock)
+                    except zmq.Again:
+                        self._check_alive(rid)
+                        continue
+                elif deadline - time.monotonic() >= SLICE:
+                    # no poll (a Poller per call costs microseconds): the socket's
+                    # rcvtimeo bounds this wait to SLICE
                     try:
                         frames = recv_frames(sock)
                     except zmq.Again:

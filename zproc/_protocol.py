@@ -58,7 +58,10 @@ with the header above to the broker's *tasks* endpoint, with a ``SwarmKind`` as 
              a reply carried its last chunk (or a failed one)
     RESULTS  body: (task, first_chunk, wait). reply: (chunk_count, length, chunks)
              chunks = [(index, start, count, ChunkStatus, body), ...], the consecutive
-             finished chunks from first_chunk on; empty if none finished within wait s
+             finished chunks from first_chunk on; empty if none finished within wait s.
+             The reply leaves once first_chunk is finished; for a keep=False task, once
+             every chunk is finished, one failed, or the finished results fill a reply
+             (or when wait ends): a map's caller wants them all, in one reply
     FORGET   body: task. reply: whether the task was known
     INFO     body: empty. reply: dict (workers, idle, queued, tasks, settings)
 
@@ -173,6 +176,8 @@ _REQUEST = struct.Struct("<BBBI")
 _REPLY = struct.Struct("<BBI")
 _REPLY_HEAD = struct.Struct("<BBIQ")
 _EVENTS = struct.Struct("<BQQ")
+#: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
+_new_tuple = tuple.__new__
 
 
 class Request(NamedTuple):
@@ -201,8 +206,8 @@ def request_header(kind: int, method: int, request_id: int, namespace: bytes) ->
     return _REQUEST.pack(PROTOCOL_VERSION, kind, method, request_id) + namespace
 
 
-def parse_request(frame: Frame) -> Request:
-    """Decode a request header; raise :class:`ProtocolError` on anything malformed."""
+def _parse_header(frame: Frame, peer: str) -> tuple[int, int, int, str]:
+    """``(kind, method, request_id, namespace)`` of a request header for ``peer``."""
     try:
         version, kind, method, request_id = _REQUEST.unpack_from(frame)
         namespace = bytes(frame[_REQUEST.size :]).decode()
@@ -210,16 +215,22 @@ def parse_request(frame: Frame) -> Request:
         raise ProtocolError(f"malformed request header ({len(frame)} bytes)") from exc
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {version} is not supported by this server (it speaks "
+            f"protocol version {version} is not supported by this {peer} (it speaks "
             f"{PROTOCOL_VERSION}); use the same zproc version on both sides"
         )
+    return kind, method, request_id, namespace
+
+
+def parse_request(frame: Frame) -> Request:
+    """Decode a request header; raise :class:`ProtocolError` on anything malformed."""
+    kind, method, request_id, namespace = _parse_header(frame, "server")
     if kind not in _KINDS:
         raise ProtocolError(f"unknown request kind {kind}")
     if kind == _CALL and method not in _METHODS:
         raise ProtocolError(f"unknown or forbidden dict method code {method}")
     if not namespace:
         raise ProtocolError("empty namespace")
-    return Request(kind, method, request_id, namespace)
+    return _new_tuple(Request, (kind, method, request_id, namespace))
 
 
 def request_id_of(frame: Frame) -> int | None:
@@ -308,6 +319,22 @@ def encode_event(event: Event) -> bytes:
     return S.dumps((event.seq, event.origin, event.timestamp, event.changes, event.deleted, None))
 
 
+def new_event(
+    seq: int,
+    origin: bytes,
+    timestamp: float,
+    changes: dict[Any, Any],
+    deleted: tuple[Any, ...],
+    old: dict[Any, Any] | None,
+) -> tuple[Event, bytes]:
+    """An event and its frame (as :func:`encode_event`), built for the server's hot path:
+    no named tuple constructor, no attribute reads."""
+    return (
+        _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)),
+        S.dumps((seq, origin, timestamp, changes, deleted, None)),
+    )
+
+
 def decode_event(frame: Frame) -> Event:
     """Decode one event frame; raise :class:`ProtocolError` if malformed."""
     try:
@@ -370,16 +397,7 @@ def parse_work(frame: Frame) -> WorkHeader:
 
 def parse_swarm_request(frame: Frame) -> Request:
     """Decode the header of a request to the swarm broker (a ``SwarmKind``)."""
-    try:
-        version, kind, method, request_id = _REQUEST.unpack_from(frame)
-        namespace = bytes(frame[_REQUEST.size :]).decode()
-    except (struct.error, UnicodeDecodeError, TypeError) as exc:
-        raise ProtocolError(f"malformed request header ({len(frame)} bytes)") from exc
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version} is not supported by this broker (it speaks "
-            f"{PROTOCOL_VERSION}); use the same zproc version on both sides"
-        )
+    kind, method, request_id, namespace = _parse_header(frame, "broker")
     if kind not in _SWARM_KINDS:
         raise ProtocolError(f"unknown swarm request kind {kind}")
     return Request(kind, method, request_id, namespace)

@@ -618,12 +618,21 @@ class HandshakeWatch:
                 f"the security handshake with the zproc server at {self.endpoint} failed: "
                 f"{detail}"
             )
-        elif self.secure and self.failures >= NO_DETAIL_LIMIT:
-            self._error = AuthenticationError(
-                f"the server at {self.endpoint} closed the connection during the CURVE "
-                f"handshake {self.failures} times in a row: most likely its secret_key "
-                f"differs from this client's (or it is not a zproc server)"
-            )
+        elif self.failures >= NO_DETAIL_LIMIT:
+            if self.secure:
+                self._error = AuthenticationError(
+                    f"the server at {self.endpoint} closed the connection during the CURVE "
+                    f"handshake {self.failures} times in a row: most likely its secret_key "
+                    f"differs from this client's (or it is not a zproc server)"
+                )
+            else:
+                # a CURVE server often drops a plain client without naming the mismatch
+                self._error = AuthenticationError(
+                    f"the server at {self.endpoint} closed the connection during the "
+                    f"security handshake {self.failures} times in a row: most likely it "
+                    f"requires a secret_key (CURVE) and this client has none. Pass the "
+                    f"server's secret_key (or it is not a zproc server)"
+                )
 
     def error(self) -> AuthenticationError | None:
         """The error to raise, when the handshakes show that the keys do not match."""

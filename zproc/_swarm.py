@@ -7,7 +7,8 @@ Data flow::
     SWARM request on server_address[0] ─▶ the server starts the broker (once) and
                                           replies with its endpoints (tasks, workers)
     SUBMIT: code + chunks ─────────────▶ tasks ROUTER ── queue of chunks
-    RESULTS: task, first chunk, wait ──▶  parked until that chunk is done (or wait ends)
+    RESULTS: task, first chunk, wait ──▶  parked until that chunk is done (for a map's
+                                          caller: until all are) or wait ends
                        ◀─────────────────  the finished chunks, in order
 
                                           workers ROUTER                worker processes
@@ -104,6 +105,7 @@ class _Chunk:
 class _Task:
     __slots__ = (
         "id", "code", "chunks", "length", "max_attempts", "keep", "left", "finished", "waiters",
+        "done_bytes", "settled",
     )
 
     def __init__(
@@ -119,6 +121,10 @@ class _Task:
         self.left = len(chunks)
         self.finished: float | None = None
         self.waiters: list[_Waiter] = []  # parked requests for results
+        self.done_bytes = 0  # size of the finished chunks' results
+        #: every chunk is done, one failed, or the finished results fill a reply: what a
+        #: keep=False task (a map waiting for all its results) answers its requests with
+        self.settled = not chunks
 
 
 class _Waiter:
@@ -157,6 +163,35 @@ class _Worker:
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host}"
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _check_submit(task_id: Any, length: Any, code: Any, max_attempts: Any, layout: Any) -> None:
+    """Reject a SUBMIT whose fields would fail later, in the broker's loop."""
+    problem = ""
+    if not _is_int(task_id, 1, 2**64 - 1):
+        problem = f"task id {task_id!r} is not an int in [1, 2**64)"
+    elif not _is_int(length, 0, 2**63) or not _is_int(max_attempts, -(2**63), 2**63):
+        problem = f"length {length!r} or max_attempts {max_attempts!r} is not an int"
+    elif type(code) is not bytes:
+        problem = f"the code is a {type(code).__name__}, not bytes"
+    elif not isinstance(layout, (list, tuple)) or len(layout) >= 2**32:
+        problem = "the chunks are not a list"
+    else:
+        for part in layout:
+            if not (
+                isinstance(part, tuple) and len(part) == 3 and _is_int(part[0], 0, 2**63)
+                and _is_int(part[1], 0, 2**63) and type(part[2]) is bytes
+            ):
+                problem = f"a chunk is not (start, count, items bytes): {part!r:.80}"
+                break
+    if problem:
+        raise ProtocolError(
+            f"malformed swarm SUBMIT: {problem}; use the same zproc version on both sides"
+        )
 
 
 def _bind(sock: zmq.Socket[Any], address: ServerAddress, folder: str | None, name: str) -> str:
@@ -353,6 +388,7 @@ class Broker:
 
     def _submit(self, message: tuple[Any, ...]) -> tuple[_Task, float]:
         task_id, length, code, max_attempts, keep, wait, layout = message
+        _check_submit(task_id, length, code, max_attempts, layout)
         if task_id in self.tasks:
             raise ProtocolError(f"task {task_id:016x} was already submitted")
         chunks = [
@@ -395,8 +431,11 @@ class Broker:
 
     def _answer(self, task: _Task, waiter: _Waiter, force: bool = False) -> bool:
         """Reply with the finished chunks from the waiter's first on (none if ``force``);
-        False if its first chunk is not done."""
+        False if its first chunk is not done, or if the task is not settled and its
+        results are not kept (a map's caller wants them all: one reply, not one per chunk)."""
         chunks, first = task.chunks, waiter.first
+        if not (force or task.keep or task.settled) and first < len(chunks):
+            return False
         out: list[tuple[int, int, int, int, bytes]] = []
         size = 0
         for i in range(first, len(chunks)):
@@ -489,6 +528,9 @@ class Broker:
         chunk.body = body
         chunk.items = None
         task.left -= 1
+        task.done_bytes += len(body)
+        if task.left <= 0 or status != P.ChunkStatus.OK or task.done_bytes > REPLY_BYTES:
+            task.settled = True
         if task.left <= 0:
             self._finish(task)
         if task.waiters:

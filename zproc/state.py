@@ -792,7 +792,14 @@ class State:
         rid, self._start_rid = self._start_rid, None
         if rid is None:
             return int(self._request(P.Kind.HEAD, 0, b""))
-        return int(conn.result(rid, self.request_timeout))
+        try:
+            self._start_seq_value = int(conn.result(rid, self.request_timeout))
+        except TimeoutError:
+            # keep the registration: the buffer still starts where the State was made
+            self._start_rid = rid
+            conn.expect(rid)
+            raise
+        return self._start_seq_value
 
     def _watching(self, catch_up: bool = True) -> _Stream:
         """The event stream, started on first use (and caught up with the server's head)."""

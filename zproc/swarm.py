@@ -9,10 +9,13 @@ from the server's 2-tuple address.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import multiprocessing.util
 import os
 import socket as _socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,7 +25,14 @@ from ._client import Connection
 from ._security import SecretKey, client_keys
 from ._swarm import DEFAULT_MAX_ATTEMPTS, discover, worker_main
 from ._transport import ServerAddress, normalize_address
-from .exceptions import ProcessError, RemoteTraceback, TaskError, TimeoutError, ZProcError
+from .exceptions import (
+    ProcessError,
+    RemoteTraceback,
+    ServerUnavailableError,
+    TaskError,
+    TimeoutError,
+    ZProcError,
+)
 from .process import Process, _as_args, _as_kwargs, stop_processes
 
 __all__ = ["SequenceTaskResult", "SimpleTaskResult", "Swarm"]
@@ -36,6 +46,13 @@ CHUNKS_PER_WORKER = 4
 POLL_WAIT = 1.0
 #: How long a known number of workers is trusted for chunking (seconds).
 WORKERS_FRESH = 1.0
+#: Least work (seconds of one worker) worth a chunk of its own when ``map`` chooses the
+#: number of chunks: each chunk costs a few hundred microseconds of messages, so a map whose
+#: previous run of the same target and arguments showed less work gets fewer, larger
+#: chunks (never fewer than one per worker).
+MIN_CHUNK_WORK = 0.005
+#: Targets (with their fixed arguments) whose pace a Swarm remembers for chunking.
+PACE_MEMORY = 64
 
 _NO_CHUNK = 1 << 31  # a chunk index past every task: asks for the task's size only
 
@@ -81,10 +98,30 @@ class _Link:
         return self._connection
 
     def request(self, kind: int, body: Any, timeout: float | None = None) -> Any:
-        return self.connection().request(
-            kind, 0, S.dumps(body), self.namespace,
-            timeout=self.request_timeout if timeout is None else timeout,
-        )
+        try:
+            return self._request(kind, body, timeout)
+        except ServerUnavailableError:
+            if not P.is_read_only(kind, 0):
+                raise
+        return self._request(kind, body, timeout)  # a read: again, at the broker found anew
+
+    def _request(self, kind: int, body: Any, timeout: float | None) -> Any:
+        conn = self.connection()
+        try:
+            return conn.request(
+                kind, 0, S.dumps(body), self.namespace,
+                timeout=self.request_timeout if timeout is None else timeout,
+            )
+        except ServerUnavailableError as exc:
+            # the broker is gone (its server died or restarted): look for it again next time
+            if self._connection is conn:
+                self._connection = None
+                conn.close()
+            raise ServerUnavailableError(
+                f"lost the swarm broker of the zproc server at {self.server_address.req_rep} "
+                f"({exc}); the next request asks the server for its broker again (a "
+                f"restarted server has a new one, without the old tasks)"
+            ) from exc
 
     def close(self) -> None:
         self.closed = True
@@ -138,6 +175,7 @@ class _TaskResult:
         self._length: int | None = None
         self._chunk_count: int | None = None
         self._early: list[tuple[Any, ...]] = []  # chunks that came with the SUBMIT reply
+        self._pace_key = 0  # hash of the encoded target and fixed arguments (see Swarm)
 
     def _share(self, link: _Link, length: int, chunk_count: int) -> None:
         self._link.close()
@@ -422,7 +460,11 @@ class Swarm:
         self.max_attempts = max_attempts
         self.worker_list: list[Process] = []
         self._owner = os.getpid()
+        self._exit_hook: Any = None  # stops the workers started here if close() is not called
         self._known_workers = (0, 0.0)  # (count, when)
+        #: hash of the encoded target and fixed arguments -> seconds of one worker per
+        #: item, measured by the last ``map`` of them (see MIN_CHUNK_WORK)
+        self._pace: OrderedDict[int, float] = OrderedDict()
         settings = {"max_tasks": max_tasks, "max_age": max_age}
         self._link = _Link(
             self.server_address, secret_key, request_timeout, namespace,
@@ -462,8 +504,14 @@ class Swarm:
             )
             self.worker_list.append(process)
             new.append(process)
+            self._hook_exit()
         if new:
             self._await_joined(new, timeout)
+
+    def _hook_exit(self) -> None:
+        """Close at interpreter exit (else exit would wait for the workers forever)."""
+        if self._exit_hook is None:
+            self._exit_hook = multiprocessing.util.Finalize(self, self.close, exitpriority=10)
 
     def _await_joined(self, processes: list[Process], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -565,7 +613,9 @@ class Swarm:
         ----------
         num_chunks
             Number of chunks (at most one per item). Default: 4 per worker known to the
-            broker, so that fast workers take more of them than slow ones.
+            broker, so that fast workers take more of them than slow ones; fewer (down to
+            one per worker) when the last :meth:`map` of the same target and arguments on
+            this Swarm showed less than ``MIN_CHUNK_WORK`` (5 ms) of work per chunk.
         timeout
             Default timeout of the result (see :class:`SequenceTaskResult`).
 
@@ -603,8 +653,14 @@ class Swarm:
         items, margs, mkwargs = _sequence(map_iter), _sequence(map_args), _sequence(map_kwargs)
         fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
         length = min(len(seq) for seq in (items, margs, mkwargs) if seq is not None)
+        code = _dumps_code(pass_state, self.namespace, target, fixed_args, fixed_kwargs)
         if num_chunks is None:
-            num_chunks = self._workers() * CHUNKS_PER_WORKER
+            workers = self._workers()
+            num_chunks = workers * CHUNKS_PER_WORKER
+            pace = self._pace.get(hash(code))
+            if pace is not None:
+                worth = math.ceil(pace * length / MIN_CHUNK_WORK)
+                num_chunks = max(workers, min(num_chunks, worth))
         layout = []
         for start, count in _layout(length, num_chunks):
             end = start + count
@@ -615,7 +671,6 @@ class Swarm:
                 count,
             )
             layout.append((start, count, _dumps_items(part)))
-        code = _dumps_code(pass_state, self.namespace, target, fixed_args, fixed_kwargs)
         task_id = _new_task_id()
         wait = 0.0  # map and run wait for the first results in the same request
         if not keep:
@@ -631,7 +686,17 @@ class Swarm:
         result._share(self._link, length, len(layout))
         if first is not None:
             result._early = list(first[2])
+        result._pace_key = hash(code)
         return result
+
+    def _learn(self, key: int, length: int, seconds: float) -> None:
+        """Remember the pace of a finished ``map`` (for the chunk count of the next one)."""
+        if length > 0:
+            pace = self._pace
+            pace[key] = seconds * max(self._known_workers[0], 1) / length
+            pace.move_to_end(key)
+            if len(pace) > PACE_MEMORY:
+                pace.popitem(last=False)
 
     def map(
         self,
@@ -659,10 +724,12 @@ class Swarm:
             timeout, keep=False,
         )
         try:
-            return result.get(_remaining(start, timeout))
+            values = result.get(_remaining(start, timeout))
         except BaseException:
             _forget_quietly(result)
             raise
+        self._learn(result._pace_key, len(values), time.monotonic() - start)
+        return values
 
     def run(
         self,
@@ -722,6 +789,9 @@ class Swarm:
                 self.stop()
         finally:
             self._link.close()
+            hook, self._exit_hook = self._exit_hook, None
+            if hook is not None and os.getpid() == self._owner:
+                hook.cancel()
 
     @property
     def closed(self) -> bool:
