@@ -814,13 +814,13 @@ class Server:
         try:
             changes, deleted, old = data.end(commit=True)
             if changes or deleted:
-                event = self._encode_event(ns, identity, changes, deleted)
+                event = P.new_event(ns.seq + 1, identity, time.time(), changes, deleted, old)
         except BaseException:
             # the change set could not be encoded: undo by reapplying the old values
             _restore(data, changes, deleted, old)
             raise
         if changes or deleted:
-            self._record(ns, (event[0]._replace(old=old), event[1]), dirty)
+            self._record(ns, event, dirty)
         return reply
 
     def _pipeline(
@@ -854,11 +854,6 @@ class Server:
                 self.stats["errors"] += 1
                 out.append((error, S.dumps_exception(exc)))
         return S.dumps(out)
-
-    def _encode_event(
-        self, ns: Namespace, identity: bytes, changes: dict[Any, Any], deleted: tuple[Any, ...]
-    ) -> tuple[P.Event, bytes]:
-        return P.new_event(ns.seq + 1, identity, time.time(), changes, deleted, None)
 
     def _commit(
         self,
