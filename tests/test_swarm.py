@@ -324,6 +324,45 @@ def test_a_malformed_submit_is_refused_and_the_broker_goes_on(
     assert swarm.info()["tasks"] == 0
 
 
+def test_a_late_need_code_from_a_dropped_worker_does_not_queue_a_chunk_twice(
+    ctx: zproc.Context,
+) -> None:
+    """A worker dropped for silence answers at last: its chunk is queued once, not twice."""
+    from zproc import _protocol as P
+    from zproc import _serialization as S
+
+    swarm = ctx.create_swarm(0)
+    fake = zmq.Context.instance().socket(zmq.DEALER)
+    fake.linger = 0
+    fake.rcvtimeo = 10_000
+    try:
+        fake.connect(_swarm.discover(swarm.server_address, None)[1])
+        fake.send_multipart([P.work_header(P.WorkOp.READY), S.dumps((os.getpid(), "fake"))])
+        deadline = time.monotonic() + 10
+        while not swarm.info()["workers"]:
+            assert time.monotonic() < deadline, "the fake worker never joined"
+            time.sleep(0.02)
+        result = swarm.map_lazy(square, range(4), num_chunks=1)
+        header = P.parse_work(fake.recv_multipart()[0])  # the chunk; then no heartbeat
+        assert header.op == P.WorkOp.CHUNK
+        deadline = time.monotonic() + 15
+        while swarm.info()["workers"]:  # dropped for silence, its chunk queued again
+            assert time.monotonic() < deadline, "the silent worker was never dropped"
+            time.sleep(0.1)
+        assert swarm.info()["queued"] == 1
+        fake.send_multipart([
+            P.work_header(P.WorkOp.RESULT, status=P.ChunkStatus.NEED_CODE,
+                          counter=header.counter, task=header.task, chunk=header.chunk),
+            b"",
+        ])  # fmt: skip
+        time.sleep(0.3)  # let the broker read it
+        assert swarm.info()["queued"] == 1
+        swarm.start(1)
+        assert result.as_list == [0, 1, 4, 9]
+    finally:
+        fake.close(0)
+
+
 # -- retention -------------------------------------------------------------------------
 
 

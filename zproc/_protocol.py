@@ -68,7 +68,7 @@ with the header above to the broker's *tasks* endpoint, with a ``SwarmKind`` as 
 Workers speak to the broker's *workers* endpoint with their own frames::
 
     [work_header, *payload]
-    work_header = struct "<BBBIQI" (version, WorkOp, status, counter, task, chunk)
+    work_header = struct "<BBBQQI" (version, WorkOp, status, counter, task, chunk)
 
     worker -> broker  READY      counter = chunks received so far; payload: [info]
                       RESULT     task, chunk, ChunkStatus; payload: [body]
@@ -364,7 +364,7 @@ class ChunkStatus(enum.IntEnum):
     NEED_CODE = 3  # the worker lacks the task's code: send the chunk again with it
 
 
-_WORK = struct.Struct("<BBBIQI")
+_WORK = struct.Struct("<BBBQQI")
 _SWARM_KINDS = frozenset(int(k) for k in SwarmKind)
 
 

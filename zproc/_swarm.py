@@ -473,13 +473,16 @@ class Broker:
             if worker is not None:
                 worker.seen = now
                 key = (header.task, header.chunk)
-                if key in worker.held:
+                held = key in worker.held
+                if held:
                     if worker.held[0] == key:
                         worker.quick = now - worker.began < PREFETCH_BELOW
                         worker.began = now
                     worker.held.remove(key)
                 self._set_idle(worker)
-            self._result(header, frames[2] if len(frames) > 2 else b"", worker)
+            else:
+                held = False
+            self._result(header, frames[2] if len(frames) > 2 else b"", worker, held)
         elif op == P.WorkOp.READY:
             if worker is None:
                 pid, host = S.loads(frames[2]) if len(frames) > 2 else (0, "?")
@@ -508,7 +511,9 @@ class Broker:
             worker.idle = True
             self.idle.append(worker)
 
-    def _result(self, header: P.WorkHeader, body: bytes, worker: _Worker | None) -> None:
+    def _result(
+        self, header: P.WorkHeader, body: bytes, worker: _Worker | None, held: bool
+    ) -> None:
         task = self.tasks.get(header.task)
         if task is None or header.chunk >= len(task.chunks):
             return  # forgotten, expired or unknown: nobody wants it
@@ -518,8 +523,9 @@ class Broker:
         if header.status == P.ChunkStatus.NEED_CODE:
             if worker is not None:
                 worker.known.clear()
-            chunk.attempts -= 1
-            self.queue.appendleft((task, chunk))
+            if held:  # otherwise the chunk was queued again already (or another has it)
+                chunk.attempts -= 1
+                self.queue.appendleft((task, chunk))
             return
         self._complete(task, chunk, header.status, body)
 
