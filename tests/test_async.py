@@ -7,6 +7,7 @@ Every test talks to a real server; writers are a sync State in a worker thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -343,33 +344,40 @@ def hold(d: dict[str, Any], started: str, release: str) -> None:
         time.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def server_held(server: zproc.ServerAddress, tmp_path: Any) -> AsyncIterator[None]:
+    """Keep the server busy in an atomic function (:func:`hold`) while the block runs."""
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with zproc.State(server, request_timeout=30) as blocker:
+        holding = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(zproc.atomic(hold), blocker, started, release)
+        )
+        try:
+            for _ in range(1000):
+                if os.path.exists(started):
+                    break
+                await asyncio.sleep(0.01)
+            yield
+        finally:
+            open(release, "w").close()
+            await holding
+
+
 @pytest.mark.parametrize("cancelled_in", ["registration", "subscription"])
 async def test_a_cancelled_first_watcher_keeps_the_buffer_start(
     server: zproc.ServerAddress, writer: zproc.State, tmp_path: Any, cancelled_in: str
 ) -> None:
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
     states: list[zproc.AsyncState] = []
     if cancelled_in == "subscription":
         states.append(zproc.AsyncState(server, request_timeout=30))
         await states[0].len()  # registered; starting the stream will wait
     try:
-        with zproc.State(server, request_timeout=30) as blocker:
-            holding = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(zproc.atomic(hold), blocker, started, release)
-            )
-            try:
-                for _ in range(1000):
-                    if os.path.exists(started):
-                        break
-                    await asyncio.sleep(0.01)
-                if not states:
-                    states.append(zproc.AsyncState(server, request_timeout=30))  # registers
-                # the server is busy: the first watcher's round trips cannot end in time
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(states[0].get_when_change("x", live=False), 0.2)
-            finally:
-                open(release, "w").close()
-                await holding
+        async with server_held(server, tmp_path):
+            if not states:
+                states.append(zproc.AsyncState(server, request_timeout=30))  # registers
+            # the server is busy: the first watcher's round trips cannot end in time
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(states[0].get_when_change("x", live=False), 0.2)
         s = states[0]
         await s.len()  # every request sent before has been answered by now
         await asyncio.to_thread(writer.__setitem__, "x", 1)
@@ -383,24 +391,12 @@ async def test_a_cancelled_first_watcher_keeps_the_buffer_start(
 async def test_a_cancelled_first_step_keeps_an_iterator_watchers_start(
     server: zproc.ServerAddress, writer: zproc.State, tmp_path: Any
 ) -> None:
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
     async with zproc.AsyncState(server, request_timeout=30) as s:
         assert await s.get_when(lambda d: True, timeout=10) == {}  # the event stream runs
-        with zproc.State(server, request_timeout=30) as blocker:
-            holding = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(zproc.atomic(hold), blocker, started, release)
-            )
-            try:
-                for _ in range(1000):
-                    if os.path.exists(started):
-                        break
-                    await asyncio.sleep(0.01)
-                watcher = s.when_change("x", timeout=5)  # starts here (the server's head)
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(watcher.__anext__(), 0.2)  # the server is busy
-            finally:
-                open(release, "w").close()
-                await holding
+        async with server_held(server, tmp_path):
+            watcher = s.when_change("x", timeout=5)  # starts here (the server's head)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(watcher.__anext__(), 0.2)  # the server is busy
         await s.len()  # every request sent before has been answered by now
         await asyncio.to_thread(writer.__setitem__, "x", 1)
         await s.go_live()  # the stream moves past the change

@@ -174,3 +174,13 @@ def test_remote_traceback_str_shows_the_text() -> None:
     cause = RemoteTraceback("Traceback (most recent call last):\n  boom\n")
     assert str(cause).startswith("\n\n")
     assert str(cause).rstrip().endswith("boom")
+
+
+def test_dumps_any_falls_back_to_cloudpickle_and_finds_the_unpicklable_item() -> None:
+    assert S.loads(S.dumps_any([1, "a"])) == [1, "a"]
+    assert S.loads(S.dumps_any(lambda: 7))() == 7  # plain pickle refuses a lambda
+    values = [1, lambda: 2, threading.Lock(), 4]
+    with pytest.raises(TypeError):
+        S.dumps_any(values)
+    index, error = S.first_unpicklable(values)
+    assert index == 2 and isinstance(error, TypeError)

@@ -35,14 +35,14 @@ import socket
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from . import _serialization as S
 from ._progress import track
 from ._transport import ServerAddress, make_private_ipc_dir, remove_ipc_dir
 from .exceptions import ProcessError, RemoteTraceback, TimeoutError, ZProcError
-from .process import POLLERR, POLLIN, POLLOUT, Process, poll_fds
+from .process import POLLERR, POLLIN, POLLOUT, Process, _map_length, poll_fds
 
 __all__ = ["MapResult", "Pool", "worker_main"]
 
@@ -62,18 +62,6 @@ PART_INTERVAL_MAX = 0.1
 READY_TIMEOUT = 60.0
 #: Decoded targets a worker keeps.
 CODE_CACHE = 8
-
-
-def _seq(values: Any) -> Sequence[Any]:
-    """Inputs as something that slices cheaply (a range stays a range)."""
-    return values if isinstance(values, (list, tuple, range)) else list(values)
-
-
-def _dumps_data(obj: Any) -> bytes:
-    try:
-        return S.dumps(obj)
-    except S.PICKLING_ERRORS:
-        return S.dumps_code(obj)
 
 
 def _dumps_target(
@@ -413,10 +401,12 @@ class Pool:
     ) -> Iterator[Any]:
         """Send the chunks to the workers now; return the iterator over the results.
 
-        With ``progress``, the results are counted as they are consumed (see ``_progress``).
+        The ``map_*`` inputs are sequences or None, as ``process._map_inputs``
+        makes them. With ``progress``, the results are counted as they are consumed (see
+        ``_progress``).
         """
-        inputs = [None if seq is None else _seq(seq) for seq in (map_iter, map_args, map_kwargs)]
-        length = min(len(seq) for seq in inputs if seq is not None)
+        inputs = [map_iter, map_args, map_kwargs]
+        length = _map_length(*inputs)
         if length == 0:
             return iter(())
         size = math.ceil(length / count)
@@ -428,7 +418,7 @@ class Pool:
         self._tasks[task.id] = task
         for index, (a, b) in enumerate(bounds):
             items = tuple(None if seq is None else seq[a:b] for seq in inputs) + (b - a,)
-            message = _dumps_data((task.id, index, a, code, items))
+            message = S.dumps_any((task.id, index, a, code, items))
             self._send(task, index, message, workers[index % len(workers)])
         chunks = self._chunks(task)
         if progress:
@@ -682,23 +672,19 @@ def _run_chunk(
 def _dump_part(results: list[Any], sent: int, start: int) -> tuple[int, bytes]:
     """``(_PART, pickled results)``, or the failure for the first unpicklable result."""
     try:
-        return _PART, _dumps_data(results)
+        return _PART, S.dumps_any(results)
     except Exception:
         pass
-    for i, value in enumerate(results):
-        try:
-            _dumps_data(value)
-        except Exception as exc:
-            unpicklable = TypeError(
-                f"the result for item {start + sent + i} (a {type(value).__name__}) cannot "
-                f"be pickled: {exc}. Return plain data (or an importable class)"
-            )
-            return _failure(results[:i], sent + i, unpicklable)
-    raise AssertionError("a list that does not pickle has an item that does not pickle")
+    i, exc = S.first_unpicklable(results)
+    unpicklable = TypeError(
+        f"the result for item {start + sent + i} (a {type(results[i]).__name__}) cannot "
+        f"be pickled: {exc}. Return plain data (or an importable class)"
+    )
+    return _failure(results[:i], sent + i, unpicklable)
 
 
 def _failure(
     results: list[Any], offset: int, error: BaseException, body: bytes | None = None
 ) -> tuple[int, bytes]:
-    partial = _dumps_data(results) if body is None else body
+    partial = S.dumps_any(results) if body is None else body
     return _FAILED, S.dumps((partial, offset, S.dumps_exception(error), os.getpid()))

@@ -217,6 +217,25 @@ def _validate(secret_key: object) -> None:
         )
 
 
+def _own_keys(secret_key: SecretKey, role: str) -> tuple[bytes, bytes, bytes]:
+    """``(public, secret, peer_public)`` of ``role`` ("server" or "client")."""
+    _validate(secret_key)
+    _check_curve()
+    peer = "client" if role == "server" else "server"
+    if isinstance(secret_key, (str, bytes, bytearray)):
+        secrets = dict(zip(("server", "client"), _derive(_passphrase(secret_key)), strict=True))
+        own = secrets[role]
+        return zmq.curve_public(own), own, zmq.curve_public(secrets[peer])
+    certs = dict(zip(("server", "client"), _cert_paths(secret_key, role), strict=True))
+    public, secret = _load(certs[role], role)
+    if secret is None:
+        raise ValueError(
+            f"the {role} certificate {os.fspath(certs[role])!r} holds no secret key; a "
+            f"{role} needs {role}.key_secret"
+        )
+    return public, secret, _load(certs[peer], peer)[0]
+
+
 def server_keys(secret_key: SecretKey | None) -> ServerKeys | None:
     """The server's keys for ``secret_key`` (None without one).
 
@@ -226,23 +245,7 @@ def server_keys(secret_key: SecretKey | None) -> ServerKeys | None:
         An unsupported ``secret_key``, or certificates that are missing or lack the
         server's secret key.
     """
-    if secret_key is None:
-        return None
-    _validate(secret_key)
-    _check_curve()
-    if isinstance(secret_key, (str, bytes, bytearray)):
-        server_secret, client_secret = _derive(_passphrase(secret_key))
-        return ServerKeys(
-            zmq.curve_public(server_secret), server_secret, zmq.curve_public(client_secret)
-        )
-    server_cert, client_cert = _cert_paths(secret_key, "server")
-    public, secret = _load(server_cert, "server")
-    if secret is None:
-        raise ValueError(
-            f"the server certificate {os.fspath(server_cert)!r} holds no secret key; a "
-            f"server needs server.key_secret"
-        )
-    return ServerKeys(public, secret, _load(client_cert, "client")[0])
+    return None if secret_key is None else ServerKeys(*_own_keys(secret_key, "server"))
 
 
 def client_keys(secret_key: SecretKey | None) -> ClientKeys | None:
@@ -254,23 +257,7 @@ def client_keys(secret_key: SecretKey | None) -> ClientKeys | None:
         An unsupported ``secret_key``, or certificates that are missing or lack the
         client's secret key.
     """
-    if secret_key is None:
-        return None
-    _validate(secret_key)
-    _check_curve()
-    if isinstance(secret_key, (str, bytes, bytearray)):
-        server_secret, client_secret = _derive(_passphrase(secret_key))
-        return ClientKeys(
-            zmq.curve_public(client_secret), client_secret, zmq.curve_public(server_secret)
-        )
-    server_cert, client_cert = _cert_paths(secret_key, "client")
-    public, secret = _load(client_cert, "client")
-    if secret is None:
-        raise ValueError(
-            f"the client certificate {os.fspath(client_cert)!r} holds no secret key; a "
-            f"client needs client.key_secret"
-        )
-    return ClientKeys(public, secret, _load(server_cert, "server")[0])
+    return None if secret_key is None else ClientKeys(*_own_keys(secret_key, "client"))
 
 
 def create_certificates(folder: PathArg) -> tuple[str, str]:

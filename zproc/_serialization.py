@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -22,9 +23,11 @@ from .exceptions import ProtocolError, RemoteTraceback, ServerError
 __all__ = [
     "PROTOCOL",
     "dumps",
+    "dumps_any",
     "dumps_call",
     "dumps_code",
     "dumps_exception",
+    "first_unpicklable",
     "loads",
     "loads_exception",
 ]
@@ -60,6 +63,27 @@ def dumps_code(obj: Any) -> bytes:
     """Serialize functions (and whatever holds them) by value where needed (cloudpickle)."""
     data: bytes = cloudpickle.dumps(obj, PROTOCOL)
     return data
+
+
+def dumps_any(obj: Any) -> bytes:
+    """Plain pickle, or cloudpickle for what it refuses (lambdas, ``__main__`` classes)."""
+    try:
+        return dumps(obj)
+    except PICKLING_ERRORS:
+        return dumps_code(obj)
+
+
+def first_unpicklable(values: Sequence[Any]) -> tuple[int, Exception]:
+    """Index and error of the first of ``values`` that :func:`dumps_any` refuses.
+
+    For a list that :func:`dumps_any` refused as a whole (one of its items is the cause).
+    """
+    for i, value in enumerate(values):
+        try:
+            dumps_any(value)
+        except Exception as exc:
+            return i, exc
+    raise AssertionError("a list that does not pickle has an item that does not pickle")
 
 
 def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

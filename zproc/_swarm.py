@@ -929,31 +929,20 @@ def _run_chunk(call: tuple[Any, ...], state: Any, chunk: tuple[Any, ...]) -> tup
     except BaseException as exc:  # the target's failure is this item's result
         return _failure(results, exc)
     try:
-        return P.ChunkStatus.OK, _dumps_results(results)
+        return P.ChunkStatus.OK, S.dumps_any(results)
     except Exception:
         pass
-    for i, value in enumerate(results):
-        try:
-            _dumps_results(value)
-        except Exception as exc:
-            error = TypeError(
-                f"the result (a {type(value).__name__}) cannot be pickled: {exc}. Return "
-                f"plain data (or an importable class)"
-            )
-            return _failure(results[:i], error)
-    raise AssertionError("a list that does not pickle has an item that does not pickle")
-
-
-def _dumps_results(results: Any) -> bytes:
-    try:
-        return S.dumps(results)
-    except S.PICKLING_ERRORS:
-        return S.dumps_code(results)
+    i, refused = S.first_unpicklable(results)
+    error = TypeError(
+        f"the result (a {type(results[i]).__name__}) cannot be pickled: {refused}. Return "
+        f"plain data (or an importable class)"
+    )
+    return _failure(results[:i], error)
 
 
 def _failure(results: list[Any], exc: BaseException) -> tuple[int, bytes]:
     try:
-        done = _dumps_results(results)
+        done = S.dumps_any(results)
     except Exception:
         results, done = [], S.dumps([])
     body = (done, len(results), S.dumps_exception(exc), os.getpid(), _socket.gethostname())

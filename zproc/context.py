@@ -34,6 +34,8 @@ from .process import (
     ProcessStatus,
     _as_args,
     _as_kwargs,
+    _map_inputs,
+    _map_length,
     stop_processes,
     wait_processes,
 )
@@ -819,23 +821,6 @@ def _sigterm_without_contexts() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_sigterm_without_contexts)
-
-
-def _map_inputs(map_iter: Any, map_args: Any, map_kwargs: Any) -> tuple[Any, Any, Any]:
-    """The ``map_*`` inputs as sequences (``None`` stays ``None``)."""
-    if map_iter is None and map_args is None and map_kwargs is None:
-        raise ValueError("give at least one of map_iter, map_args or map_kwargs")
-
-    def seq(values: Any) -> Any:
-        if values is None or isinstance(values, (list, tuple, range)):
-            return values
-        return list(values)
-
-    return seq(map_iter), seq(map_args), seq(map_kwargs)
-
-
-def _map_length(*inputs: Any) -> int:
-    return min(len(seq) for seq in inputs if seq is not None)
 
 
 def _start(

@@ -339,7 +339,7 @@ def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
         _report(f"zproc: process {os.getpid()} (target {_target_name(spec.target)}) failed", exc)
         return 1, _ERROR, S.dumps_exception(exc)
     try:
-        return 0, _VALUE, _dump_value(value)
+        return 0, _VALUE, S.dumps_any(value)
     except Exception as exc:
         error = TypeError(
             f"the return value of {_target_name(spec.target)} (a {type(value).__name__}) "
@@ -363,13 +363,6 @@ def _report(message: str, exc: BaseException | None) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-
-
-def _dump_value(value: Any) -> bytes:
-    try:
-        return S.dumps(value)
-    except S.PICKLING_ERRORS:
-        return S.dumps_code(value)
 
 
 def _should_retry(exc: BaseException, spec: _ChildSpec) -> bool:
@@ -519,6 +512,24 @@ def _as_kwargs(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a mapping of keyword arguments, got {value!r}")
     return dict(value)
+
+
+def _map_inputs(map_iter: Any, map_args: Any, map_kwargs: Any) -> tuple[Any, Any, Any]:
+    """The ``map_*`` inputs as sequences (``None`` stays ``None``)."""
+    if map_iter is None and map_args is None and map_kwargs is None:
+        raise ValueError("give at least one of map_iter, map_args or map_kwargs")
+
+    def seq(values: Any) -> Any:
+        if values is None or isinstance(values, (list, tuple, range)):
+            return values
+        return list(values)
+
+    return seq(map_iter), seq(map_args), seq(map_kwargs)
+
+
+def _map_length(*inputs: Any) -> int:
+    """The length of a map: that of the shortest of its (non-None) inputs."""
+    return min(len(seq) for seq in inputs if seq is not None)
 
 
 class Process:

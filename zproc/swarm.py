@@ -33,7 +33,7 @@ from .exceptions import (
     TimeoutError,
     ZProcError,
 )
-from .process import Process, _as_args, _as_kwargs, stop_processes
+from .process import Process, _as_args, _as_kwargs, _map_inputs, _map_length, stop_processes
 
 __all__ = ["SequenceTaskResult", "SimpleTaskResult", "Swarm"]
 
@@ -360,12 +360,6 @@ class SimpleTaskResult(_TaskResult):
 # -- the swarm -------------------------------------------------------------------------
 
 
-def _sequence(values: Any) -> Any:
-    if values is None or isinstance(values, (list, tuple, range)):
-        return values
-    return list(values)
-
-
 def _dumps_code(
     pass_state: bool, namespace: str, target: Callable[..., Any], args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -646,13 +640,11 @@ class Swarm:
         self._check_open()
         if not callable(target):
             raise TypeError(f"map needs a callable target, got {target!r}")
-        if map_iter is None and map_args is None and map_kwargs is None:
-            raise ValueError("give at least one of map_iter, map_args or map_kwargs")
+        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
         if num_chunks is not None and num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks!r}")
-        items, margs, mkwargs = _sequence(map_iter), _sequence(map_args), _sequence(map_kwargs)
         fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
-        length = min(len(seq) for seq in (items, margs, mkwargs) if seq is not None)
+        length = _map_length(items, margs, mkwargs)
         code = _dumps_code(pass_state, self.namespace, target, fixed_args, fixed_kwargs)
         if num_chunks is None:
             workers = self._workers()
