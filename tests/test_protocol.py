@@ -141,14 +141,34 @@ def test_reply_other_version_is_a_protocol_error() -> None:
 
 @pytest.mark.parametrize("first,last", [(1, 1), (5, 9), (0, 2**63)])
 def test_events_header_round_trip(first: int, last: int) -> None:
-    assert P.parse_events_header(P.events_header(first, last)) == (first, last)
+    run = b"\x07" * P.RUN_SIZE
+    assert P.parse_events_header(P.events_header(first, last, run)) == (first, last, run)
 
 
 def test_bad_events_header_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         P.parse_events_header(b"\x01\x02")
     with pytest.raises(ProtocolError, match="version"):
-        P.parse_events_header(struct.pack("<BQQ", 99, 1, 1))
+        P.parse_events_header(struct.pack("<BQQ8s", 99, 1, 1, b"r" * 8))
+
+
+@pytest.mark.parametrize("body", [S.dumps((1, True)), S.dumps((-1, True, b"")),
+                                  S.dumps(("1", True, b"")), S.dumps((1, True, "run")),
+                                  b"junk"])
+def test_bad_fetch_body_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="FETCH|decode"):
+        P.parse_fetch_request(body)
+
+
+def test_fetch_and_head_shapes() -> None:
+    run = b"r" * P.RUN_SIZE
+    assert P.parse_fetch_request(P.fetch_request(5, False, run)) == (5, False, run)
+    reply = P.fetch_reply((7, None, [], run, True))
+    assert (reply.head, reply.events, reply.run, reply.continued) == (7, [], run, True)
+    assert P.head_reply((7, run)) == (7, run)
+    for bad in (7, (7,), None):
+        with pytest.raises(ProtocolError, match="HEAD"):
+            P.head_reply(bad)
 
 
 def test_event_round_trip_drops_old_values() -> None:

@@ -31,7 +31,6 @@ from conftest import stop
 
 import zproc
 from zproc import _protocol as P
-from zproc import _serialization as S
 
 FORK = multiprocessing.get_context("fork")
 
@@ -60,7 +59,7 @@ def kill_later(process: Any, delay: float) -> threading.Timer:
 
 
 def head(state: zproc.State) -> int:
-    return int(state._request(P.Kind.HEAD, 0, b""))
+    return P.head_reply(state._request(P.Kind.HEAD, 0, b""))[0]
 
 
 def sleep_on_server(d: dict[str, Any], seconds: float) -> None:
@@ -387,8 +386,8 @@ def test_compaction_keeps_the_state_exact(
                 assert state.copy() == expected
                 assert head(state) == heads[name]
                 # the replay history came back too: the last events can be fetched again
-                body = S.dumps((heads[name] - 5, False))
-                latest, _, events = state._request(P.Kind.FETCH, 0, body)
+                body = P.fetch_request(heads[name] - 5, False, b"")
+                latest, _, events, _, _ = state._request(P.Kind.FETCH, 0, body)
                 assert latest == heads[name]
                 assert [ev.seq for ev in events] == list(range(heads[name] - 4, heads[name] + 1))
     finally:

@@ -432,7 +432,7 @@ GARBAGE: dict[str, tuple[list[bytes], int | None, type[BaseException] | None]] =
     "unimportable-value": ([_header(P.Kind.CALL, P.Method.SETITEM, rid=23), UNIMPORTABLE_ARGS],
                            23, zproc.ProtocolError),
     "fetch-garbage": ([_header(P.Kind.FETCH, rid=24), b"junk"], 24, zproc.ProtocolError),
-    "fetch-bad-shape": ([_header(P.Kind.FETCH, rid=25), S.dumps("x")], 25, ValueError),
+    "fetch-bad-shape": ([_header(P.Kind.FETCH, rid=25), S.dumps("x")], 25, zproc.ProtocolError),
     "atomic-garbage": ([_header(P.Kind.ATOMIC, rid=26), b"junk"], 26, zproc.ProtocolError),
     "atomic-unimportable": ([_header(P.Kind.ATOMIC, rid=27), UNIMPORTABLE], 27,
                             zproc.ProtocolError),

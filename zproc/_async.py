@@ -240,8 +240,10 @@ class _AsyncStream(_StreamCore):
     another coroutine applied meanwhile is ignored rather than taken for a lost server.
     """
 
-    def __init__(self, state: AsyncState, conn: AsyncConnection, start_seq: int) -> None:
-        super().__init__(state._ns, start_seq, state._max_backlog)
+    def __init__(
+        self, state: AsyncState, conn: AsyncConnection, start_seq: int, start_run: bytes
+    ) -> None:
+        super().__init__(state._ns, start_seq, state._max_backlog, start_run)
         self.state = state
         self.marker = P.sync_topic(conn.identity)
         self.sub = _open_subscriber(
@@ -282,8 +284,11 @@ class _AsyncStream(_StreamCore):
     # -- start-up: subscribe, then load what came before --------------------------------
 
     async def start(self, start_seq: int) -> None:
-        """Make sure the subscription is live, then load the snapshot and the backlog."""
+        """Make sure the subscription is live, then load the snapshot and the backlog
+        (and, sent first, the head this call starts from: as ``_Stream._sync_and_load``)."""
         state = self.state
+        conn = state._connection()
+        head_rid = conn.send(P.Kind.HEAD, 0, b"", state._ns)
         token = os.urandom(8)
         stash: list[list[bytes]] = []
         wait = 0.002
@@ -304,10 +309,14 @@ class _AsyncStream(_StreamCore):
             wait = min(wait * 2, 0.1)
             if time.monotonic() > connect_deadline:
                 raise _no_events_error(state.server_address, state._keys is not None)
-        head, snapshot, events = await state._request(
-            P.Kind.FETCH, 0, S.dumps((start_seq, True))
+        reply = P.fetch_reply(
+            await state._request(P.Kind.FETCH, 0, P.fetch_request(start_seq, True, self.run))
         )
-        self._load(start_seq, head, snapshot, events)
+        call_head, call_run = P.head_reply(await conn.aresult(head_rid, state.request_timeout))
+        if not self._load(start_seq, reply):
+            self._lost(reply.head)
+        if call_run == self.run:
+            self.head = min(call_head, self.head)
         for frames in stash:
             await self._on_message(frames)
 
@@ -331,12 +340,11 @@ class _AsyncStream(_StreamCore):
     async def replay(self) -> None:
         """Fetch the events after ``self.seq`` from the server's history (or resync)."""
         sent_at = self.seq
-        head, snapshot, events = await self.state._request(
-            P.Kind.FETCH, 0, S.dumps((sent_at, False))
+        reply = P.fetch_reply(
+            await self.state._request(P.Kind.FETCH, 0, P.fetch_request(sent_at, False, self.run))
         )
-        if head < sent_at:
-            self._lost(head)
-        self._replayed(head, snapshot, events)
+        if not self._replayed(sent_at, reply):
+            self._lost(reply.head)
 
     def _lost(self, head: int) -> None:
         error = _lost_error(self.state.server_address, head, self.seq)
@@ -345,11 +353,13 @@ class _AsyncStream(_StreamCore):
 
     async def catch_up(self) -> int:
         """Bring the replica at least to the server's current head; return that head."""
-        sent_at = self.seq
-        head = int(await self.state._request(P.Kind.HEAD, 0, b""))
-        if head < sent_at:
+        sent_at, sent_run = self.seq, self.run
+        head, run = P.head_reply(await self.state._request(P.Kind.HEAD, 0, b""))
+        if run != sent_run:
+            await self.replay()  # raises if this run does not continue what was seen
+        elif head < sent_at:
             self._lost(head)
-        self.head = max(self.head, head)
+        self.head = max(self.head, head) if run == sent_run else head
         await self.drain()
         if self.seq < head:
             await self.replay()
@@ -369,9 +379,9 @@ class _AsyncStream(_StreamCore):
                                                                            deadline - now)):
                 continue
             # idle: make sure nothing was dropped on the way and the server is alive
-            sent_at = self.seq
-            head = int(await self.state._request(P.Kind.HEAD, 0, b""))
-            if head > self.seq:
+            sent_at, sent_run = self.seq, self.run
+            head, run = P.head_reply(await self.state._request(P.Kind.HEAD, 0, b""))
+            if run != sent_run or head > self.seq:
                 await self.replay()
             elif head < sent_at:
                 self._lost(head)
@@ -456,7 +466,7 @@ class AsyncState:
         self._pending: list[_Cursor] = []  # watcher cursors waiting for the stream
         self._epoch = 0  # bumped whenever the stream is dropped
         self._start_rid: int | None = None
-        self._start_seq_value: int | None = None
+        self._start_seq_value: tuple[int, bytes] | None = None  # (head, its server run)
         self._closed = False
         if _running():
             self._connection()
@@ -529,14 +539,15 @@ class AsyncState:
     async def _call(self, method: int, *args: Any) -> Any:
         return await self._request(P.Kind.CALL, method, S.dumps(args))
 
-    async def _start_seq(self, conn: AsyncConnection) -> int:
+    async def _start_seq(self, conn: AsyncConnection) -> tuple[int, bytes]:
+        """Where the buffer starts: the registration's head and the run that numbered it."""
         if self._start_seq_value is not None:
             return self._start_seq_value
         rid, self._start_rid = self._start_rid, None
         if rid is None:
-            return int(await self._request(P.Kind.HEAD, 0, b""))
+            return P.head_reply(await self._request(P.Kind.HEAD, 0, b""))
         try:
-            start = int(await conn.aresult(rid, self.request_timeout))
+            start = P.head_reply(await conn.aresult(rid, self.request_timeout))
         except (asyncio.CancelledError, TimeoutError):
             # keep the registration: the buffer still starts where the State was made
             if self._conn is conn and not conn.closed and self._start_rid is None:
@@ -550,18 +561,22 @@ class AsyncState:
     async def _watching(self, catch_up: bool = True) -> tuple[_AsyncStream, int]:
         """The event stream, started on first use, and the server's head (current when
         ``catch_up``, else as last seen)."""
-        conn = self._connection()
+        registers = self._conn is None or self._conn.pid != os.getpid()
+        conn = self._connection()  # (registers the buffer's start on first use)
         stream = self._stream
         if stream is None:
             async with self._stream_lock:
                 stream = self._stream
                 if stream is None:
-                    stream = _AsyncStream(self, conn, await self._start_seq(conn))
+                    start_seq, start_run = await self._start_seq(conn)
+                    stream = _AsyncStream(self, conn, start_seq, start_run)
                     try:
-                        await stream.start(stream.seq)
+                        await stream.start(start_seq)
                     except BaseException:
                         stream.close()
                         raise
+                    if registers and stream.run == start_run:
+                        stream.head = min(stream.head, start_seq)  # the call's first request
                     self._stream = stream
                     stream.cursors.update(self._pending)
                     self._pending.clear()
@@ -756,7 +771,9 @@ class AsyncState:
         # for it, whose changes since its creation must stay in the log)
         if self._stream is None and not self._pending:
             conn = self._connection()
-            head = int(await conn.arequest(P.Kind.HEAD, 0, b"", self._ns, self.request_timeout))
+            head = P.head_reply(
+                await conn.arequest(P.Kind.HEAD, 0, b"", self._ns, self.request_timeout)
+            )
             if self._stream is None and not self._pending:
                 self._start_seq_value, self._start_rid = head, None
                 return
@@ -1008,13 +1025,15 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         if rid is not None and self._epoch == state._epoch and self._stream is None:
             conn = state._connection()
             try:
-                start = int(await conn.aresult(rid, state.request_timeout))
+                start, run = P.head_reply(await conn.aresult(rid, state.request_timeout))
             except (asyncio.CancelledError, TimeoutError):
                 if self._head_rid is None and conn is state._conn and not conn.closed:
                     self._head_rid = rid  # keep this watcher's start for the next call
                     conn.expect(rid)
                 raise
-            if start > stream.seq:
+            if run != stream.run:  # another server run: check it, then start there
+                start = await stream.catch_up()
+            elif start > stream.seq:
                 await stream.catch_up()
         else:
             start = _watch_start(stream, self._start_time if self._stream is None else None)

@@ -30,7 +30,7 @@ Events (server PUB -> client SUB, on ``server_address[1]``)::
 
     [topic, header, body]
     topic  = b"e" + namespace (utf-8) + b"\\0"     (SUB filters by namespace in ZeroMQ)
-    header = struct "<BQQ" (version, first_seq, last_seq)
+    header = struct "<BQQ8s" (version, first_seq, last_seq, run)
     body   = pickled list of event tuples, one per state change, in server order:
              (seq, origin, timestamp, changes, deleted, old)
              seq       per-namespace sequence number, strictly increasing by one
@@ -39,6 +39,21 @@ Events (server PUB -> client SUB, on ``server_address[1]``)::
              deleted   tuple of keys removed
              old       {key: previous value} for changed/removed keys that existed; only
                        in FETCH replies, None on the broadcast
+
+Server runs: every start of a server draws a random 8-byte *run* token. Sequence numbers
+count changes of one history; a history is continued by the next run only up to the head
+that run started from (all of it with ``fsync="always"``, up to the last commit with
+``"every second"``, nothing without ``persist=``). HEAD replies and event headers carry the
+run; a client that sees a run other than the one its sequence numbers came from asks with
+FETCH (which names that run) whether the server's history continues what it saw, and the
+server answers from its *lineage*, the runs recorded in its persist file with the heads
+each one started from::
+
+    HEAD   reply: (head, run)
+    FETCH  body:  (after_seq, want_snapshot, run of after_seq or b"" for the current run)
+           reply: (head, snapshot or None, events or None, run, continued)
+           continued is False when ``after_seq`` of that run is not part of this server's
+           history: the client must start again from the current state
 
 Sync markers (server PUB, after a SYNC request)::
 
@@ -100,6 +115,7 @@ __all__ = [
     "SYNC_PREFIX",
     "ChunkStatus",
     "Event",
+    "FetchReply",
     "Kind",
     "Method",
     "Status",
@@ -107,7 +123,9 @@ __all__ = [
     "WorkOp",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: Length of a server run token.
+RUN_SIZE = 8
 
 EVENT_PREFIX = b"e"
 SYNC_PREFIX = b"s"
@@ -120,11 +138,11 @@ class Kind(enum.IntEnum):
 
     PING = 1  # body: payload bytes (raw). reply: (payload, server pid)
     META = 2  # body: empty. reply: dict with versions, pid, history size
-    HEAD = 3  # body: empty. reply: current sequence number of the namespace
+    HEAD = 3  # body: empty. reply: (current sequence number of the namespace, run)
     SNAPSHOT = 4  # body: empty. reply: (seq, dict)
     CALL = 5  # method: a Method. body: pickled args tuple. reply: the method's result
     ATOMIC = 6  # body: cloudpickled (fn, args, kwargs). reply: fn's result
-    FETCH = 7  # body: (after_seq, want_snapshot). reply: (head, snapshot|None, events|None)
+    FETCH = 7  # body: (after_seq, want_snapshot, run). reply: FetchReply (see "runs")
     SYNC = 8  # body: token bytes (raw). reply: None; publishes a sync marker
     TIME = 9  # body: empty. reply: the server's time.time()
     SWARM = 10  # body: settings dict (may be empty). reply: the broker's endpoints
@@ -175,7 +193,7 @@ ERROR = int(Status.ERROR)
 _REQUEST = struct.Struct("<BBBI")
 _REPLY = struct.Struct("<BBI")
 _REPLY_HEAD = struct.Struct("<BBIQ")
-_EVENTS = struct.Struct("<BQQ")
+_EVENTS = struct.Struct("<BQQ8s")
 #: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
 _new_tuple = tuple.__new__
 
@@ -196,6 +214,17 @@ class Event(NamedTuple):
     changes: dict[Any, Any]
     deleted: tuple[Any, ...]
     old: dict[Any, Any] | None
+
+
+class FetchReply(NamedTuple):
+    """The reply to a FETCH: the server's head and run, and what came after the position
+    asked for (``events``, or ``snapshot`` when those left the history)."""
+
+    head: int
+    snapshot: dict[Any, Any] | None
+    events: list[Event] | None
+    run: bytes
+    continued: bool
 
 
 # -- requests --------------------------------------------------------------------------
@@ -296,18 +325,57 @@ def event_topic(namespace: bytes) -> bytes:
     return EVENT_PREFIX + namespace + b"\0"
 
 
-def events_header(first_seq: int, last_seq: int) -> bytes:
-    return _EVENTS.pack(PROTOCOL_VERSION, first_seq, last_seq)
+def events_header(first_seq: int, last_seq: int, run: bytes) -> bytes:
+    return _EVENTS.pack(PROTOCOL_VERSION, first_seq, last_seq, run)
 
 
-def parse_events_header(frame: Frame) -> tuple[int, int]:
+def parse_events_header(frame: Frame) -> tuple[int, int, bytes]:
+    """``(first_seq, last_seq, run)`` of an event message."""
     try:
-        version, first, last = _EVENTS.unpack_from(frame)
+        version, first, last, run = _EVENTS.unpack_from(frame)
     except (struct.error, TypeError) as exc:
         raise ProtocolError("malformed event header") from exc
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"event protocol version {version} != {PROTOCOL_VERSION}")
-    return first, last
+    return first, last, run
+
+
+# -- heads, fetches and runs -----------------------------------------------------------
+
+
+def head_reply(reply: Any) -> tuple[int, bytes]:
+    """``(head, run)`` of a decoded HEAD reply; raise :class:`ProtocolError` if malformed."""
+    try:
+        head, run = reply
+        return int(head), bytes(run)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed HEAD reply {reply!r:.80}") from exc
+
+
+def fetch_request(after_seq: int, want_snapshot: bool, run: bytes) -> bytes:
+    """The body of a FETCH for the events after ``after_seq`` of history ``run``."""
+    return S.dumps((after_seq, want_snapshot, run))
+
+
+def parse_fetch_request(body: Frame) -> tuple[int, bool, bytes]:
+    """``(after_seq, want_snapshot, run)`` of a FETCH body."""
+    try:
+        after, want_snapshot, run = S.loads(body)
+        if type(after) is not int or after < 0 or not isinstance(run, bytes):
+            raise TypeError
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(
+            "a FETCH body must be (after_seq >= 0, want_snapshot, run bytes)"
+        ) from exc
+    return after, bool(want_snapshot), run
+
+
+def fetch_reply(reply: Any) -> FetchReply:
+    """A decoded FETCH reply as a :class:`FetchReply`."""
+    try:
+        return FetchReply(*reply)
+    except TypeError as exc:
+        raise ProtocolError(f"malformed FETCH reply {reply!r:.80}") from exc
 
 
 def sync_topic(identity: bytes) -> bytes:

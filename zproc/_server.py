@@ -478,6 +478,10 @@ class Server:
         compact_after: int = DEFAULT_COMPACT_AFTER,
     ) -> None:
         self._store: Store | None = None
+        #: This run's token, and the runs whose history it continues (see ``_protocol``):
+        #: ``(run, {namespace: head it started from})``, oldest first, this one last.
+        self.run_token = os.urandom(P.RUN_SIZE)
+        self.lineage: list[tuple[bytes, dict[str, int]]] = [(self.run_token, {})]
         self.history_size = history_size
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
@@ -633,6 +637,7 @@ class Server:
             for i, frame in enumerate(frames):
                 send_frame(pub, frame, sndmore if i < last else 0)
 
+        run = self.run_token
         replies: list[list[bytes]] = []
         syncs: list[list[bytes]] = []
         dirty: list[Namespace] = []
@@ -663,7 +668,7 @@ class Server:
             replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
-                publish([ns.topic, P.events_header(first, ns.seq), *ns.outbox])
+                publish([ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
                 ns.outbox = []
             dirty.clear()
@@ -748,12 +753,14 @@ class Server:
         if kind == P.Kind.PIPELINE:
             return self._pipeline(ns, identity, body, dirty)
         if kind == P.Kind.HEAD:
-            return S.dumps(ns.seq)
+            return S.dumps((ns.seq, self.run_token))
         if kind == P.Kind.FETCH:
-            after, want_snapshot = S.loads(body)
-            events = ns.replay_after(int(after))
+            after, want_snapshot, run = P.parse_fetch_request(body)
+            if not self.continues(run, after, ns.name):
+                return S.dumps((ns.seq, None, None, self.run_token, False))
+            events = ns.replay_after(after)
             snapshot = dict(ns.data) if want_snapshot or events is None else None
-            return S.dumps((ns.seq, snapshot, events))
+            return S.dumps((ns.seq, snapshot, events, self.run_token, True))
         if kind == P.Kind.SNAPSHOT:
             return S.dumps((ns.seq, dict(ns.data)))
         if kind == P.Kind.SYNC:
@@ -768,6 +775,18 @@ class Server:
         if kind == P.Kind.SWARM:
             return S.dumps(self.swarm(S.loads(body) if body else {}))
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
+
+    def continues(self, run: bytes, seq: int, namespace: str) -> bool:
+        """Whether change ``seq`` of ``namespace`` as run ``run`` numbered it is part of
+        this server's history (``run`` empty: this run)."""
+        if not run or run == self.run_token or seq == 0:
+            return True
+        lineage = self.lineage
+        for index in range(len(lineage) - 2, -1, -1):
+            if lineage[index][0] == run:
+                # that run's changes reached its successor up to the head it started from
+                return seq <= lineage[index + 1][1].get(namespace, 0)
+        return False
 
     def meta(self) -> dict[str, Any]:
         from . import __version__

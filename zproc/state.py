@@ -177,23 +177,36 @@ class _StreamCore:
     receive, fetch and wait.
     """
 
-    def __init__(self, namespace: bytes, start_seq: int, max_backlog: int) -> None:
+    def __init__(
+        self, namespace: bytes, start_seq: int, max_backlog: int, start_run: bytes
+    ) -> None:
         self.namespace = namespace
         self.replica: dict[Any, Any] = {}
         self.seq = start_seq
-        self.head = start_seq  # the server's head as of the last catch_up()
+        #: The server run whose numbering ``seq`` follows (see "runs" in ``_protocol``),
+        #: and the runs this stream has seen it continue (their late events are stale).
+        self.run = start_run
+        self.past_runs: set[bytes] = set()
+        #: The server's head when the current watcher call began (its last catch_up()).
+        self.head = start_seq
         self.log: list[_Ev] = []
         self.buffer = _Cursor(start_seq)
         self.cursors: weakref.WeakSet[_Cursor] = weakref.WeakSet()
         self.max_backlog = max_backlog
         self.topic = P.event_topic(namespace)
 
-    def _load(
-        self, start_seq: int, head: int, snapshot: dict[Any, Any], events: list[P.Event] | None
-    ) -> None:
-        """Start from a FETCH reply: the state at ``head`` and the events after ``start_seq``
-        (or, when those are gone, the whole snapshot as one change)."""
+    def _load(self, start_seq: int, reply: P.FetchReply) -> bool:
+        """Start from a FETCH reply: the state at its head and the events after
+        ``start_seq`` (or, when those are gone, the whole snapshot as one change).
+
+        False if the server's history does not continue the one ``start_seq`` was
+        taken from (nothing is loaded then).
+        """
+        if not reply.continued or reply.head < start_seq:
+            return False
+        head, snapshot, events = reply.head, reply.snapshot or {}, reply.events
         self.replica = snapshot
+        self._new_run(reply.run)
         self.seq = self.head = head
         if events is None:
             if snapshot:
@@ -209,6 +222,13 @@ class _StreamCore:
                 self.log.append(
                     _Ev(ev.seq, ev.seq, ev.origin, ev.timestamp, ev.changes, ev.deleted, undo)
                 )
+        return True
+
+    def _new_run(self, run: bytes) -> None:
+        """Follow the numbering of server run ``run`` (checked to continue this history)."""
+        if run != self.run:
+            self.past_runs.add(self.run)
+            self.run = run
 
     def _apply(self, seq: int, origin: bytes, timestamp: float, changes: dict[Any, Any],
                deleted: tuple[Any, ...]) -> None:
@@ -223,10 +243,13 @@ class _StreamCore:
         self.seq = seq
 
     def _receive(self, frames: list[bytes]) -> bool:
-        """Apply one message from the SUB socket; True if it shows a gap to replay."""
+        """Apply one message from the SUB socket; True if it shows a gap to replay, or a
+        server run that must first be checked to continue this history (by a FETCH)."""
         if frames[0] != self.topic or len(frames) < 3:
             return False
-        first, last = P.parse_events_header(frames[1])
+        first, last, run = P.parse_events_header(frames[1])
+        if run != self.run:
+            return run not in self.past_runs
         if last <= self.seq:
             return False
         if first > self.seq + 1:
@@ -238,18 +261,33 @@ class _StreamCore:
         self._bound_backlog()
         return False
 
-    def _replayed(
-        self, head: int, snapshot: dict[Any, Any] | None, events: list[P.Event] | None
-    ) -> None:
-        """Apply a FETCH reply for the events after ``self.seq`` (resync if they are gone)."""
+    def _replayed(self, sent_at: int, reply: P.FetchReply) -> bool:
+        """Apply a FETCH reply for the events after ``sent_at`` (resync if they are gone).
+
+        False if the server's history lacks changes this stream saw (nothing applied).
+        """
+        if not reply.continued or reply.head < sent_at:
+            return False
+        self._new_run(reply.run)
+        head, events = reply.head, reply.events
         if events is None:
             if head > self.seq:
-                self._resync(head, snapshot or {})
-            return
+                self._resync(head, reply.snapshot or {})
+            return True
         for ev in events:
             if ev.seq == self.seq + 1:
                 self._apply(ev.seq, ev.origin, ev.timestamp, ev.changes, ev.deleted)
         self._bound_backlog()
+        return True
+
+    def _checks_head(self, head: int, run: bytes) -> int:
+        """What a HEAD reply ``(head, run)`` asks of the stream: 0 nothing, 1 a replay
+        (events to fetch, or a new server run to check), -1 the history was lost."""
+        if run != self.run:
+            return 1
+        if head < self.seq:
+            return -1
+        return 1 if head > self.seq else 0
 
     def _resync(self, head: int, snapshot: dict[Any, Any]) -> None:
         """Fell behind the server's history: present the difference as one event."""
@@ -387,12 +425,13 @@ def _no_events_error(address: ServerAddress, secure: bool) -> TimeoutError:
 
 
 def _lost_error(address: ServerAddress, head: int, seen: int) -> ServerUnavailableError:
-    """The error when the server's head went back below what a stream already saw."""
+    """The error when the server's history no longer holds what a stream already saw."""
     return ServerUnavailableError(
-        f"the zproc server at {address.req_rep} was replaced by one that "
-        f"lacks changes this State saw (its last change is {head}, this State saw "
-        f"{seen}): it restarted without persist=, or lost its last writes in a crash "
-        f"(fsync='every second'). The next watcher call starts from the current state"
+        f"the zproc server at {address.req_rep} was replaced by one whose history lacks "
+        f"changes this State saw (this State saw change {seen} of the history before; "
+        f"the server's head is now {head}): it restarted without persist=, or lost its "
+        f"last writes in a crash (fsync='every second'). The next watcher call starts "
+        f"from the current state"
     )
 
 
@@ -400,8 +439,8 @@ class _Stream(_StreamCore):
     """The event side of a State: the SUB socket and the round trips, over
     :class:`_StreamCore`."""
 
-    def __init__(self, state: State, start_seq: int) -> None:
-        super().__init__(state._ns, start_seq, state._max_backlog)
+    def __init__(self, state: State, start_seq: int, start_run: bytes) -> None:
+        super().__init__(state._ns, start_seq, state._max_backlog, start_run)
         self.state = state
         self.conn = state._conn
         assert self.conn is not None
@@ -419,7 +458,14 @@ class _Stream(_StreamCore):
     # -- start-up: subscribe, then load what came before --------------------------------
 
     def _sync_and_load(self, start_seq: int) -> None:
-        """Make sure the subscription is live, then load the snapshot and the backlog."""
+        """Make sure the subscription is live, then load the snapshot and the backlog.
+
+        The head this call starts from (what a live watcher waits after) is asked for
+        first, in the same send: changes made while the subscription starts count.
+        """
+        conn = self.conn
+        assert conn is not None
+        head_rid = conn.send(P.Kind.HEAD, 0, b"", self.state._ns)
         token = os.urandom(8)
         stash: list[list[bytes]] = []
         wait = 0.002
@@ -440,10 +486,14 @@ class _Stream(_StreamCore):
             wait = min(wait * 2, 0.1)
             if time.monotonic() > connect_deadline:
                 raise _no_events_error(self.state.server_address, self.state._keys is not None)
-        head, snapshot, events = self.state._request(
-            P.Kind.FETCH, 0, S.dumps((start_seq, True))
+        reply = P.fetch_reply(
+            self.state._request(P.Kind.FETCH, 0, P.fetch_request(start_seq, True, self.run))
         )
-        self._load(start_seq, head, snapshot, events)
+        call_head, call_run = P.head_reply(conn.result(head_rid, self.state.request_timeout))
+        if not self._load(start_seq, reply):
+            self._lost(reply.head)
+        if call_run == self.run:
+            self.head = min(call_head, self.head)
         for frames in stash:
             self._on_message(frames)
 
@@ -466,12 +516,12 @@ class _Stream(_StreamCore):
 
     def replay(self) -> None:
         """Fetch the events after ``self.seq`` from the server's history (or resync)."""
-        head, snapshot, events = self.state._request(
-            P.Kind.FETCH, 0, S.dumps((self.seq, False))
+        sent_at = self.seq
+        reply = P.fetch_reply(
+            self.state._request(P.Kind.FETCH, 0, P.fetch_request(sent_at, False, self.run))
         )
-        if head < self.seq:
-            self._lost(head)
-        self._replayed(head, snapshot, events)
+        if not self._replayed(sent_at, reply):
+            self._lost(reply.head)
 
     def _lost(self, head: int) -> None:
         """The server's head went back: a server that lost changes replaced the one seen."""
@@ -483,9 +533,12 @@ class _Stream(_StreamCore):
 
     def catch_up(self) -> int:
         """Bring the replica at least to the server's current head; return that head."""
-        head: int = self.state._request(P.Kind.HEAD, 0, b"")
-        if head < self.seq:
+        head, run = P.head_reply(self.state._request(P.Kind.HEAD, 0, b""))
+        check = self._checks_head(head, run)
+        if check < 0:
             self._lost(head)
+        if check and run != self.run:
+            self.replay()  # raises if this run does not continue what the stream saw
         self.head = head
         self.drain()
         if self.seq < head:
@@ -507,10 +560,11 @@ class _Stream(_StreamCore):
             if sub.poll(wait * 1000):
                 continue
             # idle: make sure nothing was dropped on the way and the server is alive
-            head: int = self.state._request(P.Kind.HEAD, 0, b"")
-            if head > self.seq:
+            head, run = P.head_reply(self.state._request(P.Kind.HEAD, 0, b""))
+            check = self._checks_head(head, run)
+            if check > 0:
                 self.replay()
-            elif head < self.seq:
+            elif check < 0:
                 self._lost(head)
 
     def find(
@@ -634,6 +688,7 @@ class State:
         self._stream: _Stream | None = None
         self._start_rid: int | None = None
         self._start_seq_value: int | None = None
+        self._start_run = b""  # the server run that numbered _start_seq_value
         self._closed = False
         if self._connect_eagerly and not _server.in_server_process():
             self._connect()  # in the server process, using a State raises (see _connect)
@@ -703,7 +758,9 @@ class State:
         rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
         if self._register_wait > 0:
             try:
-                self._start_seq_value = int(conn.result(rid, self._register_wait))
+                self._start_seq_value, self._start_run = P.head_reply(
+                    conn.result(rid, self._register_wait)
+                )
                 self._start_rid = None
                 return
             except (TimeoutError, ServerUnavailableError):
@@ -791,9 +848,12 @@ class State:
             return self._start_seq_value
         rid, self._start_rid = self._start_rid, None
         if rid is None:
-            return int(self._request(P.Kind.HEAD, 0, b""))
+            head, self._start_run = P.head_reply(self._request(P.Kind.HEAD, 0, b""))
+            return head
         try:
-            self._start_seq_value = int(conn.result(rid, self.request_timeout))
+            self._start_seq_value, self._start_run = P.head_reply(
+                conn.result(rid, self.request_timeout)
+            )
         except TimeoutError:
             # keep the registration: the buffer still starts where the State was made
             self._start_rid = rid
@@ -803,10 +863,15 @@ class State:
 
     def _watching(self, catch_up: bool = True) -> _Stream:
         """The event stream, started on first use (and caught up with the server's head)."""
+        conn = self._conn
+        registers = conn is None or conn.pid != os.getpid()  # this call starts the buffer
         self._connection()
         stream = self._stream
         if stream is None:
-            stream = self._stream = _Stream(self, self._start_seq())
+            start = self._start_seq()
+            stream = self._stream = _Stream(self, start, self._start_run)
+            if registers and stream.run == self._start_run:
+                stream.head = min(stream.head, start)  # this call began at its registration
         elif catch_up:
             stream.catch_up()
         return stream
@@ -1006,7 +1071,9 @@ class State:
         """Discard the buffer: buffered watchers see only changes made after this returns."""
         if self._stream is None:
             self._connection()
-            self._start_seq_value = int(self._request(P.Kind.HEAD, 0, b""))
+            self._start_seq_value, self._start_run = P.head_reply(
+                self._request(P.Kind.HEAD, 0, b"")
+            )
             self._start_rid = None
             return
         stream = self._watching()
@@ -1360,9 +1427,9 @@ def _check_watcher_args(timeout: float | None, count: int | None) -> None:
 
 
 def _watch_start(stream: _StreamCore, start_time: float | None) -> int:
-    """Where a new iterator watcher starts: now, or at the first logged event from
-    ``start_time`` (server clock) on."""
-    start = stream.seq
+    """Where a new iterator watcher starts: the server's head when the call began, or at
+    the first logged event from ``start_time`` (server clock) on."""
+    start = stream.head
     if start_time is not None:
         start = stream.buffer.seq
         for ev in stream.log:
