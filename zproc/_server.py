@@ -41,7 +41,13 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
-from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
+from ._persist import (
+    DEFAULT_COMPACT_AFTER,
+    HistoryEntry,
+    Store,
+    check_fsync,
+    decode_history,
+)
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
     ServerAddress,
@@ -265,7 +271,9 @@ class Namespace:
         self.name = name
         self.data = StateDict()
         self.seq = 0
-        self.history: deque[tuple[P.Event, bytes]] = deque(maxlen=history_size)
+        # the events up to seq, oldest first; those loaded from a persist file stay encoded
+        # (Raw, a prefix of the history) until a client fetches them
+        self.history: deque[HistoryEntry] = deque(maxlen=history_size)
         self.topic = P.event_topic(name.encode())
         self.outbox: list[bytes] = []
 
@@ -274,10 +282,13 @@ class Namespace:
         if seq >= self.seq:
             return []
         history = self.history
-        if not history or history[0][0].seq > seq + 1:
+        first = self.seq - len(history) + 1  # the history is contiguous, up to self.seq
+        if not history or first > seq + 1:
             return None
-        start = seq + 1 - history[0][0].seq
-        return [history[i][0] for i in range(start, len(history))]
+        start = seq + 1 - first
+        if type(history[start]) is not tuple and not decode_history(history, start, self.data):
+            return None
+        return [history[i][0] for i in range(start, len(history))]  # type: ignore[index]
 
 
 def _flush(timeout: float) -> None:
@@ -644,7 +655,7 @@ class Server:
                 frames = recv()
             except zmq.Again:
                 if store is not None:
-                    store.idle()
+                    store.idle(self.namespaces)
                 continue
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
@@ -1044,8 +1055,10 @@ def start_server(
 
         .. versionadded:: 1.0
     compact_after
-        With ``persist``: journal rows written before the state is snapshotted again and
-        the journal cut down to ``history_size`` rows per namespace.
+        With ``persist``: journal rows after the last snapshot (counted in the file, so
+        across restarts) that trigger a new snapshot and cut the journal down to
+        ``history_size`` rows per namespace. A start decodes the rows after the snapshot:
+        lower it when changes are large and start time matters.
 
         .. versionadded:: 1.0
 
