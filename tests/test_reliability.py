@@ -9,7 +9,7 @@
   ``kill -9`` in the middle of 10,000 writes (``fsync="always"``); compaction keeps the
   state and the sequence numbers exact, and happens across restarts; a start decodes
   only the rows after the snapshot; an extended list or str is journaled as its tail;
-  format 1 files are read;
+  format 1 files are read; each server run is recorded;
 * reconnection: a State and a watcher carry on across a restart at the same address,
   the watcher seeing every value once, in order.
 """
@@ -645,7 +645,55 @@ def test_a_format_1_file_is_read_and_upgraded(
         stop(server)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (2,)
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (1,)
     db.close()
+
+
+def test_each_server_run_is_recorded_with_the_heads_it_started_from(
+    tmp_path: Path, ipc_address: zproc.ServerAddress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zproc import _persist
+    from zproc._server import Server
+
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="never")
+    try:
+        with zproc.State(ipc_address) as state:
+            state["x"] = 1
+            with zproc.State(ipc_address, namespace="other") as other:
+                other.update({"y": 1, "z": 2})
+    finally:
+        kill9(server)  # the run was recorded durably at start, whatever fsync says
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="never")
+    stop(server)
+
+    live = Server(None, persist=path, fsync="never")
+    try:
+        assert type(live.run_token) is bytes and len(live.run_token) == 8
+        lineage = live.lineage
+        assert len(lineage) == 3 and lineage[-1] == (live.run_token, {"default": 1, "other": 1})
+        assert [heads for _, heads in lineage[:2]] == [{}, {"default": 1, "other": 1}]
+        assert len({token for token, _ in lineage}) == 3
+        assert all(type(token) is bytes and len(token) == 8 for token, _ in lineage)
+    finally:
+        live.close()
+    memory = Server(None)
+    try:
+        assert memory.lineage == [(memory.run_token, {})]
+    finally:
+        memory.close()
+
+    monkeypatch.setattr(_persist, "MAX_RUNS", 4)
+    store = _persist.Store(path)
+    try:
+        heads = {name: seq for name, seq, _, _ in store.load()}
+        tokens = [bytes([i]) * 8 for i in range(3)]
+        for token in tokens:
+            lineage = store.begin_run(token, heads)
+        assert len(lineage) == 4 and [token for token, _ in lineage[1:]] == tokens
+        assert lineage[-1] == (tokens[-1], {"default": 1, "other": 1})
+    finally:
+        store.close()
 
 
 def test_a_read_in_flight_is_resent_after_a_quick_restart(

@@ -23,8 +23,10 @@ Layout::
         old    pickled {key: previous value} of the keys it changed or deleted (except
                the marked ones: their previous value is the new one's prefix), so that a
                restarted server can replay these events to clients (FETCH) again
+    runs(id INTEGER PRIMARY KEY, token BLOB, heads TEXT)          one row per server run
+        token  the run's random token; heads: JSON {namespace: seq} it started from
 
-Format 1 files (no marks) are read, and upgraded to format 2 when opened.
+Format 1 files (no marks, no runs) are read, and upgraded to format 2 when opened.
 
 Recovery (:meth:`Store.load`): per namespace, the snapshot (or ``{}`` at 0), then every
 journal row after the snapshot's sequence number, in order; those rows and the ones kept
@@ -64,6 +66,7 @@ a time may use a path (the database is locked exclusively while the server runs)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -99,6 +102,8 @@ DEFAULT_COMPACT_AFTER = 10_000
 COMMIT_INTERVAL = 1.0
 #: Shortest previous value (items) whose extension is journaled as its tail only.
 DELTA_MIN = 64
+#: Server runs kept in the ``runs`` table.
+MAX_RUNS = 1000
 
 _SYNCHRONOUS = {"always": "FULL", "every second": "FULL", "never": "OFF"}
 _SEQUENCES = frozenset({list, str, bytes, tuple})
@@ -112,6 +117,10 @@ _SCHEMA = (
     (
         "CREATE TABLE IF NOT EXISTS journal (namespace TEXT NOT NULL, seq INTEGER NOT NULL, "
         "event BLOB NOT NULL, old BLOB, PRIMARY KEY (namespace, seq)) WITHOUT ROWID"
+    ),
+    (
+        "CREATE TABLE IF NOT EXISTS runs "
+        "(id INTEGER PRIMARY KEY, token BLOB NOT NULL, heads TEXT NOT NULL)"
     ),
 )
 _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
@@ -131,6 +140,8 @@ class Raw:
 HistoryEntry = tuple[P.Event, bytes] | Raw
 #: What :meth:`Store.load` returns per namespace: name, seq, dict, replay history.
 Loaded = tuple[str, int, dict[Any, Any], list[HistoryEntry]]
+#: A recorded server run: its token and the head of each namespace it started from.
+Run = tuple[bytes, dict[str, int]]
 
 
 class NamespaceLike(Protocol):
@@ -401,6 +412,47 @@ class Store:
             loaded.append((name, head, data, history))
         self._unsnapshotted = unsnapshotted
         return loaded
+
+    def begin_run(self, token: bytes, heads: Mapping[str, int]) -> list[Run]:
+        """Record a new server run, durably; return every recorded run, oldest first.
+
+        Parameters
+        ----------
+        token
+            The run's random token.
+        heads
+            The head sequence number of every loaded namespace.
+
+        Returns
+        -------
+        list of (token, heads)
+            The lineage: the last :data:`MAX_RUNS` runs, the new one last.
+        """
+        if not isinstance(token, bytes):
+            raise TypeError(f"token must be bytes, got {type(token).__name__}")
+        db = self._db
+        if self._open_since is not None:
+            self._commit()
+        record = json.dumps({str(name): int(seq) for name, seq in heads.items()})
+        relaxed = _SYNCHRONOUS[self.fsync] != "FULL"
+        if relaxed:  # this commit is synced whatever the policy
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("BEGIN")
+            db.execute("INSERT INTO runs (token, heads) VALUES (?, ?)", (token, record))
+            db.execute("DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?", (MAX_RUNS,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            if relaxed:
+                db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+        return [
+            (bytes(run_token), {str(k): int(v) for k, v in json.loads(run_heads).items()})
+            for run_token, run_heads in db.execute("SELECT token, heads FROM runs ORDER BY id")
+        ]
 
     # -- writing -------------------------------------------------------------------------
 

@@ -489,6 +489,10 @@ class Server:
         compact_after: int = DEFAULT_COMPACT_AFTER,
     ) -> None:
         self._store: Store | None = None
+        #: This run's random token, and the runs of the persist file up to this one (oldest
+        #: first, with the namespace heads each started from); without persist=, this run.
+        self.run_token = os.urandom(8)
+        self.lineage: list[tuple[bytes, dict[str, int]]] = [(self.run_token, {})]
         self.history_size = history_size
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
@@ -594,11 +598,13 @@ class Server:
     def _open_store(self, path: str | os.PathLike[str], fsync: str, compact_after: int) -> None:
         store = Store(path, fsync=fsync, compact_after=compact_after, keep=self.history_size)
         self._store = store
+        heads: dict[str, int] = {}
         for name, seq, data, history in store.load():
             ns = self.namespace(name)
             dict.update(ns.data, data)
-            ns.seq = seq
+            ns.seq = heads[name] = seq
             ns.history.extend(history)
+        self.lineage = store.begin_run(self.run_token, heads)
         record, append = self._record, store.append
 
         def record_durably(
