@@ -14,7 +14,15 @@ servers take turns within each repetition so that they share the machine's noise
 * ``persist.set x4 clients fsync=...``: the aggregate rate of 4 client processes (a
   batch then often carries several writes, sharing one commit);
 * ``persist.restart``: seconds for ``start_server`` to come back on the ``always`` file
-  (loading its snapshot and replaying its journal), versus starting an empty server.
+  (loading its snapshot and replaying its journal), versus starting an empty server;
+* ``persist.restart big journal``: the same on a file whose journal holds about 10,000
+  rows of a big value (a list of 600 strings, set again and again; compacted once, so
+  the rows before the snapshot are the replay history) (2,000 rows with ``--quick``);
+* ``persist.row append``: the journal bytes per ``append`` of one item to a list of
+  4,000 items (in an atomic function), next to the bytes of setting a small integer.
+
+Run only the two journal measurements, at full size: ``python -m benchmarks.bench_persist
+--journal``.
 
 Every set writes a fresh integer (an unchanged value would be no change at all).
 ``ratio = value / baseline_value``.
@@ -150,6 +158,94 @@ def bench_restart(folder: str, server: Any) -> list[dict[str, Any]]:
     ]
 
 
+BIG_ITEMS = 600  # strings in the big value: about 6 KB pickled
+LIST_ITEMS = 4000
+
+
+def _big_value(i: int) -> list[str]:
+    return [f"{i}:{j:04d}" for j in range(BIG_ITEMS)]
+
+
+def _journal_size(path: str, after: int = 0) -> tuple[int, int]:
+    """Rows and bytes (events and old values) of a persist file's journal after seq ``after``."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        rows, size = db.execute(
+            "SELECT COUNT(*), TOTAL(LENGTH(event) + IFNULL(LENGTH(old), 0)) FROM journal "
+            "WHERE seq > ?", (after,)
+        ).fetchone()
+    finally:
+        db.close()
+    return int(rows), int(size)
+
+
+def _start_times(path: str, reps: int) -> tuple[float, float]:
+    """Median seconds of ``start_server`` on ``path``, and of an empty start."""
+    restart, empty = [], []
+    for _ in range(reps):
+        for timings, options in ((restart, {"persist": path}), (empty, {})):
+            t0 = time.perf_counter()
+            process, _ = zproc.start_server(timeout=120, **options)
+            timings.append(time.perf_counter() - t0)
+            stop_process(process)
+    return median(restart), median(empty)
+
+
+def bench_big_journal(folder: str, rows: int, reps: int = 3) -> list[dict[str, Any]]:
+    """Start time on a journal of about ``rows`` rows of a big value.
+
+    ``compact_after=rows`` with the default history (10,000 events): one compaction after
+    ``rows`` changes keeps them all as the replay history; 1% more follow the snapshot.
+    """
+    path = os.path.join(folder, "big.db")
+    process, address = zproc.start_server(
+        timeout=60, persist=path, fsync="never", compact_after=rows
+    )
+    try:
+        with zproc.State(address) as state:
+            for i in range(rows + rows // 100):
+                state["big"] = _big_value(i)
+    finally:
+        stop_process(process)
+    count, size = _journal_size(path)
+    restart, empty = _start_times(path, reps)
+    return [
+        row("persist.restart big journal", restart, "s", "start_server, no persist", empty,
+            note=f"{count} journal rows, {size / 1e6:.0f} MB")
+    ]
+
+
+def _append(d: dict[str, Any], item: int) -> None:
+    d["items"].append(item)
+
+
+def bench_append_rows(folder: str, appends: int = 200) -> list[dict[str, Any]]:
+    """Journal bytes per append of one item to a list of 4,000 items."""
+    sizes = {}
+    for name in ("append", "set"):
+        path = os.path.join(folder, f"rows-{name}.db")
+        process, address = zproc.start_server(timeout=60, persist=path, fsync="never")
+        try:
+            with zproc.State(address) as state:
+                state["items"] = list(range(LIST_ITEMS))
+                append = zproc.atomic(_append)
+                for i in range(appends):
+                    if name == "append":
+                        append(state, i)
+                    else:
+                        state["n"] = i
+        finally:
+            stop_process(process)
+        count, size = _journal_size(path, after=1)  # not the row that made the list
+        sizes[name] = size / count
+    return [
+        row(f"persist.row append to {LIST_ITEMS} items", sizes["append"], "bytes",
+            "persist.row set a small int", sizes["set"])
+    ]
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Run every benchmark of this module and return one row per measurement."""
     if quick:
@@ -171,12 +267,21 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows = bench_single(addresses, **single)
         rows += bench_multi(addresses, **multi)
         rows += bench_restart(folder, processes["always"])
+        rows += bench_big_journal(folder, 2_000 if quick else 10_000)
+        rows += bench_append_rows(folder)
     return rows
 
 
 if __name__ == "__main__":
+    import sys
+
     from ._common import environment
 
     print(environment())
-    for r in run(quick=True):
+    if "--journal" in sys.argv[1:]:
+        with private_dir() as folder:
+            results = bench_big_journal(folder, 10_000) + bench_append_rows(folder)
+    else:
+        results = run(quick=True)
+    for r in results:
         print(r)

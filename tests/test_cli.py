@@ -72,6 +72,12 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ping", *make_address("tcp"), "--secret-key-file", "/nonexistent/key"]) == 2
     assert "cannot read the secret key file" in capsys.readouterr().err
     assert main(["serve", *make_address("tcp"), "--history-size", "0"]) == 2
+    assert main(["serve", *make_address("tcp"), "--fsync", "never"]) == 2
+    assert "--fsync needs --persist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", *make_address("tcp"), "--persist", "s.db", "--fsync", "sometimes"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_ping_without_a_server_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,3 +162,32 @@ def test_keygen_and_certificate_directory(tmp_path: pathlib.Path) -> None:
         assert result.returncode == 0, result.stderr
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("policy", ["every-second", "never"])
+def test_serve_persist_with_fsync(tmp_path: pathlib.Path, policy: str) -> None:
+    path = tmp_path / "state.db"
+    address = make_address("tcp")
+    for run in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zproc", "serve", *address, "--persist", str(path),
+             "--fsync", policy],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        err, out = Output(proc.stderr), Output(proc.stdout)
+        try:
+            line = err.wait_for("serving at", timeout=30)
+            assert f"persist {path}, fsync {policy.replace('-', ' ')}" in line, line
+            with zproc.State(address) as state:
+                if run == 0:
+                    state["kept"] = policy
+                else:
+                    assert state["kept"] == policy  # committed at SIGTERM, loaded again
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == -signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            err.close()
+            out.close()

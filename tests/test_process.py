@@ -132,6 +132,33 @@ def test_exception_reraised_with_remote_traceback(server: zproc.ServerAddress) -
             p.wait()  # the same outcome again
 
 
+class LossyError(Exception):
+    """Loses its message in pickling (as urllib3's MaxRetryError loses its pool)."""
+
+    def __init__(self, host: str | None, reason: str) -> None:
+        super().__init__(f"{host}: {reason}")
+        self.reason = reason
+
+    def __reduce__(self) -> Any:
+        return (type(self), (None, self.reason))
+
+
+def lossy(state: zproc.State) -> None:
+    raise LossyError("db.example.org", "max retries exceeded")
+
+
+def test_wait_error_message_is_the_childs_own_text(server: zproc.ServerAddress) -> None:
+    with zproc.Process(server, lossy) as p:
+        with pytest.raises(zproc.ProcessWaitError) as info:
+            p.wait(timeout=10)
+    message = str(info.value)
+    assert "LossyError: db.example.org: max retries exceeded" in message, message
+    cause = info.value.__cause__
+    assert isinstance(cause, LossyError) and str(cause) == "None: max retries exceeded"
+    assert isinstance(cause.__cause__, RemoteTraceback)
+    assert "db.example.org" in cause.__cause__.tb  # the remote traceback, as before
+
+
 def test_unpicklable_return_value(server: zproc.ServerAddress) -> None:
     with zproc.Process(server, lambda: threading.Lock(), stateful=False) as p:
         with pytest.raises(zproc.ProcessWaitError) as info:

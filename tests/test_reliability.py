@@ -2,11 +2,14 @@
 
 * liveness: a request in flight, a blocked watcher and ``Process.wait()`` raise
   ``ServerUnavailableError`` within the configured bound once the server is killed (or
-  frozen, found out by heartbeats); a client started before any server times out with a
-  message naming ``start_server``;
+  frozen, found out by heartbeats); a write in flight across a pause says its outcome is
+  unknown without claiming a restart; a client started before any server times out with
+  a message naming ``start_server``;
 * durability (``persist=``): every acknowledged write of a writer process survives a
   ``kill -9`` in the middle of 10,000 writes (``fsync="always"``); compaction keeps the
-  state and the sequence numbers exact;
+  state and the sequence numbers exact, and happens across restarts; a start decodes
+  only the rows after the snapshot; an extended list or str is journaled as its tail;
+  format 1 files are read; each server run is recorded;
 * reconnection: a State and a watcher carry on across a restart at the same address,
   the watcher seeing every value once, in order.
 """
@@ -129,6 +132,41 @@ def test_a_frozen_server_is_found_out_by_heartbeats() -> None:
             assert 2.0 < elapsed < 1.0 + 2 * 1.0 + 1.5, elapsed
             os.kill(proc.pid, signal.SIGCONT)
             assert state["x"] == 1  # it answers again: so does the State
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop(proc)
+
+
+def test_a_write_in_flight_across_a_pause_has_an_unknown_outcome() -> None:
+    """A 5 s SIGSTOP: the heartbeats drop the connection (liveness 3 s), the server comes
+    back before liveness runs out. The client cannot tell a pause from a restart: the
+    message says what it knows."""
+    from conftest import free_tcp_port
+
+    address = zproc.ServerAddress(
+        f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    )
+    proc, _ = zproc.start_server(address)
+    try:
+        with zproc.State(address, liveness=3.0) as state:
+            state["x"] = 1
+            os.kill(proc.pid, signal.SIGSTOP)
+            timer = threading.Timer(5.0, os.kill, (proc.pid, signal.SIGCONT))
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(zproc.ServerUnavailableError) as info:
+                # a write the resumed server may still apply: one that replies late, so
+                # that the reconnection is seen first whatever the machine's load
+                zproc.atomic(sleep_on_server)(state, 2.0)
+            elapsed = time.monotonic() - t0
+            timer.join()
+            assert state["x"] == 1  # usable again (the write may or may not be applied)
+        message = str(info.value)
+        assert 5.0 <= elapsed < 5.0 + 3.0, elapsed
+        assert "lost while a request was in flight, and it is back" in message, message
+        assert "cannot tell a restarted server from one that was paused" in message
+        assert "(it restarted)" not in message
+        assert "outcome of the request is unknown" in message
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         stop(proc)
@@ -392,6 +430,271 @@ def test_compaction_keeps_the_state_exact(
                 assert [ev.seq for ev in events] == list(range(heads[name] - 4, heads[name] + 1))
     finally:
         stop(server)
+
+
+def journal_counts(path: Path) -> tuple[int, int, int]:
+    """(snapshot seq of "default", journal rows, rows after that snapshot) of a stopped
+    server's file."""
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT seq FROM snapshot WHERE namespace = 'default'").fetchone()
+        snapshot = 0 if row is None else row[0]
+        rows = db.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
+        after = db.execute("SELECT COUNT(*) FROM journal WHERE seq > ?", (snapshot,)).fetchone()
+    db.close()
+    return snapshot, rows, after[0]
+
+
+@pytest.mark.timeout(120)
+def test_compaction_counts_rows_across_restarts(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    """Six runs of 60 changes with compact_after=100, ended by SIGKILL or SIGTERM: the
+    rows after the snapshot are counted from the file, so compaction happens anyway."""
+    path = tmp_path / "state.db"
+    options: dict[str, Any] = {"persist": path, "compact_after": 100, "history_size": 20}
+    expected: dict[str, int] = {}
+    n = 0
+    for run in range(6):
+        server, _ = zproc.start_server(ipc_address, **options)
+        try:
+            with zproc.State(ipc_address, liveness=10.0) as state:
+                for _ in range(60):
+                    n += 1
+                    state[f"k{n % 7}"] = expected[f"k{n % 7}"] = n
+                assert head(state) == n
+        finally:
+            if run % 2:
+                stop(server)  # SIGTERM: the server commits and closes the file
+            else:
+                kill9(server)
+        snapshot, rows, after = journal_counts(path)
+        assert after == n - snapshot < 100, (run, snapshot, rows)
+        assert rows <= 20 + 100, (run, rows)
+    assert snapshot == 300  # compacted at 100, 200 and 300 rows, across runs
+    # 60 rows after the snapshot reach a lower compact_after: the first batch compacts
+    server, _ = zproc.start_server(ipc_address, **{**options, "compact_after": 50})
+    try:
+        with zproc.State(ipc_address) as state:
+            assert state.copy() == expected
+            assert head(state) == 360
+            latest, _, events = state._request(P.Kind.FETCH, 0, S.dumps((340, False)))
+            assert latest == 360 and [ev.seq for ev in events] == list(range(341, 361))
+            assert all(ev.changes == {f"k{ev.seq % 7}": ev.seq} for ev in events)
+            assert all(ev.old == {f"k{ev.seq % 7}": ev.seq - 7} for ev in events)
+    finally:
+        kill9(server)
+    assert journal_counts(path) == (360, 20, 0)
+
+
+def test_a_start_decodes_only_the_rows_after_the_snapshot(
+    tmp_path: Path, ipc_address: zproc.ServerAddress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay history (rows before and after the snapshot) stays encoded at start;
+    only the rows after the snapshot (fewer than compact_after) are decoded."""
+    from zproc._persist import Raw, Store, decode_history
+
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path, compact_after=50,
+                                   history_size=100)
+    try:
+        with zproc.State(ipc_address) as state:
+            for i in range(1, 231):
+                state["big"] = [f"{i}:{j}" for j in range(200)]
+    finally:
+        kill9(server)
+    assert journal_counts(path) == (200, 130, 30)  # compacted at 200, history of 100
+    decoded: list[int] = []
+    decode_event = P.decode_event
+
+    def counting(frame: Any) -> P.Event:
+        event = decode_event(frame)
+        decoded.append(event.seq)
+        return event
+
+    monkeypatch.setattr(P, "decode_event", counting)
+    store = Store(path, compact_after=50, keep=100)
+    try:
+        ((name, seq, data, history),) = store.load()
+        assert decoded == list(range(201, 231))
+        assert (name, seq) == ("default", 230) and data == {"big": [f"230:{j}" for j in range(200)]}
+        assert len(history) == 100 and all(type(entry) is Raw for entry in history)
+        # decoded on demand: the last 10 entries only
+        assert decode_history(history, 90, data)
+        assert decoded[30:] == list(range(230, 220, -1))
+        events = [entry[0] for entry in history[90:]]  # type: ignore[index]
+        assert [ev.seq for ev in events] == list(range(221, 231))
+        assert all(ev.old == {"big": [f"{ev.seq - 1}:{j}" for j in range(200)]} for ev in events)
+        assert all(type(entry) is Raw for entry in history[:90])
+    finally:
+        store.close()
+
+
+def append_item(d: dict[str, Any], key: str, item: Any) -> None:
+    d[key].append(item)
+
+
+@pytest.mark.timeout(120)
+def test_an_extended_value_is_journaled_as_its_tail(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    """Appends to a 4,000-item list (atomic, or a client's whole new list) and to a str
+    write rows of about the appended size; recovery and the replay history rebuild the
+    exact values, including around changes stored whole and across a compaction."""
+    path = tmp_path / "state.db"
+    options: dict[str, Any] = {"persist": path, "compact_after": 40, "history_size": 100}
+    server, _ = zproc.start_server(ipc_address, **options)
+    model: dict[str, Any] = {}
+    timeline: dict[int, dict[str, Any]] = {0: {}}  # seq -> the model after it
+    kinds: dict[int, str] = {}
+    append = zproc.atomic(append_item)
+
+    def step(kind: str) -> None:
+        seq = len(timeline)
+        timeline[seq] = {key: value[:] for key, value in model.items()}
+        kinds[seq] = kind
+
+    try:
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            state["items"] = model["items"] = list(range(4000))
+            step("whole")
+            state["text"] = model["text"] = "t" * 100
+            step("small")
+            for i in range(70):
+                if i == 30:
+                    state["items"] = model["items"] = model["items"][:-5]  # shorter: whole
+                    step("whole")
+                elif i % 10 == 9:
+                    state["items"] = model["items"] = state["items"] + [("tuple", i), None]
+                    step("set tail")
+                elif i % 7 == 3:
+                    state["text"] = model["text"] = model["text"] + f"+{i}"
+                    step("str tail")
+                else:
+                    append(state, "items", {"i": i})
+                    model["items"].append({"i": i})
+                    step("append")
+            assert head(state) == len(timeline) - 1
+            assert state.copy() == model
+    finally:
+        kill9(server)
+    with sqlite3.connect(path) as db:
+        sizes = dict(db.execute("SELECT seq, LENGTH(event) + LENGTH(old) FROM journal"))
+        (snapshot,) = db.execute("SELECT seq FROM snapshot").fetchone()
+    db.close()
+    assert snapshot == 40 and len(sizes) == len(timeline) - 1  # compacted, nothing cut
+    for seq, size in sizes.items():
+        if kinds[seq] == "whole":
+            assert size > 10_000, (seq, size)
+        else:
+            assert size < 1000, (seq, kinds[seq], size)
+
+    server, _ = zproc.start_server(ipc_address, **options)
+    try:
+        with zproc.State(ipc_address) as state:
+            assert state.copy() == model
+            items = state["items"]
+            assert type(items) is list and items == model["items"]
+            assert items[-2] == ("tuple", 69) and type(items[-2]) is tuple
+            last = len(timeline) - 1
+            # a change in memory after the restart: the replay walks through it too
+            append(state, "items", "after restart")
+            model["items"].append("after restart")
+            step("append")
+            for _ in range(2):  # decoded on the first fetch, kept decoded for the second
+                body = S.dumps((last - 60, False))
+                latest, _, events = state._request(P.Kind.FETCH, 0, body)
+                assert latest == last + 1
+                assert [ev.seq for ev in events] == list(range(last - 59, last + 2))
+                for ev in events:
+                    after, before = timeline[ev.seq], timeline[ev.seq - 1]
+                    assert ev.changes == {key: after[key] for key in ev.changes}, ev.seq
+                    assert ev.old == {key: before[key] for key in ev.changes if key in before}
+                    assert all(type(v) is type(after[k]) for k, v in ev.changes.items())
+    finally:
+        stop(server)
+
+
+def test_a_format_1_file_is_read_and_upgraded(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+        db.execute("CREATE TABLE snapshot (namespace TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+                   "data BLOB NOT NULL)")
+        db.execute("CREATE TABLE journal (namespace TEXT NOT NULL, seq INTEGER NOT NULL, "
+                   "event BLOB NOT NULL, old BLOB, PRIMARY KEY (namespace, seq)) WITHOUT ROWID")
+        db.execute("INSERT INTO meta VALUES ('format', 1)")
+        db.execute("INSERT INTO snapshot VALUES ('default', 2, ?)",
+                   (S.dumps({"a": 1, "b": list(range(100))}),))
+        changes = [({"a": 1}, {}), ({"b": list(range(100))}, {}), ({"b": list(range(101))},
+                   {"b": list(range(100))})]
+        for seq, (change, old) in enumerate(changes, 1):
+            _, frame = P.new_event(seq, b"", 0.0, change, (), old)
+            db.execute("INSERT INTO journal VALUES ('default', ?, ?, ?)",
+                       (seq, frame, S.dumps(old)))
+    db.close()
+    server, _ = zproc.start_server(ipc_address, persist=path)
+    try:
+        with zproc.State(ipc_address) as state:
+            assert state.copy() == {"a": 1, "b": list(range(101))}
+            latest, _, events = state._request(P.Kind.FETCH, 0, S.dumps((0, False)))
+            assert latest == 3 and [ev.changes for ev in events] == [c for c, _ in changes]
+            assert [ev.old for ev in events] == [o for _, o in changes]
+            state["b"] = list(range(102))  # journaled as a tail: format 2 from now on
+    finally:
+        stop(server)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (2,)
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (1,)
+    db.close()
+
+
+def test_each_server_run_is_recorded_with_the_heads_it_started_from(
+    tmp_path: Path, ipc_address: zproc.ServerAddress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zproc import _persist
+    from zproc._server import Server
+
+    path = tmp_path / "state.db"
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="never")
+    try:
+        with zproc.State(ipc_address) as state:
+            state["x"] = 1
+            with zproc.State(ipc_address, namespace="other") as other:
+                other.update({"y": 1, "z": 2})
+    finally:
+        kill9(server)  # the run was recorded durably at start, whatever fsync says
+    server, _ = zproc.start_server(ipc_address, persist=path, fsync="never")
+    stop(server)
+
+    live = Server(None, persist=path, fsync="never")
+    try:
+        assert type(live.run_token) is bytes and len(live.run_token) == 8
+        lineage = live.lineage
+        assert len(lineage) == 3 and lineage[-1] == (live.run_token, {"default": 1, "other": 1})
+        assert [heads for _, heads in lineage[:2]] == [{}, {"default": 1, "other": 1}]
+        assert len({token for token, _ in lineage}) == 3
+        assert all(type(token) is bytes and len(token) == 8 for token, _ in lineage)
+    finally:
+        live.close()
+    memory = Server(None)
+    try:
+        assert memory.lineage == [(memory.run_token, {})]
+    finally:
+        memory.close()
+
+    monkeypatch.setattr(_persist, "MAX_RUNS", 4)
+    store = _persist.Store(path)
+    try:
+        heads = {name: seq for name, seq, _, _ in store.load()}
+        tokens = [bytes([i]) * 8 for i in range(3)]
+        for token in tokens:
+            lineage = store.begin_run(token, heads)
+        assert len(lineage) == 4 and [token for token, _ in lineage[1:]] == tokens
+        assert lineage[-1] == (tokens[-1], {"default": 1, "other": 1})
+    finally:
+        store.close()
 
 
 def test_a_read_in_flight_is_resent_after_a_quick_restart(

@@ -2,7 +2,7 @@
 
 ::
 
-    zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--persist PATH]
+    zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--persist PATH [--fsync P]]
     zproc ping  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--timeout S]
     zproc dump  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--namespace NS] [--json]
     zproc watch REQ_ENDPOINT PUB_ENDPOINT [KEY ...] [--secret-key-file F] [--count N]
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from ._persist import FSYNC_POLICIES
 from ._transport import ServerAddress, normalize_address
 from .exceptions import ZProcError
 
@@ -91,6 +92,11 @@ def read_secret_key(path: str | None) -> Any:
     return first
 
 
+def _fsync_policy(text: str) -> str:
+    """``--fsync``: a policy name, with ``-`` or ``_`` for the space of "every second"."""
+    return text.replace("-", " ").replace("_", " ")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -115,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("pub_endpoint", metavar="PUB_ENDPOINT")
     common(serve)
     serve.add_argument("--persist", metavar="PATH", help="keep the state in PATH")
+    serve.add_argument(
+        "--fsync", type=_fsync_policy, choices=FSYNC_POLICIES, default=None, metavar="POLICY",
+        help="with --persist: when changes reach the disk: always (the default, before "
+        "each reply), every-second or never (left to the operating system)",
+    )
     serve.add_argument(
         "--history-size", type=int, default=None, metavar="N",
         help="events per namespace kept for clients to replay",
@@ -170,8 +181,9 @@ def _parser() -> argparse.ArgumentParser:
 class _Report:
     """Receives the server's start-up report (in this process) and prints it."""
 
-    def __init__(self, secure: bool) -> None:
+    def __init__(self, secure: bool, persist: str = "") -> None:
         self.secure = secure
+        self.persist = persist  # "; persist PATH, fsync POLICY", or ""
         self.error: BaseException | None = None
 
     def send(self, message: tuple[str, Any]) -> None:
@@ -181,7 +193,7 @@ class _Report:
             req, pub = message[1]
             mode = "CURVE on" if self.secure else "no secret key"
             print(
-                f"zproc server {os.getpid()} serving at {req} {pub} ({mode}); "
+                f"zproc server {os.getpid()} serving at {req} {pub} ({mode}{self.persist}); "
                 f"SIGINT or SIGTERM stops it",
                 file=sys.stderr,
                 flush=True,
@@ -211,12 +223,18 @@ def _serve(args: argparse.Namespace) -> int:
                 "the state in memory only)"
             )
         options["persist"] = args.persist
+        options["fsync"] = args.fsync or "always"
+    elif args.fsync is not None:
+        raise UsageError("--fsync needs --persist PATH (without it nothing is written)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    report = _Report(secure=options["keys"] is not None)
+    persist = ""
+    if args.persist is not None:
+        persist = f"; persist {args.persist}, fsync {options['fsync']}"
+    report = _Report(secure=options["keys"] is not None, persist=persist)
     serve(address, report, options)  # returns on failure; ends the process on a signal
     if report.error is not None:
         _error(str(report.error))

@@ -290,9 +290,10 @@ class Connection:
         self._expected.pop(rid, None)
         raise ServerUnavailableError(
             f"the connection to the zproc server at {self.address.req_rep} was lost while a "
-            f"request was in flight, and a server answers there again (it restarted). The "
-            f"outcome of the request is unknown: it may or may not have been applied. This "
-            f"State can be used again; check the state and retry if needed"
+            f"request was in flight, and it is back: a server answers there again (this "
+            f"client cannot tell a restarted server from one that was paused or unreachable "
+            f"for a while). The outcome of the request is unknown: it may or may not have "
+            f"been applied. This State can be used again; check the state and retry if needed"
         )
 
     def close(self) -> None:

@@ -17,18 +17,29 @@ Layout::
     meta(key TEXT PRIMARY KEY, value)                             "format" -> FORMAT
     snapshot(namespace TEXT PRIMARY KEY, seq INTEGER, data BLOB)  pickled dict at seq
     journal(namespace TEXT, seq INTEGER, event BLOB, old BLOB)    one row per change
-        event  the event frame as broadcast: (seq, origin, timestamp, changes, deleted)
-        old    pickled {key: previous value} of the keys it changed or deleted, so that a
+        event  the event frame as broadcast: (seq, origin, timestamp, changes, deleted,
+               None), or, when a list, str, bytes or tuple value was extended, (..., marks)
+               where marks is {key: previous length} and changes[key] the new tail only
+        old    pickled {key: previous value} of the keys it changed or deleted (except
+               the marked ones: their previous value is the new one's prefix), so that a
                restarted server can replay these events to clients (FETCH) again
+    runs(id INTEGER PRIMARY KEY, token BLOB, heads TEXT)          one row per server run
+        token  the run's random token; heads: JSON {namespace: seq} it started from
+
+Format 1 files (no marks, no runs) are read, and upgraded to format 2 when opened.
 
 Recovery (:meth:`Store.load`): per namespace, the snapshot (or ``{}`` at 0), then every
 journal row after the snapshot's sequence number, in order; those rows and the ones kept
-before the snapshot seed the replay history. State and sequence numbers continue exactly
-where the last commit left them, so watchers resume without losing or repeating events.
+before the snapshot seed the replay history, undecoded (:class:`Raw`): they are decoded
+when a client first fetches them (:func:`decode_history`), so that the start time depends
+on the rows after the snapshots, not on the history. State and sequence numbers continue
+exactly where the last commit left them, so watchers resume without losing or repeating
+events.
 
-Compaction, once ``compact_after`` rows were appended since the last one: a fresh
-snapshot of every namespace changed since its last snapshot, and the journal cut down to
-the newest ``keep`` rows per namespace (the replay history), in one transaction.
+Compaction, once the journal holds ``compact_after`` rows after the snapshots (counted
+from the file at load, so restarts do not postpone it): a fresh snapshot of every
+namespace changed since its last snapshot, and the journal cut down to the newest
+``keep`` rows per namespace (the replay history), in one transaction.
 
 Policies (``fsync=``), per acknowledged write:
 
@@ -55,10 +66,11 @@ a time may use a path (the database is locked exclusively while the server runs)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _protocol as P
@@ -68,18 +80,34 @@ from .exceptions import ServerError
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["DEFAULT_COMPACT_AFTER", "FSYNC_POLICIES", "Store", "check_fsync"]
+__all__ = [
+    "DEFAULT_COMPACT_AFTER",
+    "FSYNC_POLICIES",
+    "HistoryEntry",
+    "Raw",
+    "Store",
+    "check_fsync",
+    "decode_history",
+]
 
 log = logging.getLogger("zproc")
 
-FORMAT = 1
+FORMAT = 2
+#: Formats :class:`Store` opens (older ones are upgraded to ``FORMAT`` on open).
+READABLE_FORMATS = (1, 2)
 FSYNC_POLICIES = ("always", "every second", "never")
-#: Journal rows appended between two compactions, by default.
+#: Journal rows after the snapshots that trigger a compaction, by default.
 DEFAULT_COMPACT_AFTER = 10_000
 #: With ``fsync="every second"``: the longest a batch waits for its commit, in seconds.
 COMMIT_INTERVAL = 1.0
+#: Shortest previous value (items) whose extension is journaled as its tail only.
+DELTA_MIN = 64
+#: Server runs kept in the ``runs`` table.
+MAX_RUNS = 1000
 
 _SYNCHRONOUS = {"always": "FULL", "every second": "FULL", "never": "OFF"}
+_SEQUENCES = frozenset({list, str, bytes, tuple})
+_MISSING: Any = object()
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
     (
@@ -90,11 +118,30 @@ _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS journal (namespace TEXT NOT NULL, seq INTEGER NOT NULL, "
         "event BLOB NOT NULL, old BLOB, PRIMARY KEY (namespace, seq)) WITHOUT ROWID"
     ),
+    (
+        "CREATE TABLE IF NOT EXISTS runs "
+        "(id INTEGER PRIMARY KEY, token BLOB NOT NULL, heads TEXT NOT NULL)"
+    ),
 )
 _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
 
+
+class Raw:
+    """A journal row in the replay history, still encoded (decoded when first fetched)."""
+
+    __slots__ = ("frame", "old")
+
+    def __init__(self, frame: bytes, old: bytes) -> None:
+        self.frame = frame
+        self.old = old
+
+
+#: An entry of a namespace's replay history: an event and its frame, or a :class:`Raw`.
+HistoryEntry = tuple[P.Event, bytes] | Raw
 #: What :meth:`Store.load` returns per namespace: name, seq, dict, replay history.
-Loaded = tuple[str, int, dict[Any, Any], list[tuple[P.Event, bytes]]]
+Loaded = tuple[str, int, dict[Any, Any], list[HistoryEntry]]
+#: A recorded server run: its token and the head of each namespace it started from.
+Run = tuple[bytes, dict[str, int]]
 
 
 class NamespaceLike(Protocol):
@@ -116,6 +163,106 @@ def check_fsync(fsync: object) -> str:
     return str(fsync)
 
 
+def _extensions(changes: dict[Any, Any], old: dict[Any, Any]) -> dict[Any, int] | None:
+    """{key: previous length} of the values in ``changes`` that extend their ``old`` one.
+
+    A new value extends the previous one when it has the same type, is longer and starts
+    with the previous value (compared with ``==``, as the server compares values).
+    """
+    marks: dict[Any, int] | None = None
+    for key, before in old.items():
+        kind = type(before)
+        if kind not in _SEQUENCES or len(before) < DELTA_MIN:
+            continue
+        after = changes.get(key, _MISSING)
+        if type(after) is not kind or len(after) <= len(before):
+            continue
+        try:
+            extends = bool(after[: len(before)] == before)
+        except Exception:  # an item whose comparison fails: store the whole value
+            extends = False
+        if extends:
+            if marks is None:
+                marks = {}
+            marks[key] = len(before)
+    return marks
+
+
+def _inconsistent(path: str, name: str, seq: int, what: str) -> ServerError:
+    return ServerError(
+        f"the persist file {path} is inconsistent: namespace {name!r}, change {seq}: {what}"
+    )
+
+
+def _apply(data: dict[Any, Any], event: P.Event, path: str, name: str) -> None:
+    """Apply one journal row to ``data`` (recovery, oldest row first)."""
+    for key in event.deleted:
+        data.pop(key, None)
+    marks = event.old
+    if not marks:
+        data.update(event.changes)
+        return
+    changes = dict(event.changes)
+    for key, length in marks.items():
+        before = data.get(key, _MISSING)
+        tail = changes[key]
+        if type(before) is not type(tail) or len(before) != length:
+            raise _inconsistent(path, name, event.seq, f"{key!r} does not have {length} items")
+        changes[key] = before + tail
+    data.update(changes)
+
+
+def _decode_row(entry: Raw, after: dict[Any, Any], data: Mapping[Any, Any]) -> P.Event:
+    """The event of a journal row, with its whole new values and its old values."""
+    event = P.decode_event(entry.frame)
+    old = dict(S.loads(entry.old))
+    marks = event.old
+    if not marks:
+        return event._replace(old=old)
+    changes = dict(event.changes)
+    for key, length in marks.items():
+        value = after[key] if key in after else data.get(key, _MISSING)
+        tail = changes[key]
+        if type(value) is not type(tail) or len(value) != length + len(tail):
+            raise ServerError(f"the journal row of change {event.seq} does not match {key!r}")
+        changes[key] = value[:]
+        old[key] = value[:length]
+    return event._replace(changes=changes, old=old)
+
+
+def decode_history(
+    history: MutableSequence[HistoryEntry], start: int, data: Mapping[Any, Any]
+) -> bool:
+    """Decode the :class:`Raw` entries of ``history[start:]`` in place; False if one fails.
+
+    ``history`` ends at the state ``data``. The entries are walked newest first, keeping
+    each key's value after the entry at hand: a row that stored only the tail of an
+    extended value takes its new value from there, and its old value is that value's
+    prefix. An entry that cannot be decoded is dropped with every older one.
+    """
+    after: dict[Any, Any] = {}  # key -> its value after the entry at hand (else: data)
+    for index in range(len(history) - 1, start - 1, -1):
+        entry = history[index]
+        if type(entry) is Raw:
+            try:
+                event = _decode_row(entry, after, data)
+            except Exception as exc:
+                log.warning("zproc: journaled changes up to this one cannot be replayed: %s",
+                            exc)
+                for _ in range(index + 1):
+                    del history[0]
+                return False
+            history[index] = (event, b"")
+        else:
+            event = entry[0]  # type: ignore[index]
+        old = event.old or {}
+        for key in event.changes:
+            after[key] = old.get(key, _MISSING)
+        for key in event.deleted:
+            after[key] = old.get(key, _MISSING)
+    return True
+
+
 class Store:
     """The database of one server: :meth:`load` once, then :meth:`append` and :meth:`commit`.
 
@@ -126,7 +273,8 @@ class Store:
     fsync
         ``"always"``, ``"every second"`` or ``"never"`` (see the module docstring).
     compact_after
-        Journal rows appended before the next compaction.
+        Journal rows after the snapshots (whatever the server runs that wrote them) that
+        trigger a compaction.
     keep
         Journal rows kept per namespace by a compaction (the replay history).
 
@@ -152,7 +300,7 @@ class Store:
         self.keep = max(0, keep)
         self._pending: list[tuple[str, int, bytes, bytes | None]] = []
         self._open_since: float | None = None  # monotonic time the open transaction began
-        self._appended = 0  # rows since the last compaction
+        self._unsnapshotted = 0  # journal rows after the snapshots, in the file and queued
         self._snapshots: dict[str, int] = {}  # namespace -> seq of its snapshot
         self._db = self._open()
 
@@ -172,16 +320,21 @@ class Store:
                 raise ServerError(f"the persist file {self.path} cannot use WAL mode ({mode})")
             db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now
-            for statement in _SCHEMA:
-                db.execute(statement)
-            row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-            elif row[0] != FORMAT:
+            row = db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            if row is not None:
+                row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            if row is not None and row[0] not in READABLE_FORMATS:
                 raise ServerError(
                     f"the persist file {self.path} has format {row[0]}; this zproc reads "
-                    f"format {FORMAT}. Use the zproc version that wrote it"
+                    f"formats {', '.join(map(str, READABLE_FORMATS))}. Use the zproc "
+                    f"version that wrote it"
                 )
+            for statement in _SCHEMA:
+                db.execute(statement)
+            # a format 1 reader would misread the rows written from now on: upgrade
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
             db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             db.close()
@@ -206,6 +359,9 @@ class Store:
     def load(self) -> list[Loaded]:
         """Every namespace on disk: ``(name, seq, dict, history)``, history oldest first.
 
+        Only the rows after each snapshot are decoded; the history holds :class:`Raw`
+        entries (see :func:`decode_history`).
+
         Raises
         ------
         ServerError
@@ -218,54 +374,110 @@ class Store:
             name: (int(seq), data)
             for name, seq, data in db.execute("SELECT namespace, seq, data FROM snapshot")
         }
-        names = set(snapshots)
-        names.update(name for (name,) in db.execute("SELECT DISTINCT namespace FROM journal"))
+        lasts = dict(db.execute("SELECT namespace, MAX(seq) FROM journal GROUP BY namespace"))
+        names = set(snapshots) | set(lasts)
         loaded: list[Loaded] = []
+        unsnapshotted = 0
         for name in sorted(names):
             seq, blob = snapshots.get(name, (0, None))
             data: dict[Any, Any] = {} if blob is None else dict(S.loads(blob))
             self._snapshots[name] = seq
+            # the rows to replay, and the rows before them that may seed the history
+            first = min(seq, int(lasts.get(name) or 0) - self.keep)
             rows = db.execute(
-                "SELECT seq, event, old FROM journal WHERE namespace = ? ORDER BY seq", (name,)
+                "SELECT seq, event, old FROM journal WHERE namespace = ? AND seq > ? "
+                "ORDER BY seq",
+                (name, first),
             ).fetchall()
-            first_kept = len(rows) - self.keep  # the rows that may seed the history
-            history: list[tuple[P.Event, bytes]] = []
-            head = seq
-            for index, (row_seq, frame, old) in enumerate(rows):
-                kept = index >= first_kept and old is not None
-                if row_seq <= seq and not kept:
-                    continue  # already in the snapshot
-                event = P.decode_event(frame)
+            history: list[HistoryEntry] = []
+            head = last_kept = seq
+            for row_seq, frame, old in rows:
                 if row_seq > seq:
                     if row_seq != head + 1:
-                        raise ServerError(
-                            f"the persist file {self.path} is inconsistent: namespace "
-                            f"{name!r} jumps from {head} to {row_seq}"
-                        )
-                    for key in event.deleted:
-                        data.pop(key, None)
-                    data.update(event.changes)
+                        raise _inconsistent(self.path, name, row_seq, f"it follows {head}")
+                    _apply(data, P.decode_event(frame), self.path, name)
                     head = row_seq
-                if not kept:
+                    unsnapshotted += 1
+                if old is None:
                     history.clear()  # a change without previous values cannot be replayed
                     continue
-                if history and history[-1][0].seq + 1 != row_seq:
+                if history and last_kept + 1 != row_seq:
                     history.clear()  # only a contiguous run can be replayed
-                history.append((event._replace(old=S.loads(old)), bytes(frame)))
-            if history and history[-1][0].seq != head:
+                history.append(Raw(bytes(frame), bytes(old)))
+                last_kept = row_seq
+            if history and last_kept != head:
                 history.clear()  # kept rows that do not reach the snapshot
+            if len(history) > self.keep:
+                del history[: len(history) - self.keep]
             loaded.append((name, head, data, history))
+        self._unsnapshotted = unsnapshotted
         return loaded
+
+    def begin_run(self, token: bytes, heads: Mapping[str, int]) -> list[Run]:
+        """Record a new server run, durably; return every recorded run, oldest first.
+
+        Parameters
+        ----------
+        token
+            The run's random token.
+        heads
+            The head sequence number of every loaded namespace.
+
+        Returns
+        -------
+        list of (token, heads)
+            The lineage: the last :data:`MAX_RUNS` runs, the new one last.
+        """
+        if not isinstance(token, bytes):
+            raise TypeError(f"token must be bytes, got {type(token).__name__}")
+        db = self._db
+        if self._open_since is not None:
+            self._commit()
+        record = json.dumps({str(name): int(seq) for name, seq in heads.items()})
+        relaxed = _SYNCHRONOUS[self.fsync] != "FULL"
+        if relaxed:  # this commit is synced whatever the policy
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("BEGIN")
+            db.execute("INSERT INTO runs (token, heads) VALUES (?, ?)", (token, record))
+            db.execute("DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?", (MAX_RUNS,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            if relaxed:
+                db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+        return [
+            (bytes(run_token), {str(k): int(v) for k, v in json.loads(run_heads).items()})
+            for run_token, run_heads in db.execute("SELECT token, heads FROM runs ORDER BY id")
+        ]
 
     # -- writing -------------------------------------------------------------------------
 
     def append(self, namespace: str, event: P.Event, frame: bytes) -> None:
-        """Queue one committed change (``event.old`` holds the previous values)."""
+        """Queue one committed change (``event.old`` holds the previous values).
+
+        A value that extends its previous one (a list, str, bytes or tuple of at least
+        :data:`DELTA_MIN` items) is journaled as its tail and the previous length.
+        """
+        old = event.old or {}
+        marks = _extensions(event.changes, old) if old else None
+        if marks is not None:
+            changes = dict(event.changes)
+            old = dict(old)
+            for key, length in marks.items():
+                changes[key] = changes[key][length:]
+                del old[key]
+            frame = S.dumps(
+                (event.seq, event.origin, event.timestamp, changes, event.deleted, marks)
+            )
         try:
-            old: bytes | None = S.dumps(event.old or {})
+            blob: bytes | None = S.dumps(old)
         except S.PICKLING_ERRORS:  # values encoded once do not fail here; be safe anyway
-            old = None
-        self._pending.append((namespace, event.seq, frame, old))
+            blob = None
+        self._pending.append((namespace, event.seq, frame, blob))
 
     def commit(self, namespaces: Mapping[str, NamespaceLike]) -> None:
         """End of a server batch: write the queued rows, commit as the policy says, compact.
@@ -282,22 +494,25 @@ class Store:
                 db.execute("BEGIN")
                 self._open_since = time.monotonic()
             db.executemany(_INSERT, pending)
-            self._appended += len(pending)
+            self._unsnapshotted += len(pending)
             pending.clear()
         if self._open_since is not None and (
             self.fsync != "every second"
             or time.monotonic() - self._open_since >= COMMIT_INTERVAL
         ):
             self._commit()
-        if self._appended >= self.compact_after:
+        if self._unsnapshotted >= self.compact_after:
             self.compact(namespaces)
 
-    def idle(self) -> None:
-        """Called while the server waits: commit a transaction that is due."""
+    def idle(self, namespaces: Mapping[str, NamespaceLike]) -> None:
+        """Called while the server waits: commit a transaction that is due; compact if due
+        (e.g. a file loaded with ``compact_after`` rows after its snapshots)."""
         if self._open_since is not None and (
             time.monotonic() - self._open_since >= COMMIT_INTERVAL
         ):
             self._commit()
+        if self._unsnapshotted >= self.compact_after:
+            self.compact(namespaces)
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
@@ -305,7 +520,7 @@ class Store:
 
     def compact(self, namespaces: Mapping[str, NamespaceLike]) -> None:
         """Snapshot every namespace changed since its snapshot; keep ``keep`` rows of each."""
-        self._appended = 0
+        self._unsnapshotted = 0
         snapshots: list[tuple[str, int, bytes]] = []
         try:
             for name, ns in namespaces.items():

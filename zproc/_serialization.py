@@ -30,6 +30,7 @@ __all__ = [
     "first_unpicklable",
     "loads",
     "loads_exception",
+    "loads_exception_text",
 ]
 
 PROTOCOL = 5
@@ -156,22 +157,30 @@ def loads_exception(data: bytes | memoryview) -> BaseException:
     When the original type cannot be rebuilt here, returns a :class:`ServerError` carrying
     the remote type name, message and traceback text.
     """
+    return loads_exception_text(data)[0]
+
+
+def loads_exception_text(data: bytes | memoryview) -> tuple[BaseException, str]:
+    """:func:`loads_exception`, and ``str(exc)`` as the sending process had it.
+
+    Some exceptions lose their message in pickling (the one rebuilt here may read
+    differently); the message sent alongside is the original one.
+    """
     try:
         body, type_name, message, tb = pickle.loads(data)
     except Exception as error:
-        return ProtocolError(f"cannot decode an error reply: {error!r}")
-    rebuilt: BaseException | None = None
+        rebuilt: BaseException = ProtocolError(f"cannot decode an error reply: {error!r}")
+        return rebuilt, str(rebuilt)
+    exc: BaseException | None = None
     if body is not None:
         try:
-            rebuilt = pickle.loads(body)
+            exc = pickle.loads(body)
         except Exception:
-            rebuilt = None
-    if rebuilt is None:
-        rebuilt = ServerError(
-            f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb
-        )
-    rebuilt.__cause__ = RemoteTraceback(tb)
-    return rebuilt
+            exc = None
+    if exc is None:
+        exc = ServerError(f"{type_name}: {message}", remote_type=type_name, remote_traceback=tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc, str(message)
 
 
 def _qualname(cls: type) -> str:

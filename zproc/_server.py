@@ -41,7 +41,13 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
-from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
+from ._persist import (
+    DEFAULT_COMPACT_AFTER,
+    HistoryEntry,
+    Store,
+    check_fsync,
+    decode_history,
+)
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
     ServerAddress,
@@ -265,7 +271,9 @@ class Namespace:
         self.name = name
         self.data = StateDict()
         self.seq = 0
-        self.history: deque[tuple[P.Event, bytes]] = deque(maxlen=history_size)
+        # the events up to seq, oldest first; those loaded from a persist file stay encoded
+        # (Raw, a prefix of the history) until a client fetches them
+        self.history: deque[HistoryEntry] = deque(maxlen=history_size)
         self.topic = P.event_topic(name.encode())
         self.outbox: list[bytes] = []
 
@@ -274,10 +282,13 @@ class Namespace:
         if seq >= self.seq:
             return []
         history = self.history
-        if not history or history[0][0].seq > seq + 1:
+        first = self.seq - len(history) + 1  # the history is contiguous, up to self.seq
+        if not history or first > seq + 1:
             return None
-        start = seq + 1 - history[0][0].seq
-        return [history[i][0] for i in range(start, len(history))]
+        start = seq + 1 - first
+        if type(history[start]) is not tuple and not decode_history(history, start, self.data):
+            return None
+        return [history[i][0] for i in range(start, len(history))]  # type: ignore[index]
 
 
 def _flush(timeout: float) -> None:
@@ -587,11 +598,13 @@ class Server:
     def _open_store(self, path: str | os.PathLike[str], fsync: str, compact_after: int) -> None:
         store = Store(path, fsync=fsync, compact_after=compact_after, keep=self.history_size)
         self._store = store
+        heads: dict[str, int] = {}
         for name, seq, data, history in store.load():
             ns = self.namespace(name)
             dict.update(ns.data, data)
-            ns.seq = seq
+            ns.seq = heads[name] = seq
             ns.history.extend(history)
+        self.lineage = store.begin_run(self.run_token, heads)
         record, append = self._record, store.append
 
         def record_durably(
@@ -649,7 +662,7 @@ class Server:
                 frames = recv()
             except zmq.Again:
                 if store is not None:
-                    store.idle()
+                    store.idle(self.namespaces)
                 continue
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
@@ -1063,8 +1076,10 @@ def start_server(
 
         .. versionadded:: 1.0
     compact_after
-        With ``persist``: journal rows written before the state is snapshotted again and
-        the journal cut down to ``history_size`` rows per namespace.
+        With ``persist``: journal rows after the last snapshot (counted in the file, so
+        across restarts) that trigger a new snapshot and cut the journal down to
+        ``history_size`` rows per namespace. A start decodes the rows after the snapshot:
+        lower it when changes are large and start time matters.
 
         .. versionadded:: 1.0
 

@@ -844,10 +844,10 @@ class Process:
             self._has_value = True
             return None
         if tag == _ERROR:
-            cause = S.loads_exception(body)
+            cause, text = S.loads_exception_text(body)  # text: str(exc) in the child
             raise self._error(
                 f"process {self._pid} (target {name}) raised "
-                f"{type(cause).__name__}: {cause} (exit code {code}); its traceback is below"
+                f"{type(cause).__name__}: {text} (exit code {code}); its traceback is below"
             ) from cause
         if tag == _EXIT:
             raise self._error(
