@@ -34,6 +34,7 @@ from conftest import stop
 
 import zproc
 from zproc import _protocol as P
+from zproc import _serialization as S
 
 FORK = multiprocessing.get_context("fork")
 
@@ -477,7 +478,8 @@ def test_compaction_counts_rows_across_restarts(
         with zproc.State(ipc_address) as state:
             assert state.copy() == expected
             assert head(state) == 360
-            latest, _, events = state._request(P.Kind.FETCH, 0, S.dumps((340, False)))
+            body = P.fetch_request(340, False, b"")
+            latest, _, events, _, _ = state._request(P.Kind.FETCH, 0, body)
             assert latest == 360 and [ev.seq for ev in events] == list(range(341, 361))
             assert all(ev.changes == {f"k{ev.seq % 7}": ev.seq} for ev in events)
             assert all(ev.old == {f"k{ev.seq % 7}": ev.seq - 7} for ev in events)
@@ -601,8 +603,8 @@ def test_an_extended_value_is_journaled_as_its_tail(
             model["items"].append("after restart")
             step("append")
             for _ in range(2):  # decoded on the first fetch, kept decoded for the second
-                body = S.dumps((last - 60, False))
-                latest, _, events = state._request(P.Kind.FETCH, 0, body)
+                body = P.fetch_request(last - 60, False, b"")
+                latest, _, events, _, _ = state._request(P.Kind.FETCH, 0, body)
                 assert latest == last + 1
                 assert [ev.seq for ev in events] == list(range(last - 59, last + 2))
                 for ev in events:
@@ -638,7 +640,8 @@ def test_a_format_1_file_is_read_and_upgraded(
     try:
         with zproc.State(ipc_address) as state:
             assert state.copy() == {"a": 1, "b": list(range(101))}
-            latest, _, events = state._request(P.Kind.FETCH, 0, S.dumps((0, False)))
+            body = P.fetch_request(0, False, b"")
+            latest, _, events, _, _ = state._request(P.Kind.FETCH, 0, body)
             assert latest == 3 and [ev.changes for ev in events] == [c for c, _ in changes]
             assert [ev.old for ev in events] == [o for _, o in changes]
             state["b"] = list(range(102))  # journaled as a tail: format 2 from now on
