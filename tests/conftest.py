@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -51,6 +54,21 @@ def stop(process: object) -> None:
         if proc.is_alive():  # type: ignore[attr-defined]
             proc.kill()  # type: ignore[attr-defined]
     proc.join(5)  # type: ignore[attr-defined]
+
+
+def kill9(process: Any) -> None:
+    """SIGKILL a multiprocessing.Process and reap it."""
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(5)
+    assert process.exitcode == -signal.SIGKILL
+
+
+@pytest.fixture
+def ipc_address() -> Iterator[zproc.ServerAddress]:
+    """A fixed ipc address (a killed server leaves its socket files: removed here)."""
+    folder = tempfile.mkdtemp(prefix="zrel-")
+    yield zproc.ServerAddress(f"ipc://{folder}/rr", f"ipc://{folder}/ps")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -19,18 +19,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import sqlite3
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import stop
+from conftest import kill9, stop
 
 import zproc
 from zproc import _protocol as P
@@ -40,20 +37,6 @@ FORK = multiprocessing.get_context("fork")
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ipc_address() -> Iterator[zproc.ServerAddress]:
-    """A fixed ipc address (a killed server leaves its socket files: removed here)."""
-    folder = tempfile.mkdtemp(prefix="zrel-")
-    yield zproc.ServerAddress(f"ipc://{folder}/rr", f"ipc://{folder}/ps")
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def kill9(process: Any) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    process.join(5)
-    assert process.exitcode == -signal.SIGKILL
 
 
 def kill_later(process: Any, delay: float) -> threading.Timer:

@@ -8,35 +8,19 @@ again, which sequence numbers alone could not tell from a continued history.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import tempfile
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import stop
+from conftest import kill9, stop
 
 import zproc
 from zproc import _protocol as P
 from zproc._server import Server
-
-
-@pytest.fixture
-def ipc_address() -> Iterator[zproc.ServerAddress]:
-    folder = tempfile.mkdtemp(prefix="zruns-")
-    yield zproc.ServerAddress(f"ipc://{folder}/rr", f"ipc://{folder}/ps")
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def kill9(process: Any) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    process.join(5)
-    assert process.exitcode == -signal.SIGKILL
 
 
 def _run(state: zproc.State) -> bytes:
@@ -56,85 +40,94 @@ def _lose_and_overtake(
         return server, state.copy()
 
 
-def _write_seen_values(address: zproc.ServerAddress) -> float:
-    """x = 1..11 and a key ``phantom``; return when the first write was made."""
+def _write_seen_values(address: zproc.ServerAddress) -> None:
+    """x = 1..11 and a key ``phantom``."""
     with zproc.State(address) as writer:
-        started = time.monotonic()
         for i in range(1, 12):
             writer["x"] = i
         writer["phantom"] = "lost"
-    return started
+
+
+def _replace_seen_history(
+    tmp_path: Path,
+    address: zproc.ServerAddress,
+    persist: bool,
+    client: Callable[[], zproc.State],
+    see: Callable[[zproc.State], None],
+    after_loss: Callable[[zproc.State, dict[str, Any]], None],
+) -> None:
+    """Let ``client`` see 12 changes, lose them with the server (a kill right after them,
+    within the second "every second" waits to commit), then check ``after_loss``."""
+    options: dict[str, Any] = {}
+    if persist:
+        options = {"persist": tmp_path / "s.db", "fsync": "every second"}
+    for _attempt in range(3):
+        server, _ = zproc.start_server(address, **options)
+        try:
+            with client() as state:
+                started = time.monotonic()
+                see(state)
+                if time.monotonic() - started > 0.5:
+                    stop(server)  # the server may have committed them: not a loss
+                    (tmp_path / "s.db").unlink(missing_ok=True)
+                    continue
+                server, current = _lose_and_overtake(address, options, server)
+                after_loss(state, current)
+            return
+        finally:
+            stop(server)
+    pytest.skip("the machine is too slow to kill the server before its commit")
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["no-persist", "every-second"])
 def test_a_blocked_watcher_raises_on_a_history_the_server_lost(
     tmp_path: Path, ipc_address: zproc.ServerAddress, persist: bool
 ) -> None:
-    options: dict[str, Any] = {}
-    if persist:
-        options = {"persist": tmp_path / "s.db", "fsync": "every second"}
-    for _attempt in range(3):
-        server, _ = zproc.start_server(ipc_address, **options)
-        try:
-            with zproc.State(ipc_address, liveness=10.0) as watcher:
-                watcher.go_live()
-                started = _write_seen_values(ipc_address)
-                seen = [watcher.get_when_change(live=False, timeout=10) for _ in range(12)]
-                assert seen[-1] == {"x": 11, "phantom": "lost"}
-                if time.monotonic() - started > 0.5:
-                    stop(server)  # the server may have committed them: not a loss
-                    (tmp_path / "s.db").unlink(missing_ok=True)
-                    continue
-                server, current = _lose_and_overtake(ipc_address, options, server)
-                assert current == {"x": 129}
-                with pytest.raises(zproc.ServerUnavailableError, match="replaced"):
-                    watcher.get_when_change(timeout=10)
-                # the next call starts from the current state
-                assert watcher.copy() == current
-                with zproc.State(ipc_address) as writer:
-                    timer = threading.Timer(0.1, writer.__setitem__, ("x", "after"))
-                    timer.start()
-                    assert watcher.get_when_change("x", timeout=10) == "after"
-                    timer.join()
-            return
-        finally:
-            stop(server)
-    pytest.skip("the machine is too slow to kill the server before its commit")
+    def see(watcher: zproc.State) -> None:
+        watcher.go_live()
+        _write_seen_values(ipc_address)
+        seen = [watcher.get_when_change(live=False, timeout=10) for _ in range(12)]
+        assert seen[-1] == {"x": 11, "phantom": "lost"}
+
+    def after_loss(watcher: zproc.State, current: dict[str, Any]) -> None:
+        assert current == {"x": 129}
+        with pytest.raises(zproc.ServerUnavailableError, match="replaced"):
+            watcher.get_when_change(timeout=10)
+        # the next call starts from the current state
+        assert watcher.copy() == current
+        with zproc.State(ipc_address) as writer:
+            timer = threading.Timer(0.1, writer.__setitem__, ("x", "after"))
+            timer.start()
+            assert watcher.get_when_change("x", timeout=10) == "after"
+            timer.join()
+
+    client = functools.partial(zproc.State, ipc_address, liveness=10.0)
+    _replace_seen_history(tmp_path, ipc_address, persist, client, see, after_loss)
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["no-persist", "every-second"])
 def test_a_cached_state_raises_instead_of_serving_a_lost_key(
     tmp_path: Path, ipc_address: zproc.ServerAddress, persist: bool
 ) -> None:
-    options: dict[str, Any] = {}
-    if persist:
-        options = {"persist": tmp_path / "s.db", "fsync": "every second"}
-    for _attempt in range(3):
-        server, _ = zproc.start_server(ipc_address, **options)
-        try:
-            with zproc.State(ipc_address, cache=True, liveness=10.0) as cached:
-                assert cached.get("phantom") is None
-                started = _write_seen_values(ipc_address)
-                deadline = time.monotonic() + 10
-                while cached.get("phantom") != "lost":
-                    assert time.monotonic() < deadline
-                    time.sleep(0.001)
-                if time.monotonic() - started > 0.5:
-                    stop(server)
-                    (tmp_path / "s.db").unlink(missing_ok=True)
-                    continue
-                server, current = _lose_and_overtake(ipc_address, options, server)
-                deadline = time.monotonic() + 10
-                with pytest.raises(zproc.ServerUnavailableError, match="replaced"):
-                    while time.monotonic() < deadline:  # never the lost key
-                        assert cached.get("phantom") == "lost"
-                        time.sleep(0.01)
-                assert cached.copy() == current  # then the server's state
-                assert "phantom" not in cached
-            return
-        finally:
-            stop(server)
-    pytest.skip("the machine is too slow to kill the server before its commit")
+    def see(cached: zproc.State) -> None:
+        assert cached.get("phantom") is None
+        _write_seen_values(ipc_address)
+        deadline = time.monotonic() + 10
+        while cached.get("phantom") != "lost":
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    def after_loss(cached: zproc.State, current: dict[str, Any]) -> None:
+        deadline = time.monotonic() + 10
+        with pytest.raises(zproc.ServerUnavailableError, match="replaced"):
+            while time.monotonic() < deadline:  # never the lost key
+                assert cached.get("phantom") == "lost"
+                time.sleep(0.01)
+        assert cached.copy() == current  # then the server's state
+        assert "phantom" not in cached
+
+    client = functools.partial(zproc.State, ipc_address, cache=True, liveness=10.0)
+    _replace_seen_history(tmp_path, ipc_address, persist, client, see, after_loss)
 
 
 def test_a_watcher_carries_on_when_the_restarted_server_has_every_change(

@@ -102,16 +102,29 @@ def _afirst(iterator: Any) -> Callable[[], Any]:
     return lambda: anext(iterator)
 
 
-SYNC_KINDS: dict[str, Prepare] = {
-    "get_when_change": lambda w, v: lambda: w.get_when_change(timeout=WAIT),
-    "get_when_change(key)": lambda w, v: lambda: w.get_when_change("k", timeout=WAIT),
-    "get_when": lambda w, v: lambda: w.get_when(lambda s: s.get("k") == v, timeout=WAIT),
-    "get_when_equal": lambda w, v: lambda: w.get_when_equal("k", v, timeout=WAIT),
-    "when_change": lambda w, v: _first(w.when_change(live=True, timeout=WAIT)),
-    "when_change(key)": lambda w, v: _first(w.when_change("k", live=True, timeout=WAIT)),
-    "when": lambda w, v: _first(w.when(lambda s: s.get("k") == v, live=True, timeout=WAIT)),
-    "when_equal": lambda w, v: _first(w.when_equal("k", v, live=True, timeout=WAIT)),
-}
+def _kinds(first: Callable[[Any], Callable[[], Any]]) -> dict[str, Prepare]:
+    """The kinds, with ``first`` turning an iterator watcher into its first step."""
+    return {
+        "get_when_change": lambda w, v: lambda: w.get_when_change(timeout=WAIT),
+        "get_when_change(key)": lambda w, v: lambda: w.get_when_change("k", timeout=WAIT),
+        "get_when": lambda w, v: lambda: w.get_when(lambda s: s.get("k") == v, timeout=WAIT),
+        "get_when_equal": lambda w, v: lambda: w.get_when_equal("k", v, timeout=WAIT),
+        "when_change": lambda w, v: first(w.when_change(live=True, timeout=WAIT)),
+        "when_change(key)": lambda w, v: first(w.when_change("k", live=True, timeout=WAIT)),
+        "when": lambda w, v: first(w.when(lambda s: s.get("k") == v, live=True, timeout=WAIT)),
+        "when_equal": lambda w, v: first(w.when_equal("k", v, live=True, timeout=WAIT)),
+    }
+
+
+SYNC_KINDS = _kinds(_first)
+
+
+def _outcome(watcher: Any, write: _Writer, got: Any) -> tuple[int, int, Any, int]:
+    """(the write's seq, the head the watcher's call started from, what it got, what
+    was written) once the write is done."""
+    write.join()
+    head = watcher._stream.head
+    return write.seq, head, got.get("k") if isinstance(got, dict) else got, write.value
 
 
 def _tally(outcomes: list[tuple[int, int, Any, int]]) -> None:
@@ -149,24 +162,11 @@ def test_a_fresh_states_first_live_watcher_sees_changes_made_during_its_start(
                         got = call()
                     except zproc.TimeoutError:
                         got = None
-                    if isinstance(got, dict):
-                        got = got.get("k")
-                    write.join()
-                    head = watcher._stream.head  # type: ignore[union-attr]
-                    outcomes.append((write.seq, head, got, write.value))
+                    outcomes.append(_outcome(watcher, write, got))
     _tally(outcomes)
 
 
-ASYNC_KINDS: dict[str, Prepare] = {
-    "get_when_change": lambda w, v: lambda: w.get_when_change(timeout=WAIT),
-    "get_when_change(key)": lambda w, v: lambda: w.get_when_change("k", timeout=WAIT),
-    "get_when": lambda w, v: lambda: w.get_when(lambda s: s.get("k") == v, timeout=WAIT),
-    "get_when_equal": lambda w, v: lambda: w.get_when_equal("k", v, timeout=WAIT),
-    "when_change": lambda w, v: _afirst(w.when_change(live=True, timeout=WAIT)),
-    "when_change(key)": lambda w, v: _afirst(w.when_change("k", live=True, timeout=WAIT)),
-    "when": lambda w, v: _afirst(w.when(lambda s: s.get("k") == v, live=True, timeout=WAIT)),
-    "when_equal": lambda w, v: _afirst(w.when_equal("k", v, live=True, timeout=WAIT)),
-}
+ASYNC_KINDS = _kinds(_afirst)
 
 
 @pytest.mark.parametrize("kind", list(ASYNC_KINDS))
@@ -199,11 +199,7 @@ def test_a_fresh_async_states_first_live_watcher_sees_changes_made_during_its_st
                         got = await call()
                     except zproc.TimeoutError:
                         got = None
-                    if isinstance(got, dict):
-                        got = got.get("k")
-                    await asyncio.to_thread(write.join)
-                    head = watcher._stream.head  # type: ignore[union-attr]
-                    outcomes.append((write.seq, head, got, write.value))
+                    outcomes.append(await asyncio.to_thread(_outcome, watcher, write, got))
         return outcomes
 
     with zproc.State(server) as writer:
