@@ -519,6 +519,30 @@ def append_item(d: dict[str, Any], key: str, item: Any) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_equal_items_of_another_type_are_journaled_whole(
+    tmp_path: Path, ipc_address: zproc.ServerAddress
+) -> None:
+    """[1, 1, ...] replaced by [1.0, 1.0, ..., 2] compares equal on its prefix, but is not
+    an extension: recovery gives back the floats (and True stays True)."""
+    options: dict[str, Any] = {"persist": tmp_path / "state.db"}
+    server, _ = zproc.start_server(ipc_address, **options)
+    try:
+        with zproc.State(ipc_address) as state:
+            state["l"] = [1] * 100
+            state["l"] = [1.0] * 100 + [2]
+            state["t"] = (0,) * 100
+            state["t"] = (False,) * 100 + (True,)
+    finally:
+        kill9(server)
+    server, _ = zproc.start_server(ipc_address, **options)
+    try:
+        with zproc.State(ipc_address) as state:
+            assert [type(x) for x in state["l"]] == [float] * 100 + [int]
+            assert [type(x) for x in state["t"]] == [bool] * 101
+    finally:
+        stop(server)
+
+
 def test_an_extended_value_is_journaled_as_its_tail(
     tmp_path: Path, ipc_address: zproc.ServerAddress
 ) -> None:

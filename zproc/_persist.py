@@ -167,7 +167,8 @@ def _extensions(changes: dict[Any, Any], old: dict[Any, Any]) -> dict[Any, int] 
     """{key: previous length} of the values in ``changes`` that extend their ``old`` one.
 
     A new value extends the previous one when it has the same type, is longer and starts
-    with the previous value (compared with ``==``, as the server compares values).
+    with the previous value: exactly (a list or tuple whose items compare equal but
+    differ, ``1`` and ``1.0`` say, must be journaled whole, so their pickles are compared).
     """
     marks: dict[Any, int] | None = None
     for key, before in old.items():
@@ -178,7 +179,11 @@ def _extensions(changes: dict[Any, Any], old: dict[Any, Any]) -> dict[Any, int] 
         if type(after) is not kind or len(after) <= len(before):
             continue
         try:
-            extends = bool(after[: len(before)] == before)
+            if kind is str or kind is bytes:
+                extends = after.startswith(before)
+            else:
+                prefix = after[: len(before)]
+                extends = bool(prefix == before) and S.dumps(prefix) == S.dumps(before)
         except Exception:  # an item whose comparison fails: store the whole value
             extends = False
         if extends:
