@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging as _logging
 
-__version__ = "1.0.0.dev0"
+from ._version import __version__
 
 from ._async import AsyncState, AsyncStateWatcher
 from ._server import start_server

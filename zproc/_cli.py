@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from ._persist import FSYNC_POLICIES
 from ._transport import ServerAddress, normalize_address
 from .exceptions import ZProcError

@@ -58,6 +58,7 @@ from ._transport import (
     remove_ipc_dir,
     remove_ipc_endpoint,
 )
+from ._version import __version__
 from .exceptions import ProtocolError
 
 __all__ = ["Server", "in_server_process", "serve", "start_server"]
@@ -802,8 +803,6 @@ class Server:
         return False
 
     def meta(self) -> dict[str, Any]:
-        from . import __version__
-
         return {
             "version": __version__,
             "protocol": P.PROTOCOL_VERSION,
