@@ -476,7 +476,8 @@ def test_a_start_decodes_only_the_rows_after_the_snapshot(
 ) -> None:
     """The replay history (rows before and after the snapshot) stays encoded at start;
     only the rows after the snapshot (fewer than compact_after) are decoded."""
-    from zproc._persist import Raw, Store, decode_history
+    from zproc._persist import Store
+    from zproc._store import Raw, decode_history
 
     path = tmp_path / "state.db"
     server, _ = zproc.start_server(ipc_address, persist=path, compact_after=50,

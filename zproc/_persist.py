@@ -30,11 +30,11 @@ Format 1 files (no marks, no runs) are read, and upgraded to format 2 when opene
 
 Recovery (:meth:`Store.load`): per namespace, the snapshot (or ``{}`` at 0), then every
 journal row after the snapshot's sequence number, in order; those rows and the ones kept
-before the snapshot seed the replay history, undecoded (:class:`Raw`): they are decoded
-when a client first fetches them (:func:`decode_history`), so that the start time depends
-on the rows after the snapshots, not on the history. State and sequence numbers continue
-exactly where the last commit left them, so watchers resume without losing or repeating
-events.
+before the snapshot seed the replay history, undecoded (:class:`~zproc._store.Raw`): they
+are decoded when a client first fetches them (:func:`~zproc._store.decode_history`), so
+that the start time depends on the rows after the snapshots, not on the history. State
+and sequence numbers continue exactly where the last commit left them, so watchers resume
+without losing or repeating events.
 
 Compaction, once the journal holds ``compact_after`` rows after the snapshots (counted
 from the file at load, so restarts do not postpone it): a fresh snapshot of every
@@ -70,11 +70,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, MutableSequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _protocol as P
 from . import _serialization as S
+from ._store import MISSING, HistoryEntry, Raw
 from .exceptions import ServerError
 
 if TYPE_CHECKING:
@@ -83,11 +84,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_COMPACT_AFTER",
     "FSYNC_POLICIES",
-    "HistoryEntry",
-    "Raw",
     "Store",
     "check_fsync",
-    "decode_history",
 ]
 
 log = logging.getLogger("zproc")
@@ -107,7 +105,6 @@ MAX_RUNS = 1000
 
 _SYNCHRONOUS = {"always": "FULL", "every second": "FULL", "never": "OFF"}
 _SEQUENCES = frozenset({list, str, bytes, tuple})
-_MISSING: Any = object()
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
     (
@@ -126,18 +123,6 @@ _SCHEMA = (
 _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
 
 
-class Raw:
-    """A journal row in the replay history, still encoded (decoded when first fetched)."""
-
-    __slots__ = ("frame", "old")
-
-    def __init__(self, frame: bytes, old: bytes) -> None:
-        self.frame = frame
-        self.old = old
-
-
-#: An entry of a namespace's replay history: an event and its frame, or a :class:`Raw`.
-HistoryEntry = tuple[P.Event, bytes] | Raw
 #: What :meth:`Store.load` returns per namespace: name, seq, dict, replay history.
 Loaded = tuple[str, int, dict[Any, Any], list[HistoryEntry]]
 #: A recorded server run: its token and the head of each namespace it started from.
@@ -175,7 +160,7 @@ def _extensions(changes: dict[Any, Any], old: dict[Any, Any]) -> dict[Any, int] 
         kind = type(before)
         if kind not in _SEQUENCES or len(before) < DELTA_MIN:
             continue
-        after = changes.get(key, _MISSING)
+        after = changes.get(key, MISSING)
         if type(after) is not kind or len(after) <= len(before):
             continue
         try:
@@ -209,63 +194,12 @@ def _apply(data: dict[Any, Any], event: P.Event, path: str, name: str) -> None:
         return
     changes = dict(event.changes)
     for key, length in marks.items():
-        before = data.get(key, _MISSING)
+        before = data.get(key, MISSING)
         tail = changes[key]
         if type(before) is not type(tail) or len(before) != length:
             raise _inconsistent(path, name, event.seq, f"{key!r} does not have {length} items")
         changes[key] = before + tail
     data.update(changes)
-
-
-def _decode_row(entry: Raw, after: dict[Any, Any], data: Mapping[Any, Any]) -> P.Event:
-    """The event of a journal row, with its whole new values and its old values."""
-    event = P.decode_event(entry.frame)
-    old = dict(S.loads(entry.old))
-    marks = event.old
-    if not marks:
-        return event._replace(old=old)
-    changes = dict(event.changes)
-    for key, length in marks.items():
-        value = after[key] if key in after else data.get(key, _MISSING)
-        tail = changes[key]
-        if type(value) is not type(tail) or len(value) != length + len(tail):
-            raise ServerError(f"the journal row of change {event.seq} does not match {key!r}")
-        changes[key] = value[:]
-        old[key] = value[:length]
-    return event._replace(changes=changes, old=old)
-
-
-def decode_history(
-    history: MutableSequence[HistoryEntry], start: int, data: Mapping[Any, Any]
-) -> bool:
-    """Decode the :class:`Raw` entries of ``history[start:]`` in place; False if one fails.
-
-    ``history`` ends at the state ``data``. The entries are walked newest first, keeping
-    each key's value after the entry at hand: a row that stored only the tail of an
-    extended value takes its new value from there, and its old value is that value's
-    prefix. An entry that cannot be decoded is dropped with every older one.
-    """
-    after: dict[Any, Any] = {}  # key -> its value after the entry at hand (else: data)
-    for index in range(len(history) - 1, start - 1, -1):
-        entry = history[index]
-        if type(entry) is Raw:
-            try:
-                event = _decode_row(entry, after, data)
-            except Exception as exc:
-                log.warning("zproc: journaled changes up to this one cannot be replayed: %s",
-                            exc)
-                for _ in range(index + 1):
-                    del history[0]
-                return False
-            history[index] = (event, b"")
-        else:
-            event = entry[0]  # type: ignore[index]
-        old = event.old or {}
-        for key in event.changes:
-            after[key] = old.get(key, _MISSING)
-        for key in event.deleted:
-            after[key] = old.get(key, _MISSING)
-    return True
 
 
 class Store:
@@ -364,8 +298,8 @@ class Store:
     def load(self) -> list[Loaded]:
         """Every namespace on disk: ``(name, seq, dict, history)``, history oldest first.
 
-        Only the rows after each snapshot are decoded; the history holds :class:`Raw`
-        entries (see :func:`decode_history`).
+        Only the rows after each snapshot are decoded; the history holds :class:`~zproc._store.Raw`
+        entries (see :func:`~zproc._store.decode_history`).
 
         Raises
         ------

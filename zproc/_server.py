@@ -33,7 +33,6 @@ import signal
 import socket as _socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,13 +40,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
-from ._persist import (
-    DEFAULT_COMPACT_AFTER,
-    HistoryEntry,
-    Store,
-    check_fsync,
-    decode_history,
-)
+from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
     ServerAddress,
@@ -58,6 +51,9 @@ from ._transport import (
     remove_ipc_dir,
     remove_ipc_endpoint,
 )
+from ._store import _OPS, MISSING, Namespace, run_atomic
+# re-exported until state and _async import them from _store/_utils
+from ._store import changed as changed
 from ._version import __version__
 from .exceptions import ProtocolError
 
@@ -76,220 +72,18 @@ SHUTDOWN_LINGER_MS = 500
 #: Most namespaces one server holds (each costs a dict and a history).
 DEFAULT_MAX_NAMESPACES = 10_000
 
-_MISSING: Any = object()
 _CALL = int(P.Kind.CALL)
 _SETITEM = int(P.Method.SETITEM)
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
 _RUNNING_IN: int | None = None  # pid of the process running a server loop
 
+# re-exported until state and _async import them from _store/_utils
+_MISSING = MISSING
+
 
 def in_server_process() -> bool:
     """True inside a server process (where a State would deadlock the loop)."""
     return _RUNNING_IN == os.getpid()
-
-
-def changed(old: Any, new: Any) -> bool:
-    """True unless ``new`` is ``old`` or compares equal; a failing comparison counts as a change."""
-    if old is new:
-        return False
-    try:
-        return not bool(old == new)
-    except Exception:
-        return True
-
-
-# -- the dict with a journal -----------------------------------------------------------
-
-
-_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
-
-
-class _Copy:
-    """A journaled value, pickled (values of mutable types may change in place)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-def _restored(before: Any) -> Any:
-    return S.loads(before.data) if type(before) is _Copy else before
-
-
-class StateDict(dict):  # type: ignore[type-arg]
-    """The server's dict. Plain dict behaviour, plus a journal while an atomic function runs.
-
-    While journaling, the first access to a key that can expose or change its value
-    records a pickled copy of that value, so the call can be rolled back exactly and its
-    change set computed, at a cost proportional to the keys the function touches.
-    Values reached through C-level shortcuts that bypass the dict's methods
-    (``dict(d)``, ``{**d}``) are not journaled: mutate values through ``d[key]``.
-    """
-
-    __slots__ = ("_journal", "_order")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._journal: dict[Any, Any] | None = None
-        self._order: list[Any] | None = None
-
-    # journal bookkeeping
-    def _touch(self, key: Any) -> None:
-        journal = self._journal
-        if journal is not None and key not in journal:
-            value = dict.get(self, key, _MISSING)
-            if value is _MISSING or type(value) in _IMMUTABLE:
-                journal[key] = value  # nothing can change it in place
-            else:
-                journal[key] = _Copy(S.dumps(value))
-
-    def _touch_all(self) -> None:
-        if self._journal is not None:
-            for key in list(dict.keys(self)):
-                self._touch(key)
-
-    def _touch_delete(self, key: Any) -> None:
-        if self._journal is not None:
-            if self._order is None:
-                self._order = list(dict.keys(self))
-            self._touch(key)
-
-    def begin(self) -> None:
-        self._journal = {}
-        self._order = None
-
-    def end(self, commit: bool) -> tuple[dict[Any, Any], tuple[Any, ...], dict[Any, Any]]:
-        """Stop journaling; roll back unless ``commit``. Returns (changes, deleted, old)."""
-        journal, order = self._journal or {}, self._order
-        self._journal = self._order = None
-        changes: dict[Any, Any] = {}
-        deleted: list[Any] = []
-        old: dict[Any, Any] = {}
-        if commit:
-            for key, before in journal.items():
-                after = dict.get(self, key, _MISSING)
-                if before is _MISSING:
-                    if after is not _MISSING:
-                        changes[key] = after
-                    continue
-                before = _restored(before)
-                if after is _MISSING:
-                    deleted.append(key)
-                    old[key] = before
-                elif changed(before, after):
-                    changes[key] = after
-                    old[key] = before
-            return changes, tuple(deleted), old
-        for key, before in journal.items():
-            if before is _MISSING:
-                dict.pop(self, key, None)
-            else:
-                dict.__setitem__(self, key, _restored(before))
-        if order is not None:
-            items = [(key, dict.__getitem__(self, key)) for key in order]
-            dict.clear(self)
-            dict.update(self, items)
-        return changes, (), old
-
-    # journaled dict methods (plain behaviour when no journal is active)
-    def __getitem__(self, key: Any) -> Any:
-        self._touch(key)
-        return dict.__getitem__(self, key)
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._touch(key)
-        return dict.get(self, key, default)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._touch(key)
-        dict.__setitem__(self, key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self._touch_delete(key)
-        dict.__delitem__(self, key)
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        self._touch(key)
-        return dict.setdefault(self, key, default)
-
-    def pop(self, key: Any, *default: Any) -> Any:
-        self._touch_delete(key)
-        return dict.pop(self, key, *default)
-
-    def popitem(self) -> tuple[Any, Any]:
-        if self._journal is not None and dict.__len__(self):
-            self._touch_delete(next(reversed(dict.keys(self))))
-        return dict.popitem(self)
-
-    def clear(self) -> None:
-        if self._journal is not None:
-            self._order = self._order if self._order is not None else list(dict.keys(self))
-            self._touch_all()
-        dict.clear(self)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        if self._journal is None:
-            dict.update(self, *args, **kwargs)
-            return
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __ior__(self, other: Any) -> StateDict:
-        self.update(other)
-        return self
-
-    def values(self) -> Any:
-        self._touch_all()
-        return dict.values(self)
-
-    def items(self) -> Any:
-        self._touch_all()
-        return dict.items(self)
-
-    def copy(self) -> dict[Any, Any]:
-        self._touch_all()
-        return dict(self)
-
-    def __or__(self, other: Any) -> dict[Any, Any]:
-        self._touch_all()
-        return dict(self) | other  # type: ignore[no-any-return]
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        self._touch_all()
-        return (dict, (dict(self),))
-
-
-# -- one namespace ---------------------------------------------------------------------
-
-
-class Namespace:
-    """One dict, its sequence counter, its history and the events of the current batch."""
-
-    __slots__ = ("name", "data", "seq", "history", "topic", "outbox")
-
-    def __init__(self, name: str, history_size: int) -> None:
-        self.name = name
-        self.data = StateDict()
-        self.seq = 0
-        # the events up to seq, oldest first; those loaded from a persist file stay encoded
-        # (Raw, a prefix of the history) until a client fetches them
-        self.history: deque[HistoryEntry] = deque(maxlen=history_size)
-        self.topic = P.event_topic(name.encode())
-        self.outbox: list[bytes] = []
-
-    def replay_after(self, seq: int) -> list[P.Event] | None:
-        """Events after ``seq`` with their old values; None when some were evicted."""
-        if seq >= self.seq:
-            return []
-        history = self.history
-        first = self.seq - len(history) + 1  # the history is contiguous, up to self.seq
-        if not history or first > seq + 1:
-            return None
-        start = seq + 1 - first
-        if type(history[start]) is not tuple and not decode_history(history, start, self.data):
-            return None
-        return [history[i][0] for i in range(start, len(history))]  # type: ignore[index]
 
 
 def _flush(timeout: float) -> None:
@@ -299,177 +93,6 @@ def _flush(timeout: float) -> None:
     thread.start()
     thread.join(timeout)
 
-
-class _Prepared:
-    """A validated dict operation: its result and change set, not applied yet."""
-
-    __slots__ = ("result", "changes", "deleted", "old", "apply")
-
-    def __init__(
-        self,
-        result: Any = None,
-        changes: dict[Any, Any] | None = None,
-        deleted: tuple[Any, ...] = (),
-        old: dict[Any, Any] | None = None,
-        apply: Callable[[], Any] | None = None,
-    ) -> None:
-        self.result = result
-        self.changes = changes or {}
-        self.deleted = deleted
-        self.old = old or {}
-        self.apply = apply
-
-
-_READ_ONLY = _Prepared()
-
-
-def _prepare_set(d: StateDict, items: Iterable[tuple[Any, Any]]) -> _Prepared:
-    changes: dict[Any, Any] = {}
-    old: dict[Any, Any] = {}
-    for key, value in items:
-        before = dict.get(d, key, _MISSING)
-        if before is _MISSING:
-            changes[key] = value
-            old.pop(key, None)
-        elif changed(before, value):
-            changes[key] = value
-            old[key] = before
-        else:
-            changes.pop(key, None)
-    return _Prepared(None, changes, (), old, lambda: dict.update(d, changes))
-
-
-def _prepare_delete(d: StateDict, key: Any, result: Any) -> _Prepared:
-    before = dict.__getitem__(d, key)
-    return _Prepared(result, None, (key,), {key: before}, lambda: dict.__delitem__(d, key))
-
-
-def _op_getitem(d: StateDict, key: Any) -> _Prepared:
-    return _Prepared(dict.__getitem__(d, key))
-
-
-def _op_setitem(d: StateDict, key: Any, value: Any) -> _Prepared:
-    before = dict.get(d, key, _MISSING)
-    if before is not _MISSING and not changed(before, value):
-        return _READ_ONLY
-    return _Prepared(
-        None,
-        {key: value},
-        (),
-        None if before is _MISSING else {key: before},
-        lambda: dict.__setitem__(d, key, value),
-    )
-
-
-def _op_delitem(d: StateDict, key: Any) -> _Prepared:
-    return _prepare_delete(d, key, None)
-
-
-def _op_contains(d: StateDict, key: Any) -> _Prepared:
-    return _Prepared(dict.__contains__(d, key))
-
-
-def _op_len(d: StateDict) -> _Prepared:
-    return _Prepared(dict.__len__(d))
-
-
-def _op_keys(d: StateDict) -> _Prepared:
-    return _Prepared(list(dict.keys(d)))
-
-
-def _op_eq(d: StateDict, other: Any) -> _Prepared:
-    return _Prepared(dict.__eq__(d, other))
-
-
-def _op_ne(d: StateDict, other: Any) -> _Prepared:
-    return _Prepared(dict.__ne__(d, other))
-
-
-def _op_clear(d: StateDict) -> _Prepared:
-    if not dict.__len__(d):
-        return _READ_ONLY
-    old = dict(d)
-    return _Prepared(None, None, tuple(old), old, lambda: dict.clear(d))
-
-
-def _op_get(d: StateDict, key: Any, default: Any = None) -> _Prepared:
-    return _Prepared(dict.get(d, key, default))
-
-
-def _op_pop(d: StateDict, key: Any, *default: Any) -> _Prepared:
-    if len(default) > 1:
-        raise TypeError(f"pop expected at most 2 arguments, got {1 + len(default)}")
-    if not dict.__contains__(d, key):
-        if default:
-            return _Prepared(default[0])
-        raise KeyError(key)
-    return _prepare_delete(d, key, dict.__getitem__(d, key))
-
-
-def _op_popitem(d: StateDict) -> _Prepared:
-    if not dict.__len__(d):
-        raise KeyError("popitem(): dictionary is empty")
-    key = next(reversed(dict.keys(d)))
-    return _prepare_delete(d, key, (key, dict.__getitem__(d, key)))
-
-
-def _op_setdefault(d: StateDict, key: Any, default: Any = None) -> _Prepared:
-    if dict.__contains__(d, key):
-        return _Prepared(dict.__getitem__(d, key))
-    return _Prepared(default, {key: default}, (), None, lambda: dict.__setitem__(d, key, default))
-
-
-def _op_update(d: StateDict, *args: Any, **kwargs: Any) -> _Prepared:
-    if len(args) > 1:
-        raise TypeError(f"update expected at most 1 argument, got {len(args)}")
-    merged = dict(*args, **kwargs)  # may raise part-way: nothing is applied yet
-    return _prepare_set(d, merged.items())
-
-
-def _op_fromkeys(d: StateDict, iterable: Any, value: Any = None) -> _Prepared:
-    return _Prepared(dict.fromkeys(iterable, value))
-
-
-def _op_copy(d: StateDict) -> _Prepared:
-    return _Prepared(dict(d))
-
-
-def _op_set(d: StateDict, value: Any) -> _Prepared:
-    new = dict(value)
-    deleted = tuple(key for key in d if key not in new)
-    prepared = _prepare_set(d, new.items())
-    old = prepared.old
-    for key in deleted:
-        old[key] = dict.__getitem__(d, key)
-
-    def apply() -> None:
-        dict.clear(d)
-        dict.update(d, new)
-
-    if not prepared.changes and not deleted and list(d) == list(new):
-        return _READ_ONLY
-    return _Prepared(None, prepared.changes, deleted, old, apply)
-
-
-_OPS: dict[int, Callable[..., _Prepared]] = {
-    P.Method.GETITEM: _op_getitem,
-    P.Method.SETITEM: _op_setitem,
-    P.Method.DELITEM: _op_delitem,
-    P.Method.CONTAINS: _op_contains,
-    P.Method.LEN: _op_len,
-    P.Method.KEYS: _op_keys,
-    P.Method.EQ: _op_eq,
-    P.Method.NE: _op_ne,
-    P.Method.CLEAR: _op_clear,
-    P.Method.GET: _op_get,
-    P.Method.POP: _op_pop,
-    P.Method.POPITEM: _op_popitem,
-    P.Method.SETDEFAULT: _op_setdefault,
-    P.Method.UPDATE: _op_update,
-    P.Method.FROMKEYS: _op_fromkeys,
-    P.Method.COPY: _op_copy,
-    P.Method.SET: _op_set,
-}
 
 # -- the server ------------------------------------------------------------------------
 
@@ -744,8 +367,8 @@ class Server:
             if request.method == _SETITEM and len(args) == 2:
                 # the most frequent write, as _op_setitem without the _Prepared round trip
                 data, (key, value) = ns.data, args
-                before = dict.get(data, key, _MISSING)
-                if before is _MISSING:
+                before = dict.get(data, key, MISSING)
+                if before is MISSING:
                     self._commit(ns, identity, {key: value}, (), {}, dirty)
                 elif changed(before, value):
                     self._commit(ns, identity, {key: value}, (), {key: before}, dirty)
@@ -831,26 +454,14 @@ class Server:
         fn, args, kwargs = S.loads(body)
         if getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
             fn = fn.__wrapped__
-        data = ns.data
-        changes: dict[Any, Any] = {}
-        deleted: tuple[Any, ...] = ()
-        old: dict[Any, Any] = {}
-        data.begin()
-        try:
-            result = fn(data, *args, **kwargs)
-            reply = S.dumps(result)
-        except BaseException:
-            data.end(commit=False)
-            raise
-        try:
-            changes, deleted, old = data.end(commit=True)
-            if changes or deleted:
-                event = P.new_event(ns.seq + 1, identity, time.time(), changes, deleted, old)
-        except BaseException:
-            # the change set could not be encoded: undo by reapplying the old values
-            _restore(data, changes, deleted, old)
-            raise
-        if changes or deleted:
+
+        def seal(
+            changes: dict[Any, Any], deleted: tuple[Any, ...], old: dict[Any, Any]
+        ) -> tuple[P.Event, bytes]:
+            return P.new_event(ns.seq + 1, identity, time.time(), changes, deleted, old)
+
+        reply, event = run_atomic(ns.data, fn, args, kwargs, seal)
+        if event is not None:
             self._record(ns, event, dirty)
         return reply
 
@@ -907,18 +518,6 @@ class Server:
         if not ns.outbox:
             dirty.append(ns)
         ns.outbox.append(data)
-
-
-def _restore(
-    data: StateDict, changes: dict[Any, Any], deleted: tuple[Any, ...], old: dict[Any, Any]
-) -> None:
-    for key in changes:
-        if key in old:
-            dict.__setitem__(data, key, old[key])
-        else:
-            dict.pop(data, key, None)
-    for key in deleted:
-        dict.__setitem__(data, key, old[key])
 
 
 def _bind_endpoint(sock: zmq.Socket[Any], endpoint: str) -> None:
