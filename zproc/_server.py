@@ -54,10 +54,12 @@ from ._transport import (
 from ._store import _OPS, MISSING, Namespace, run_atomic
 # re-exported until state and _async import them from _store/_utils
 from ._store import changed as changed
+from ._utils import in_server_process as in_server_process
+from ._utils import mark_server_process
 from ._version import __version__
 from .exceptions import ProtocolError
 
-__all__ = ["Server", "in_server_process", "serve", "start_server"]
+__all__ = ["Server", "serve", "start_server"]
 
 log = logging.getLogger("zproc")
 
@@ -75,15 +77,9 @@ DEFAULT_MAX_NAMESPACES = 10_000
 _CALL = int(P.Kind.CALL)
 _SETITEM = int(P.Method.SETITEM)
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
-_RUNNING_IN: int | None = None  # pid of the process running a server loop
 
 # re-exported until state and _async import them from _store/_utils
 _MISSING = MISSING
-
-
-def in_server_process() -> bool:
-    """True inside a server process (where a State would deadlock the loop)."""
-    return _RUNNING_IN == os.getpid()
 
 
 def _flush(timeout: float) -> None:
@@ -252,8 +248,7 @@ class Server:
         return ns
 
     def serve(self, until: Callable[[], bool] | None = None) -> None:
-        global _RUNNING_IN
-        _RUNNING_IN = os.getpid()
+        mark_server_process()
         router, pub = self.router, self.pub
         # pyzmq's own methods, without the Python layer over them, and plain int flags:
         # the enums and wrappers cost a few microseconds per message
