@@ -40,6 +40,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
+from ._broker import Broker
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
@@ -432,9 +433,7 @@ class Server:
         }
 
     def swarm(self, settings: dict[str, Any]) -> tuple[str, str]:
-        """Start the swarm broker on first use (:mod:`zproc._swarm`); return its endpoints."""
-        from ._swarm import Broker
-
+        """Start the swarm broker on first use (:mod:`zproc._broker`); return its endpoints."""
         broker: Broker | None = getattr(self, "_broker", None)
         if broker is None or not broker.alive:
             if broker is not None:
