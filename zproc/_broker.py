@@ -302,24 +302,21 @@ class Broker:
                 log.exception("zproc swarm broker: failed to handle a message")
 
     # requests from clients
-    def _reply(self, identity: bytes, rid: int, body: bytes, status: int = P.Status.OK) -> None:
-        self.tasks_sock.send_multipart([identity, P.reply_header(status, rid), body])
+    def _reply(self, identity: bytes, rid: int, body: bytes) -> None:
+        self.tasks_sock.send_multipart([identity, P.reply_header(P.OK, rid), body])
 
     def _fail(self, identity: bytes, rid: int, exc: BaseException) -> None:
-        self._reply(identity, rid, S.dumps_exception(exc), P.Status.ERROR)
+        self.tasks_sock.send_multipart(P.error_reply(identity, rid, exc))
 
     def _on_request(self, frames: list[bytes]) -> None:
-        if len(frames) != 3:
-            raise ProtocolError(f"a swarm request has 2 frames, got {len(frames) - 1}")
-        identity, header, body = frames
         try:
-            request = P.parse_swarm_request(header)
-        except ProtocolError as exc:
-            rid = P.request_id_of(header)
-            if rid is None:
-                raise
-            self._fail(identity, rid, exc)
+            request = P.parse_routed(frames, P.parse_swarm_request)
+        except P.Rejected as rejected:
+            if rejected.reply is None:
+                raise  # logged by _drain
+            self.tasks_sock.send_multipart(rejected.reply)  # the sender hears why
             return
+        identity, _, body = frames
         rid = request.request_id
         try:
             kind = request.kind

@@ -37,6 +37,7 @@ from ._security import (
     configure_client,
 )
 from ._transport import ServerAddress, get_context
+from ._transport import recv_frames, send_frames  # defined there since the server uses them too
 from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError
 
 __all__ = ["Connection", "new_identity"]
@@ -56,21 +57,6 @@ _recv_frame = zmq.backend.Socket.recv
 _get_option = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
-
-
-def send_frames(sock: zmq.Socket[Any], frames: tuple[bytes, ...] | list[bytes]) -> None:
-    """``sock.send_multipart(frames)`` without pyzmq's Python layer (a few us less)."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _send_frame(sock, frame, _SNDMORE if i < last else 0)
-
-
-def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
-    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout)."""
-    frames = [_recv_frame(sock)]
-    while _get_option(sock, _RCVMORE):
-        frames.append(_recv_frame(sock))
-    return frames
 
 
 def new_identity() -> bytes:

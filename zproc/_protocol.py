@@ -104,6 +104,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _serialization as S
@@ -270,6 +271,36 @@ def request_id_of(frame: Frame) -> int | None:
         return None
 
 
+class Rejected(ProtocolError):
+    """A routed request that cannot be served. ``reply``: the error reply to send to its
+    sender, or None when its header names no request id (the message is dropped)."""
+
+    def __init__(self, message: str, reply: list[bytes] | None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+def parse_routed(frames: list[bytes], parse_header: Callable[[Frame], Request]) -> Request:
+    """The request of a message ``[identity, header, body]`` read from a ROUTER.
+
+    ``parse_header`` is :func:`parse_request` (the server) or :func:`parse_swarm_request`
+    (the swarm broker). Raise :class:`Rejected` on a wrong frame count or a malformed
+    header, with the error reply to send when the header names a request id.
+    """
+    if len(frames) == 3:
+        try:
+            return parse_header(frames[1])
+        except ProtocolError as exc:  # raised from here: no cycle keeps the frames alive
+            raise _rejected(frames, exc, f"rejected a malformed request: {exc}") from None
+    error = ProtocolError(f"a request has 2 frames (header, body), got {len(frames) - 1}")
+    raise _rejected(frames, error, f"dropped a request with {len(frames)} frames (expected 3)")
+
+
+def _rejected(frames: list[bytes], error: ProtocolError, message: str) -> Rejected:
+    rid = request_id_of(frames[1]) if len(frames) >= 2 else None
+    return Rejected(message, None if rid is None else error_reply(frames[0], rid, error))
+
+
 _KINDS = frozenset(int(k) for k in Kind)
 _METHODS = frozenset(int(m) for m in Method)
 _READ_KINDS = frozenset(
@@ -292,6 +323,11 @@ def is_read_only(kind: int, method: int) -> bool:
 def reply_header(status: int, request_id: int, head: int = 0) -> bytes:
     """Header frame of a reply; ``head`` is the namespace's sequence number after it."""
     return _REPLY_HEAD.pack(PROTOCOL_VERSION, status, request_id, head)
+
+
+def error_reply(identity: bytes, request_id: int, exc: BaseException) -> list[bytes]:
+    """The frames of an error reply to ``identity`` (through a ROUTER)."""
+    return [identity, reply_header(ERROR, request_id), S.dumps_exception(exc)]
 
 
 def parse_reply(frame: Frame) -> tuple[int, int]:

@@ -40,6 +40,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
+from ._protocol import parse_request, parse_routed
 from ._broker import Broker
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
@@ -49,8 +50,10 @@ from ._transport import (
     get_context,
     make_private_ipc_dir,
     normalize_address,
+    recv_frames,
     remove_ipc_dir,
     remove_ipc_endpoint,
+    send_frames,
 )
 from ._store import _OPS, MISSING, Namespace, run_atomic
 # re-exported until state and _async import them from _store/_utils
@@ -251,25 +254,8 @@ class Server:
     def serve(self, until: Callable[[], bool] | None = None) -> None:
         mark_server_process()
         router, pub = self.router, self.pub
-        # pyzmq's own methods, without the Python layer over them, and plain int flags:
-        # the enums and wrappers cost a few microseconds per message
-        base = zmq.backend.Socket
-        recv_frame, send_frame, get = base.recv, base.send, base.get
-        poll_in, events, sndmore = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.SNDMORE)
-        rcvmore = int(zmq.RCVMORE)
-
-        def recv() -> list[bytes]:
-            # a ROUTER message always has a frame after the identity
-            frames = [recv_frame(router), recv_frame(router)]
-            while get(router, rcvmore):
-                frames.append(recv_frame(router))
-            return frames
-
-        def publish(frames: list[bytes]) -> None:
-            last = len(frames) - 1
-            for i, frame in enumerate(frames):
-                send_frame(pub, frame, sndmore if i < last else 0)
-
+        # pyzmq's own method and plain int flags: the enums cost a microsecond per message
+        get, poll_in, events = zmq.backend.Socket.get, int(zmq.POLLIN), int(zmq.EVENTS)
         run = self.run_token
         replies: list[list[bytes]] = []
         syncs: list[list[bytes]] = []
@@ -279,7 +265,7 @@ class Server:
         router.rcvtimeo = 200  # wake up now and then to notice signals and idle work
         while not until():
             try:
-                frames = recv()
+                frames = recv_frames(router)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -290,23 +276,21 @@ class Server:
                     replies.append(reply)
                 if not get(router, events) & poll_in:  # type: ignore[operator]
                     break
-                frames = recv()
+                frames = recv_frames(router)
             if store is not None:  # durable before anyone hears of it (fsync="always")
                 store.commit(self.namespaces)
             # replies first: a writer hears "done" no later than anyone watching it
             for reply in replies:
-                last = len(reply) - 1
-                for i, frame in enumerate(reply):
-                    send_frame(router, frame, sndmore if i < last else 0)
+                send_frames(router, reply)
             replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
-                publish([ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
+                send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
                 ns.outbox = []
             dirty.clear()
             for marker in syncs:
-                publish(marker)
+                send_frames(pub, marker)
             syncs.clear()
 
     def handle(
@@ -314,25 +298,16 @@ class Server:
     ) -> list[bytes] | None:
         """Handle one request; return the reply frames (None: drop the message)."""
         self.stats["requests"] += 1
-        if len(frames) != 3:
-            self.stats["dropped"] += 1
-            log.warning("dropped a request with %d frames (expected 3)", len(frames))
-            if len(frames) >= 2:
-                rid = P.request_id_of(frames[1])
-                if rid is not None:
-                    return self._error(frames[0], rid, ProtocolError(
-                        f"a request has 2 frames (header, body), got {len(frames) - 1}"))
-            return None
-        identity, header, body = frames
         try:
-            request = P.parse_request(header)
-        except ProtocolError as exc:
-            rid = P.request_id_of(header)
+            request = parse_routed(frames, parse_request)
+        except P.Rejected as rejected:
             self.stats["dropped"] += 1
-            if rid is None:
-                log.warning("dropped an undecodable request: %s", exc)
-                return None
-            return self._error(identity, rid, exc)
+            if rejected.reply is None:  # else the sender hears why
+                log.warning("%s", rejected.args[0])
+            else:
+                self.stats["errors"] += 1
+            return rejected.reply
+        identity, _, body = frames
         try:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
@@ -343,7 +318,7 @@ class Server:
 
     def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
         self.stats["errors"] += 1
-        return [identity, P.reply_header(P.Status.ERROR, rid), S.dumps_exception(exc)]
+        return P.error_reply(identity, rid, exc)
 
     def dispatch(
         self,
