@@ -200,3 +200,63 @@ def test_topics_are_prefix_free() -> None:
 def test_protocol_error_is_a_zproc_error() -> None:
     assert issubclass(ProtocolError, zproc.ZProcError)
     assert zproc.ProtocolError is ProtocolError
+
+
+# -- routed requests and bodies ---------------------------------------------------------
+
+
+def test_parse_routed() -> None:
+    header = P.request_header(P.Kind.PING, 0, 9, b"default")
+    assert P.parse_routed([b"id", header, b""], P.parse_request).request_id == 9
+    # a wrong frame count, or a bad header, with a request id: an error reply to the sender
+    for frames in ([b"id", header], [b"id", header[:1] + b"\x7f" + header[2:], b""]):
+        with pytest.raises(P.Rejected) as info:
+            P.parse_routed(frames, P.parse_request)
+        assert info.value.reply is not None
+        identity, reply_header, body = info.value.reply
+        assert identity == b"id" and P.parse_reply(reply_header) == (P.Status.ERROR, 9)
+        assert isinstance(S.loads_exception(body), ProtocolError)
+    # no request id to answer: dropped
+    with pytest.raises(P.Rejected, match="4 frames") as info:
+        P.parse_routed([b"id", b"x", b"y", b"z"], P.parse_request)
+    assert info.value.reply is None
+    # the broker's kinds are not the server's
+    with pytest.raises(P.Rejected):
+        P.parse_routed([b"id", header, b""], P.parse_swarm_request)
+
+
+def test_records_are_plain_tuples_on_the_wire() -> None:
+    assert P.encode(P.HeadReply(3, b"r" * 8)) == S.dumps((3, b"r" * 8))
+    assert P.encode(P.SubmitReply(2, None)) == S.dumps((2, None))
+    assert P.decode(P.PingReply, S.loads(P.encode(P.PingReply(b"x", 7)))) == (b"x", 7)
+    with pytest.raises(ProtocolError, match="malformed SnapshotReply"):
+        P.decode(P.SnapshotReply, (1, 2, 3))
+    reply = S.loads(P.encode_results_reply(1, 4, [(0, 0, 4, 0, b"body")], workers=2))
+    submitted = P.decode(P.SubmitReply, reply)
+    assert submitted.workers == 2
+    assert P.decode(P.ResultsReply, submitted.results).chunks == [(0, 0, 4, 0, b"body")]
+
+
+def test_pipeline_and_call_bodies() -> None:
+    op = P.pipeline_op(P.Method.SETITEM, ("k", 1))
+    assert P.parse_pipeline_op(op) == (P.Method.SETITEM, ("k", 1))
+    assert P.parse_pipeline_request(S.dumps([op])) == [op]
+    for bad in (S.dumps((999, ())), S.dumps((int(P.Method.GET), ["k"]))):
+        with pytest.raises(ProtocolError):
+            P.parse_pipeline_op(bad)
+    with pytest.raises(ProtocolError):
+        P.parse_pipeline_request(S.dumps("not a list"))
+    with pytest.raises(ProtocolError):
+        P.pipeline_reply([(0, b"")], 2)
+    assert P.parse_call_request(b"") == ()
+    with pytest.raises(ProtocolError):
+        P.parse_call_request(S.dumps(["k"]))
+
+
+def test_submit_body_is_checked() -> None:
+    good = (5, 3, b"code", 3, 0, 1, [(0, 3, b"items")])
+    submit = P.parse_submit_request(S.dumps(good))
+    assert submit == P.SubmitRequest(5, 3, b"code", 3, False, 1.0, [(0, 3, b"items")])
+    for bad in ((0, *good[1:]), good[:6], (*good[:6], [(0, 3, "items")])):
+        with pytest.raises(ProtocolError, match="malformed swarm SUBMIT"):
+            P.parse_submit_request(S.dumps(bad))

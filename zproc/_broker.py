@@ -140,35 +140,6 @@ class _Worker:
         return f"worker pid {self.pid} on {self.host}"
 
 
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return type(value) is int and low <= value <= high
-
-
-def _check_submit(task_id: Any, length: Any, code: Any, max_attempts: Any, layout: Any) -> None:
-    """Reject a SUBMIT whose fields would fail later, in the broker's loop."""
-    problem = ""
-    if not _is_int(task_id, 1, 2**64 - 1):
-        problem = f"task id {task_id!r} is not an int in [1, 2**64)"
-    elif not _is_int(length, 0, 2**63) or not _is_int(max_attempts, -(2**63), 2**63):
-        problem = f"length {length!r} or max_attempts {max_attempts!r} is not an int"
-    elif type(code) is not bytes:
-        problem = f"the code is a {type(code).__name__}, not bytes"
-    elif not isinstance(layout, (list, tuple)) or len(layout) >= 2**32:
-        problem = "the chunks are not a list"
-    else:
-        for part in layout:
-            if not (
-                isinstance(part, tuple) and len(part) == 3 and _is_int(part[0], 0, 2**63)
-                and _is_int(part[1], 0, 2**63) and type(part[2]) is bytes
-            ):
-                problem = f"a chunk is not (start, count, items bytes): {part!r:.80}"
-                break
-    if problem:
-        raise ProtocolError(
-            f"malformed swarm SUBMIT: {problem}; use the same zproc version on both sides"
-        )
-
-
 def _bind(sock: zmq.Socket[Any], address: ServerAddress, folder: str | None, name: str) -> str:
     """Bind next to the server: same private ipc directory, or same tcp host."""
     req = address.req_rep
@@ -321,15 +292,17 @@ class Broker:
         try:
             kind = request.kind
             if kind == P.SwarmKind.RESULTS:
-                task_id, first, wait = S.loads(body)
-                self._wait(self._task(task_id), _Waiter(identity, rid, first, wait, None))
+                asked = P.decode(P.ResultsRequest, S.loads(body))
+                waiter = _Waiter(identity, rid, asked.first, asked.wait, None)
+                self._wait(self._task(asked.task), waiter)
             elif kind == P.SwarmKind.SUBMIT:
-                task, wait = self._submit(S.loads(body))
-                waiter = _Waiter(identity, rid, 0, wait, len(self.workers))
-                if wait > 0:
+                submit = P.parse_submit_request(body)
+                task = self._submit(submit)
+                waiter = _Waiter(identity, rid, 0, submit.wait, len(self.workers))
+                if submit.wait > 0:
                     self._wait(task, waiter)
                 else:
-                    self._reply(identity, rid, S.dumps((len(self.workers), None)))
+                    self._reply(identity, rid, P.encode(P.SubmitReply(len(self.workers), None)))
             elif kind == P.SwarmKind.FORGET:
                 self._reply(identity, rid, S.dumps(self._forget(S.loads(body))))
             elif kind == P.SwarmKind.INFO:
@@ -358,20 +331,23 @@ class Broker:
         if not self._answer(task, waiter, force=wait <= 0):
             task.waiters.append(waiter)
 
-    def _submit(self, message: tuple[Any, ...]) -> tuple[_Task, float]:
-        task_id, length, code, max_attempts, keep, wait, layout = message
-        _check_submit(task_id, length, code, max_attempts, layout)
+    def _submit(self, submit: P.SubmitRequest) -> _Task:
+        task_id = submit.task
         if task_id in self.tasks:
             raise ProtocolError(f"task {task_id:016x} was already submitted")
         chunks = [
-            _Chunk(i, start, count, items) for i, (start, count, items) in enumerate(layout)
+            _Chunk(i, start, count, items)
+            for i, (start, count, items) in enumerate(submit.chunks)
         ]
-        task = _Task(task_id, length, code, max(1, max_attempts), bool(keep), chunks)
+        task = _Task(
+            task_id, submit.length, submit.code, max(1, submit.max_attempts), submit.keep,
+            chunks,
+        )
         self.tasks[task_id] = task
         self.queue.extend((task, chunk) for chunk in chunks)
         if not chunks:
             self._finish(task)
-        return task, float(wait)
+        return task
 
     def _forget(self, task_id: int) -> bool:
         task = self.tasks.pop(task_id, None)
@@ -408,7 +384,7 @@ class Broker:
         chunks, first = task.chunks, waiter.first
         if not (force or task.keep or task.settled) and first < len(chunks):
             return False
-        out: list[tuple[int, int, int, int, bytes]] = []
+        out: list[P.ChunkResult] = []
         size = 0
         for i in range(first, len(chunks)):
             chunk = chunks[i]
@@ -418,9 +394,8 @@ class Broker:
             size += len(chunk.body)
         if not out and not force and first < len(chunks):
             return False
-        payload = (len(chunks), task.length, out)
         self._reply(waiter.identity, waiter.rid,
-                    S.dumps(payload if waiter.workers is None else (waiter.workers, payload)))
+                    P.encode_results_reply(len(chunks), task.length, out, waiter.workers))
         last = out[-1] if out else None
         if not task.keep and (
             not chunks or last and (last[0] == len(chunks) - 1 or last[3] != P.ChunkStatus.OK)
@@ -431,14 +406,14 @@ class Broker:
     # messages from workers
     def _on_worker(self, frames: list[bytes]) -> None:
         identity = frames[0]
-        header = P.parse_work(frames[1])
+        header, payload = P.parse_work_message(frames[1:])
         op = header.op
         now = time.monotonic()
-        if op == P.WorkOp.HEARTBEAT:
-            worker = self.workers.get(frames[2]) if len(frames) > 2 else None
+        if op == P.WorkOp.HEARTBEAT:  # payload: the worker's identity on its main socket
+            worker = None if payload is None else self.workers.get(payload)
             if worker is not None:
                 worker.seen = now
-            self._send_worker(identity, [P.work_header(P.WorkOp.PONG, status=worker is None)])
+            self._send_worker(identity, P.pong_message(unknown=worker is None))
             return
         worker = self.workers.get(identity)
         if op == P.WorkOp.RESULT:
@@ -454,12 +429,15 @@ class Broker:
                 self._set_idle(worker)
             else:
                 held = False
-            self._result(header, frames[2] if len(frames) > 2 else b"", worker, held)
+            self._result(header, payload or b"", worker, held)
         elif op == P.WorkOp.READY:
             if worker is None:
-                pid, host = S.loads(frames[2]) if len(frames) > 2 else (0, "?")
-                worker = self.workers[identity] = _Worker(identity, pid, host, header.counter,
-                                                          now)
+                info = P.WorkerInfo(0, "?")
+                if payload is not None:
+                    info = P.decode(P.WorkerInfo, S.loads(payload))
+                worker = self.workers[identity] = _Worker(
+                    identity, info.pid, info.host, header.counter, now
+                )
             worker.seen = now
             if worker.held and header.counter < worker.sent:
                 if now - worker.sent_at > RESEND_AFTER:  # chunks that never reached it
@@ -563,10 +541,8 @@ class Broker:
             if len(known) > CODE_CACHE:
                 known.popitem(last=False)
         assert chunk.items is not None
-        header = P.work_header(
-            P.WorkOp.CHUNK, counter=worker.sent + 1, task=task.id, chunk=chunk.index
-        )
-        if not self._send_worker(worker.id, [header, code, chunk.items]):
+        message = P.chunk_message(worker.sent + 1, task.id, chunk.index, code, chunk.items)
+        if not self._send_worker(worker.id, message):
             queue.appendleft((task, chunk))
             self._remove(worker, lost=False)
             return True

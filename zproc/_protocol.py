@@ -61,10 +61,10 @@ Sync markers (server PUB, after a SYNC request)::
 
 A subscriber that sees its marker knows every later event reaches it.
 
-Swarm (see :mod:`zproc._swarm`). A ``SWARM`` request on ``server_address[0]`` starts the
-server's broker thread (once) and returns its two endpoints. Clients then send requests
-with the header above to the broker's *tasks* endpoint, with a ``SwarmKind`` as kind
-(replies as above)::
+Swarm (see :mod:`zproc._broker`, :mod:`zproc._swarm`). A ``SWARM`` request on
+``server_address[0]`` starts the server's broker thread (once) and returns its two
+endpoints. Clients then send requests with the header above to the broker's *tasks*
+endpoint, with a ``SwarmKind`` as kind (replies as above)::
 
     SUBMIT   body: (task, length, code, max_attempts, keep, wait,
                    [(start, count, items), ...])
@@ -105,7 +105,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 from . import _serialization as S
 from .exceptions import ProtocolError
@@ -132,6 +132,7 @@ EVENT_PREFIX = b"e"
 SYNC_PREFIX = b"s"
 
 Frame = bytes | memoryview
+_R = TypeVar("_R", bound=tuple)  # type: ignore[type-arg]
 
 
 class Kind(enum.IntEnum):
@@ -215,6 +216,11 @@ class Event(NamedTuple):
     changes: dict[Any, Any]
     deleted: tuple[Any, ...]
     old: dict[Any, Any] | None
+
+
+class HeadReply(NamedTuple):
+    head: int
+    run: bytes
 
 
 class FetchReply(NamedTuple):
@@ -379,11 +385,11 @@ def parse_events_header(frame: Frame) -> tuple[int, int, bytes]:
 # -- heads, fetches and runs -----------------------------------------------------------
 
 
-def head_reply(reply: Any) -> tuple[int, bytes]:
+def head_reply(reply: Any) -> HeadReply:
     """``(head, run)`` of a decoded HEAD reply; raise :class:`ProtocolError` if malformed."""
     try:
         head, run = reply
-        return int(head), bytes(run)
+        return HeadReply(int(head), bytes(run))
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed HEAD reply {reply!r:.80}") from exc
 
@@ -412,6 +418,117 @@ def fetch_reply(reply: Any) -> FetchReply:
         return FetchReply(*reply)
     except TypeError as exc:
         raise ProtocolError(f"malformed FETCH reply {reply!r:.80}") from exc
+
+
+# -- the other bodies ------------------------------------------------------------------
+#
+# A body with several fields is a record below (a named tuple): :func:`encode` writes it
+# as a plain tuple (the bytes name no class), :func:`decode` reads it back. A body of one
+# value (a float, a dict, a bool, bytes) is that value, pickled.
+
+
+def encode(record: tuple[Any, ...]) -> bytes:
+    """The body of a record, as a plain tuple."""
+    return S.dumps(tuple(record))
+
+
+def decode(cls: type[_R], value: Any) -> _R:
+    """A decoded body as the record ``cls``; raise :class:`ProtocolError` if it does not fit."""
+    try:
+        return cls(*value)
+    except TypeError as exc:
+        raise ProtocolError(
+            f"malformed {cls.__name__} {value!r:.80}; use the same zproc version on both sides"
+        ) from exc
+
+
+class SnapshotReply(NamedTuple):
+    seq: int
+    data: dict[Any, Any]
+
+
+class PingReply(NamedTuple):
+    """The reply to a PING (whose body is a payload, raw): that payload, the server's pid."""
+
+    payload: bytes
+    pid: int
+
+
+class SwarmReply(NamedTuple):
+    """The reply to a SWARM (whose body is a settings dict): the broker's endpoints."""
+
+    tasks: str
+    workers: str
+
+
+class Meta(TypedDict):
+    """The reply to a META."""
+
+    version: str
+    protocol: int
+    pid: int
+    history_size: int
+    namespaces: list[str]
+    stats: dict[str, int]
+    started: float
+
+
+def parse_call_request(body: Frame) -> tuple[Any, ...]:
+    """The arguments of a CALL body (empty body: no arguments)."""
+    args = S.loads(body) if body else ()
+    if not isinstance(args, tuple):
+        raise ProtocolError("CALL arguments must be a tuple")
+    return args
+
+
+def parse_atomic_request(body: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``(fn, args, kwargs)`` of an ATOMIC body (written by ``_serialization.dumps_call``)."""
+    try:
+        fn, args, kwargs = S.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("an ATOMIC body must be (function, args, kwargs)") from exc
+    return fn, args, kwargs
+
+
+def parse_swarm_settings(body: Frame) -> dict[str, Any]:
+    settings = S.loads(body) if body else {}
+    if not isinstance(settings, dict):
+        raise ProtocolError(f"malformed SWARM settings {settings!r:.80}")
+    return settings
+
+
+def pipeline_op(method: int, args: tuple[Any, ...]) -> bytes:
+    """One operation of a PIPELINE (whose body is the pickled list of them)."""
+    return S.dumps((int(method), args))
+
+
+def parse_pipeline_request(body: Frame) -> list[bytes]:
+    ops = S.loads(body)
+    if not isinstance(ops, list):
+        raise ProtocolError("PIPELINE body must be a list of operations")
+    return ops
+
+
+def parse_pipeline_op(op: Frame) -> tuple[int, tuple[Any, ...]]:
+    """``(method, args)`` of one pipelined operation; only an allowed dict method."""
+    method, args = S.loads(op)
+    if type(method) is not int or method not in _METHODS or type(args) is not tuple:
+        raise ProtocolError(
+            f"a pipelined operation must be (dict method code, args tuple), got method "
+            f"{method!r}"
+        )
+    return method, args
+
+
+def pipeline_reply(reply: Any, count: int) -> list[tuple[int, bytes]]:
+    """The ``(status, body)`` pairs of a decoded reply to a pipeline of ``count`` ops."""
+    if not isinstance(reply, list) or len(reply) != count:
+        raise ProtocolError(
+            f"the server answered a pipeline of {count} operations with "
+            f"{len(reply) if isinstance(reply, list) else 'no'} results; use the "
+            f"same zproc version on both sides"
+        )
+    return reply
 
 
 def sync_topic(identity: bytes) -> bytes:
@@ -497,6 +614,106 @@ def parse_work(frame: Frame) -> WorkHeader:
             f"version on the workers and the server"
         )
     return WorkHeader(op, status, counter, task, chunk)
+
+
+# swarm bodies (a FORGET's is the task id, its reply a bool; an INFO's reply is a dict)
+
+#: A finished chunk in a RESULTS reply: (index, start, count, ChunkStatus, body).
+ChunkResult = tuple[int, int, int, int, bytes]
+
+
+class SubmitRequest(NamedTuple):
+    task: int
+    length: int
+    code: bytes
+    max_attempts: int
+    keep: bool
+    wait: float
+    chunks: list[tuple[int, int, bytes]]  # (start, count, items)
+
+
+class ResultsRequest(NamedTuple):
+    task: int
+    first: int
+    wait: float
+
+
+class ResultsReply(NamedTuple):
+    chunk_count: int
+    length: int
+    chunks: list[ChunkResult]
+
+
+class SubmitReply(NamedTuple):
+    workers: int
+    results: ResultsReply | None  # a plain tuple on the wire: decode it in turn
+
+
+class WorkerInfo(NamedTuple):
+    """The payload of a READY."""
+
+    pid: int
+    host: str
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def parse_submit_request(body: Frame) -> SubmitRequest:
+    """A SUBMIT body, checked: fields that would fail later, in the broker's loop, fail here."""
+    try:
+        task, length, code, max_attempts, keep, wait, layout = S.loads(body)
+        problem = _submit_problem(task, length, code, max_attempts, layout)
+        wait = float(wait)
+    except (TypeError, ValueError):
+        problem = "not (task, length, code, max_attempts, keep, wait, chunks)"
+    if problem:
+        raise ProtocolError(
+            f"malformed swarm SUBMIT: {problem}; use the same zproc version on both sides"
+        )
+    return SubmitRequest(task, length, code, max_attempts, bool(keep), wait, list(layout))
+
+
+def _submit_problem(task: Any, length: Any, code: Any, max_attempts: Any, layout: Any) -> str:
+    if not _is_int(task, 1, 2**64 - 1):
+        return f"task id {task!r} is not an int in [1, 2**64)"
+    if not _is_int(length, 0, 2**63) or not _is_int(max_attempts, -(2**63), 2**63):
+        return f"length {length!r} or max_attempts {max_attempts!r} is not an int"
+    if type(code) is not bytes:
+        return f"the code is a {type(code).__name__}, not bytes"
+    if not isinstance(layout, (list, tuple)) or len(layout) >= 2**32:
+        return "the chunks are not a list"
+    for part in layout:
+        if not (
+            isinstance(part, tuple) and len(part) == 3 and _is_int(part[0], 0, 2**63)
+            and _is_int(part[1], 0, 2**63) and type(part[2]) is bytes
+        ):
+            return f"a chunk is not (start, count, items bytes): {part!r:.80}"
+    return ""
+
+
+def encode_results_reply(
+    chunk_count: int, length: int, chunks: list[ChunkResult], workers: int | None = None
+) -> bytes:
+    """A RESULTS reply; with ``workers``, the reply (a SubmitReply) to a SUBMIT that waited."""
+    payload = (chunk_count, length, chunks)
+    return S.dumps(payload if workers is None else (workers, payload))
+
+
+def chunk_message(counter: int, task: int, chunk: int, code: bytes, items: bytes) -> list[bytes]:
+    """A CHUNK to a worker: its code (``b""`` when the worker has it) and its items."""
+    return [work_header(WorkOp.CHUNK, counter=counter, task=task, chunk=chunk), code, items]
+
+
+def pong_message(unknown: bool) -> list[bytes]:
+    """The answer to a HEARTBEAT; ``unknown``: the broker does not know that worker."""
+    return [work_header(WorkOp.PONG, status=unknown)]
+
+
+def parse_work_message(frames: list[bytes]) -> tuple[WorkHeader, bytes | None]:
+    """The header and the payload frame (None if absent) of a worker's message."""
+    return parse_work(frames[0]), frames[1] if len(frames) > 1 else None
 
 
 def parse_swarm_request(frame: Frame) -> Request:

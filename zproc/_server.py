@@ -40,7 +40,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
-from ._protocol import parse_request, parse_routed
+from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
@@ -332,9 +332,7 @@ class Server:
         kind = request.kind
         ns = self.namespace(request.namespace)
         if kind == _CALL:
-            args = S.loads(body) if body else ()
-            if not isinstance(args, tuple):
-                raise ProtocolError("CALL arguments must be a tuple")
+            args = parse_call_request(body)
             if request.method == _SETITEM and len(args) == 2:
                 # the most frequent write, as _op_setitem without the _Prepared round trip
                 data, (key, value) = ns.data, args
@@ -361,27 +359,29 @@ class Server:
         if kind == P.Kind.PIPELINE:
             return self._pipeline(ns, identity, body, dirty)
         if kind == P.Kind.HEAD:
-            return S.dumps((ns.seq, self.run_token))
+            return P.encode(P.HeadReply(ns.seq, self.run_token))
         if kind == P.Kind.FETCH:
             after, want_snapshot, run = P.parse_fetch_request(body)
             if not self.continues(run, after, ns.name):
-                return S.dumps((ns.seq, None, None, self.run_token, False))
-            events = ns.replay_after(after)
-            snapshot = dict(ns.data) if want_snapshot or events is None else None
-            return S.dumps((ns.seq, snapshot, events, self.run_token, True))
+                fetched = P.FetchReply(ns.seq, None, None, self.run_token, False)
+            else:
+                events = ns.replay_after(after)
+                snapshot = dict(ns.data) if want_snapshot or events is None else None
+                fetched = P.FetchReply(ns.seq, snapshot, events, self.run_token, True)
+            return P.encode(fetched)
         if kind == P.Kind.SNAPSHOT:
-            return S.dumps((ns.seq, dict(ns.data)))
+            return P.encode(P.SnapshotReply(ns.seq, dict(ns.data)))
         if kind == P.Kind.SYNC:
             syncs.append([P.sync_topic(identity), bytes(body)])
-            return S.dumps(None)
+            return _NONE
         if kind == P.Kind.PING:
-            return S.dumps((bytes(body), os.getpid()))
+            return P.encode(P.PingReply(bytes(body), os.getpid()))
         if kind == P.Kind.TIME:
             return S.dumps(time.time())
         if kind == P.Kind.META:
             return S.dumps(self.meta())
         if kind == P.Kind.SWARM:
-            return S.dumps(self.swarm(S.loads(body) if body else {}))
+            return P.encode(self.swarm(P.parse_swarm_settings(body)))
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
 
     def continues(self, run: bytes, seq: int, namespace: str) -> bool:
@@ -396,7 +396,7 @@ class Server:
                 return seq <= lineage[index + 1][1].get(namespace, 0)
         return False
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> P.Meta:
         return {
             "version": __version__,
             "protocol": P.PROTOCOL_VERSION,
@@ -407,7 +407,7 @@ class Server:
             "started": self.started,
         }
 
-    def swarm(self, settings: dict[str, Any]) -> tuple[str, str]:
+    def swarm(self, settings: dict[str, Any]) -> P.SwarmReply:
         """Start the swarm broker on first use (:mod:`zproc._broker`); return its endpoints."""
         broker: Broker | None = getattr(self, "_broker", None)
         if broker is None or not broker.alive:
@@ -417,10 +417,10 @@ class Server:
             broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir)
             self._broker = broker
         broker.configure(settings)
-        return broker.endpoints
+        return P.SwarmReply(*broker.endpoints)
 
     def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
-        fn, args, kwargs = S.loads(body)
+        fn, args, kwargs = P.parse_atomic_request(body)
         if getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
             fn = fn.__wrapped__
 
@@ -438,22 +438,13 @@ class Server:
         self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]
     ) -> bytes:
         """Apply a pipeline's operations in order, each on its own (as separate CALLs)."""
-        ops = S.loads(body)
-        if not isinstance(ops, list):
-            raise ProtocolError("PIPELINE body must be a list of operations")
         data = ns.data
-        ok, error = int(P.Status.OK), int(P.Status.ERROR)
+        ok, error = P.OK, P.ERROR
         out: list[tuple[int, bytes]] = []
-        for op in ops:
+        for op in P.parse_pipeline_request(body):
             try:
-                method, args = S.loads(op)
-                fn = _OPS.get(method) if type(method) is int else None
-                if fn is None or type(args) is not tuple:
-                    raise ProtocolError(
-                        f"a pipelined operation must be (dict method code, args tuple), got "
-                        f"method {method!r}"
-                    )
-                prepared = fn(data, *args)
+                method, args = P.parse_pipeline_op(op)
+                prepared = _OPS[method](data, *args)
                 reply = S.dumps(prepared.result)
                 if prepared.apply is not None and (prepared.changes or prepared.deleted):
                     self._commit(
