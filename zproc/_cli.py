@@ -34,10 +34,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._version import __version__
+from . import _serialization as S
 from ._persist import FSYNC_POLICIES
+from ._security import create_certificates, server_keys
+from ._server import Server, serve
+from ._swarm import run_workers
 from ._transport import ServerAddress, normalize_address
+from ._version import __version__
 from .exceptions import ZProcError
+from .state import State, ping
 
 __all__ = ["main"]
 
@@ -187,8 +192,6 @@ class _Report:
         self.error: BaseException | None = None
 
     def send(self, message: tuple[str, Any]) -> None:
-        from . import _serialization as S
-
         if message[0] == "ok":
             req, pub = message[1]
             mode = "CURVE on" if self.secure else "no secret key"
@@ -206,9 +209,6 @@ class _Report:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._security import server_keys
-    from ._server import Server, serve
-
     address = _address([args.req_endpoint, args.pub_endpoint])
     secret_key = read_secret_key(args.secret_key_file)
     options: dict[str, Any] = {"keys": server_keys(secret_key)}
@@ -243,8 +243,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ping(args: argparse.Namespace) -> int:
-    from .state import ping
-
     address = _address(args.endpoints)
     secret_key = read_secret_key(args.secret_key_file)
     start = time.perf_counter()
@@ -258,8 +256,6 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    from .state import State
-
     address = _address(args.endpoints)
     secret_key = read_secret_key(args.secret_key_file)
     with State(
@@ -294,8 +290,6 @@ def _format_changes(update: Any, keys: frozenset[str], shorten: Any) -> list[str
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .state import State
-
     if len(args.endpoints) < 2:
         raise UsageError("expected two endpoints, REQ_ENDPOINT PUB_ENDPOINT, then keys")
     address = _address(args.endpoints[:2])
@@ -325,8 +319,6 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from ._security import create_certificates
-
     try:
         server, client = create_certificates(args.directory)
     except FileExistsError as exc:
@@ -343,8 +335,6 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from ._swarm import run_workers
-
     address = _address([args.req_endpoint, args.pub_endpoint])
     count = (os.cpu_count() or 1) if args.count is None else args.count
     if count < 1:

@@ -61,7 +61,7 @@ from ._store import changed as changed
 from ._utils import in_server_process as in_server_process
 from ._utils import mark_server_process
 from ._version import __version__
-from .exceptions import ProtocolError
+from .exceptions import AddressInUseError, ProtocolError, ServerError, TimeoutError
 
 __all__ = ["Server", "serve", "start_server"]
 
@@ -481,8 +481,6 @@ class Server:
 
 
 def _bind_endpoint(sock: zmq.Socket[Any], endpoint: str) -> None:
-    from .exceptions import AddressInUseError
-
     if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[len("ipc://") :]):
         raise AddressInUseError(
             f"{endpoint} is in use: a server is probably already running there. Use another "
@@ -655,8 +653,6 @@ def start_server(
         The server failed to start for another reason (its traceback is the cause), e.g.
         the ``persist`` file is used by another server or is not a zproc persist file.
     """
-    from .exceptions import ServerError, TimeoutError
-
     address = None if server_address is None else normalize_address(server_address)
     if isinstance(backend, type) and issubclass(backend, threading.Thread):
         raise TypeError("start_server needs a process backend; threads are not supported")
