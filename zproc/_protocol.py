@@ -78,7 +78,7 @@ endpoint, with a ``SwarmKind`` as kind (replies as above)::
              every chunk is finished, one failed, or the finished results fill a reply
              (or when wait ends): a map's caller wants them all, in one reply
     FORGET   body: task. reply: whether the task was known
-    INFO     body: empty. reply: dict (workers, idle, queued, tasks, settings)
+    INFO     body: None. reply: dict (workers, idle, queued, tasks, settings)
 
 Workers speak to the broker's *workers* endpoint with their own frames::
 
