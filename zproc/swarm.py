@@ -33,7 +33,8 @@ from .exceptions import (
     TimeoutError,
     ZProcError,
 )
-from .process import Process, _as_args, _as_kwargs, _map_inputs, _map_length, stop_processes
+from ._chunks import as_args, as_kwargs, map_inputs, map_length
+from .process import Process, stop_processes
 
 __all__ = ["SequenceTaskResult", "SimpleTaskResult", "Swarm"]
 
@@ -640,11 +641,11 @@ class Swarm:
         self._check_open()
         if not callable(target):
             raise TypeError(f"map needs a callable target, got {target!r}")
-        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
+        items, margs, mkwargs = map_inputs(map_iter, map_args, map_kwargs)
         if num_chunks is not None and num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks!r}")
-        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
-        length = _map_length(items, margs, mkwargs)
+        fixed_args, fixed_kwargs = as_args(args, "args"), as_kwargs(kwargs, "kwargs")
+        length = map_length(items, margs, mkwargs)
         code = _dumps_code(pass_state, self.namespace, target, fixed_args, fixed_kwargs)
         if num_chunks is None:
             workers = self._workers()
@@ -739,7 +740,7 @@ class Swarm:
         """
         start = time.monotonic()
         sequence = self._submit(
-            target, None, [_as_args(args, "args")], None, [_as_kwargs(kwargs, "kwargs")], None,
+            target, None, [as_args(args, "args")], None, [as_kwargs(kwargs, "kwargs")], None,
             pass_state, 1, timeout, keep=lazy,
         )
         result = SimpleTaskResult(
