@@ -343,7 +343,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from ._swarm import run_workers
+    from ._worker import run_workers
 
     address = _address([args.req_endpoint, args.pub_endpoint])
     count = (os.cpu_count() or 1) if args.count is None else args.count
