@@ -18,6 +18,10 @@ returns. The parent watches the pipe and the child's exit together (a pidfd wher
 system has one, else the multiprocessing sentinel plus a short poll): a child that dies
 without writing (SIGKILL, ``os._exit``) is noticed at once. :meth:`Process.stop` ends the
 child and then its descendants (nested processes) with psutil.
+
+This module is the parent's side; what the child runs is :mod:`zproc._child`, the result
+frame is defined in :mod:`zproc._protocol`, and the signal and process-tree helpers are in
+:mod:`zproc._proctree`.
 """
 
 from __future__ import annotations
