@@ -369,8 +369,8 @@ class Pool:
     ) -> Iterator[Any]:
         """Send the chunks to the workers now; return the iterator over the results.
 
-        The ``map_*`` inputs are sequences or None, as ``process._map_inputs``
-        makes them. With ``progress``, the results are counted as they are consumed (see
+        The ``map_*`` inputs are sequences or None, as ``_chunks.map_inputs`` makes
+        them. With ``progress``, the results are counted as they are consumed (see
         ``_progress``).
         """
         inputs = (map_iter, map_args, map_kwargs)
