@@ -1,4 +1,5 @@
-"""The chunk engine of process_map and the Swarm, without processes or sockets."""
+"""The chunk engine of process_map and the Swarm, and the pool's and child's frames,
+without processes or sockets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from zproc import _protocol as P
 from zproc import _serialization as S
 from zproc._chunks import (
     CodeCache,
@@ -155,3 +157,20 @@ def test_code_cache_decodes_once_and_evicts_the_least_recent() -> None:
     assert a in cache and c in cache and b not in cache and len(cache) == 2
     cache.put(1, "code")
     assert cache.get(1) == "code" and cache.get(2) is None and a not in cache
+
+
+def test_pool_and_child_frames_round_trip() -> None:
+    buf = bytearray(P.pool_frame(b"first") + P.pool_frame(b"") + P.pool_frame(b"third")[:-2])
+    assert P.split_pool_frames(buf) == [b"first", b""]
+    assert bytes(buf) == P.pool_frame(b"third")[:-2]  # the incomplete one waits
+    task = P.pool_task(7, 2, 40, b"code", ([1, 2], None, None, 2))
+    assert P.parse_pool_task(task) == (7, 2, 40, b"code", ([1, 2], None, None, 2))
+    reply = P.pool_reply(7, 2, P.PoolStatus.PART, b"body")
+    size = P.pool_frame_size(reply[: P.POOL_SIZE_BYTES])
+    task_id, index, status, body = P.parse_pool_reply(reply[P.POOL_SIZE_BYTES :])
+    assert size == len(reply) - P.POOL_SIZE_BYTES
+    assert (task_id, index, status, bytes(body)) == (7, 2, P.PoolStatus.PART, b"body")
+    frame = P.child_result(P.CHILD_VALUE, b"value")
+    assert P.parse_child_result(frame[:-1]) is None and P.child_result_size(frame[:3]) is None
+    assert P.child_result_size(frame) == len(frame)
+    assert P.parse_child_result(frame) == (P.CHILD_VALUE, b"value")
