@@ -19,7 +19,7 @@ import zmq
 from _netns import Output, TestBed, created_bed
 
 import zproc
-from zproc import _swarm
+from zproc import _swarm, _worker
 from zproc._cli import main
 from zproc._security import client_keys
 
@@ -336,7 +336,7 @@ def test_a_late_need_code_from_a_dropped_worker_does_not_queue_a_chunk_twice(
     fake.linger = 0
     fake.rcvtimeo = 10_000
     try:
-        fake.connect(_swarm.discover(swarm.server_address, None)[1])
+        fake.connect(_worker.discover(swarm.server_address, None)[1])
         fake.send_multipart([P.work_header(P.WorkOp.READY), S.dumps((os.getpid(), "fake"))])
         deadline = time.monotonic() + 10
         while not swarm.info()["workers"]:
@@ -393,7 +393,7 @@ def test_curve_swarm(tmp_path: pathlib.Path) -> None:
     with zproc.Context(secret_key=SECRET) as ctx:
         swarm = ctx.create_swarm(2)
         assert swarm.map(square, range(100)) == [x * x for x in range(100)]
-        tasks_endpoint = _swarm.discover(ctx.server_address, client_keys(SECRET))[0]
+        tasks_endpoint = _worker.discover(ctx.server_address, client_keys(SECRET))[0]
         with zproc.Swarm(ctx.server_address, secret_key="wrong key", request_timeout=3) as bad:
             with pytest.raises((zproc.AuthenticationError, zproc.TimeoutError)):
                 bad.info()

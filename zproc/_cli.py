@@ -38,7 +38,7 @@ from . import _serialization as S
 from ._persist import FSYNC_POLICIES
 from ._security import create_certificates, server_keys
 from ._server import Server, serve
-from ._swarm import run_workers
+from ._worker import run_workers
 from ._transport import ServerAddress, normalize_address
 from ._version import __version__
 from .exceptions import ZProcError

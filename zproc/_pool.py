@@ -6,7 +6,7 @@ Data flow::
     ---------------                                   --------------------------------
     listener (Unix socket in a private 0700 dir) <--- connect, send its 16-byte token
     process_map(target, inputs, count)
-      cut the inputs into count chunks
+      cut the inputs into count chunks of near-equal size
       socket ---(task, chunk, start, code, items)---> load the target (cached), apply it
                                                       to each item in order
       socket <--(task, chunk, status, results)------- results, or the error and the
@@ -14,9 +14,11 @@ Data flow::
     the iterator yields chunk after chunk, in input order;
     a worker's sentinel fires -> its unanswered chunks fail with ProcessError
 
-Messages are length-prefixed pickles. The target and its fixed arguments are cloudpickled
-once per call; each chunk's inputs once per chunk. A plain stream socket wakes the reader
-directly (ZeroMQ would add an I/O-thread hop at each end), which matters for short maps.
+Messages are length-prefixed pickles (the frames are defined in :mod:`zproc._protocol`;
+the chunks, their running and their failures in :mod:`zproc._chunks`). The target and its
+fixed arguments are pickled once per call; each chunk's inputs once per chunk. A plain
+stream socket wakes the reader directly (ZeroMQ would add an I/O-thread hop at each end),
+which matters for short maps.
 The parent never blocks on a send (it keeps an outbox per worker and flushes it while it
 waits for results), so a worker writing a large result can never deadlock with it. The
 parent knows which worker holds which chunk: a chunk is answered by its worker, or failed
@@ -29,52 +31,33 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 import socket
-import struct
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from . import _serialization as S
+from . import _protocol as P
+from ._chunks import CodeCache, cut, dumps_code, failure, layout, map_length, read_chunk
+from ._chunks import run_chunk
+from ._proctree import POLLERR, POLLIN, POLLOUT, poll_fds
 from ._progress import track
 from ._transport import ServerAddress, make_private_ipc_dir, remove_ipc_dir
-from .exceptions import ProcessError, RemoteTraceback, TimeoutError, ZProcError
-from .process import POLLERR, POLLIN, POLLOUT, Process, _map_length, poll_fds
+from .exceptions import ProcessError, TimeoutError, ZProcError
+from .process import Process
+from .state import State
 
 __all__ = ["MapResult", "Pool", "worker_main"]
 
-_LENGTH = struct.Struct("!Q")
-_REPLY = struct.Struct("!QIB")  # task id, chunk index, status; the body follows
 #: Bytes read from a worker's socket at a time.
 READ_SIZE = 1 << 18
-_TOKEN_SIZE = 16
-_OK, _FAILED, _DEAD, _PART = 0, 1, 2, 3
-#: A worker sends the results computed so far after this many seconds, then after twice
-#: as long, and so on up to PART_INTERVAL_MAX: results of a long chunk stream back (and
-#: are decoded and yielded while the rest is computed) with few messages.
-PART_INTERVAL = 0.001
-PART_INTERVAL_MAX = 0.1
-
 #: Seconds new workers get to connect before ``process_map`` gives up.
 READY_TIMEOUT = 60.0
-#: Decoded targets a worker keeps.
-CODE_CACHE = 8
 
-
-def _dumps_target(
-    target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], stateful: bool
-) -> bytes:
-    """The target and its fixed arguments; plain pickle for an importable bare function."""
-    module = getattr(target, "__module__", None)
-    if not args and not kwargs and module not in (None, "__main__", "__mp_main__"):
-        try:
-            return S.dumps((target, args, kwargs, stateful))
-        except S.PICKLING_ERRORS:
-            pass
-    return S.dumps_code((target, args, kwargs, stateful))
+_OK, _FAILED, _DEAD, _PART = (
+    int(P.PoolStatus.OK), int(P.PoolStatus.FAILED), int(P.PoolStatus.DEAD), int(P.PoolStatus.PART)
+)
 
 
 class _Worker:
@@ -93,7 +76,7 @@ class _Worker:
 
     def send(self, data: bytes) -> None:
         """Queue one message and write what the socket takes now (never blocks)."""
-        frame = _LENGTH.pack(len(data)) + data
+        frame = P.pool_frame(data)
         if self.out:
             self.out += frame
             self.flush()
@@ -132,20 +115,7 @@ class _Worker:
                 eof = True
                 break
             self.inbuf += scratch[:size]
-        messages = []
-        buf = self.inbuf
-        pos = 0
-        with memoryview(buf) as view:
-            while len(buf) - pos >= _LENGTH.size:
-                (size,) = _LENGTH.unpack_from(buf, pos)
-                end = pos + _LENGTH.size + size
-                if len(buf) < end:
-                    break
-                messages.append(bytes(view[pos + _LENGTH.size : end]))
-                pos = end
-        if pos:
-            del buf[:pos]
-        return messages, eof
+        return P.split_pool_frames(self.inbuf), eof
 
     def close(self) -> None:
         if self.sock is not None:
@@ -154,12 +124,11 @@ class _Worker:
 
 
 class _Task:
-    __slots__ = ("id", "starts", "ends", "replies", "done")
+    __slots__ = ("id", "chunks", "replies", "done")
 
-    def __init__(self, task_id: int, starts: list[int], ends: list[int]) -> None:
+    def __init__(self, task_id: int, chunks: list[tuple[int, int]]) -> None:
         self.id = task_id
-        self.starts = starts
-        self.ends = ends
+        self.chunks = chunks  # (start, count) of each
         self.replies: dict[int, deque[tuple[int, Any]]] = {}
         self.done: set[int] = set()  # chunks whose last reply arrived
 
@@ -251,7 +220,7 @@ class Pool:
         return self._listener
 
     def _start_worker(self) -> _Worker:
-        token = os.urandom(_TOKEN_SIZE)
+        token = os.urandom(P.POOL_TOKEN_SIZE)
         address, namespace, request_timeout, secret_key = self._server
         process = self._spawn(
             (self._address, token, address, namespace, request_timeout, os.getpid(), secret_key)
@@ -358,8 +327,7 @@ class Pool:
     def _receive(self, worker: _Worker) -> None:
         messages, eof = worker.receive()
         for message in messages:
-            task_id, index, status = _REPLY.unpack_from(message)
-            body = memoryview(message)[_REPLY.size :]
+            task_id, index, status, body = P.parse_pool_reply(message)
             if status != _PART:
                 worker.busy.discard((task_id, index))
             task = self._tasks.get(task_id)
@@ -401,30 +369,28 @@ class Pool:
     ) -> Iterator[Any]:
         """Send the chunks to the workers now; return the iterator over the results.
 
-        The ``map_*`` inputs are sequences or None, as ``process._map_inputs``
-        makes them. With ``progress``, the results are counted as they are consumed (see
+        The ``map_*`` inputs are sequences or None, as ``_chunks.map_inputs`` makes
+        them. With ``progress``, the results are counted as they are consumed (see
         ``_progress``).
         """
-        inputs = [map_iter, map_args, map_kwargs]
-        length = _map_length(*inputs)
+        inputs = (map_iter, map_args, map_kwargs)
+        length = map_length(*inputs)
         if length == 0:
             return iter(())
-        size = math.ceil(length / count)
-        bounds = [(a, min(a + size, length)) for a in range(0, length, size)]
-        code = _dumps_target(target, args, kwargs, stateful)
+        chunks = layout(length, count)
+        code = dumps_code((target, args, kwargs, stateful), target, args, kwargs)
         workers = self._workers_for(count, new)
         self._next_task += 1
-        task = _Task(self._next_task, [a for a, _ in bounds], [b for _, b in bounds])
+        task = _Task(self._next_task, chunks)
         self._tasks[task.id] = task
-        for index, (a, b) in enumerate(bounds):
-            items = tuple(None if seq is None else seq[a:b] for seq in inputs) + (b - a,)
-            message = S.dumps_any((task.id, index, a, code, items))
+        for index, (start, size) in enumerate(chunks):
+            message = P.pool_task(task.id, index, start, code, cut(inputs, start, size))
             self._send(task, index, message, workers[index % len(workers)])
-        chunks = self._chunks(task)
+        results = self._results(task)
         if progress:
-            chunks = track(chunks, length, "process_map")
-        result = cast(MapResult, MapResult.from_iterable(chunks))
-        return result._bind(self, task.id, chunks)
+            results = track(results, length, "process_map")
+        result = cast(MapResult, MapResult.from_iterable(results))
+        return result._bind(self, task.id, results)
 
     def _send(self, task: _Task, index: int, message: bytes, worker: _Worker) -> None:
         for candidate in [worker, *self._workers.values()]:
@@ -448,25 +414,24 @@ class Pool:
             self._pump(1.0)
         return task.replies[index].popleft()
 
-    def _chunks(self, task: _Task) -> Iterator[list[Any]]:
+    def _results(self, task: _Task) -> Iterator[list[Any]]:
         """Each chunk's results, in order; raises where a chunk failed."""
         try:
-            for index in range(len(task.starts)):
+            for index, (start, count) in enumerate(task.chunks):
                 status = _PART
                 while status == _PART:
                     status, body = self._wait(task, index)
-                    if status == _PART or status == _OK:
-                        yield S.loads(body)
-                    elif status == _FAILED:
-                        partial, offset, error, pid = S.loads(body)
-                        yield S.loads(partial)
-                        raise _rebuild(error, task.starts[index] + offset, pid)
+                    if status != _DEAD:
+                        results, error = read_chunk(status != _FAILED, body, start, "process_map")
+                        yield results
+                        if error is not None:
+                            raise error
                     else:
                         pid, exitcode = body
                         raise ProcessError(
                             f"the process_map worker {pid} died (exit code {exitcode}) while "
-                            f"it computed items {task.starts[index]} to "
-                            f"{task.ends[index] - 1}; the target probably crashed it "
+                            f"it computed items {start} to {start + count - 1}; the target "
+                            f"probably crashed it "
                             f"(os._exit, a signal, out of memory) or the worker was stopped",
                             pid=pid,
                             exitcode=exitcode,
@@ -505,30 +470,14 @@ def _read_token(conn: socket.socket) -> bytes:
     conn.settimeout(5.0)
     token = b""
     try:
-        while len(token) < _TOKEN_SIZE:
-            data = conn.recv(_TOKEN_SIZE - len(token))
+        while len(token) < P.POOL_TOKEN_SIZE:
+            data = conn.recv(P.POOL_TOKEN_SIZE - len(token))
             if not data:
                 break
             token += data
     except OSError:
         pass
     return token
-
-
-def _rebuild(error: bytes, index: int, pid: int) -> BaseException:
-    exc = S.loads_exception(error)
-    cause = exc.__cause__
-    tb = cause.tb if isinstance(cause, RemoteTraceback) else ""
-    exc.__cause__ = RemoteTraceback(
-        f"process_map item {index} failed in worker process {pid}:\n{tb}"
-    )
-    add_note = getattr(exc, "add_note", None)
-    if add_note is not None:
-        try:
-            add_note(f"(raised by process_map for item {index}, in worker process {pid})")
-        except Exception:
-            pass
-    return exc
 
 
 # -- the worker side ---------------------------------------------------------------------
@@ -559,29 +508,23 @@ def worker_main(
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.connect(address)
     sock.sendall(token)
-    codes: OrderedDict[bytes, tuple[Any, ...]] = OrderedDict()
-    state: Any = None
+    codes = CodeCache()
+    state: State | None = None
     try:
         while True:
             if not poll_fds({sock.fileno(): POLLIN}, 1.0):
                 if os.getppid() != parent_pid:
                     return  # the Context's process is gone
                 continue
-            header = _recv_exact(sock, _LENGTH.size)
-            message = None if header is None else _recv_exact(sock, _LENGTH.unpack(header)[0])
+            prefix = _recv_exact(sock, P.POOL_SIZE_BYTES)
+            message = None if prefix is None else _recv_exact(sock, P.pool_frame_size(prefix))
             if message is None:
                 return  # the Context closed its end
-            task_id, index, start, code, items = S.loads(memoryview(message))
+            task_id, index, start, code, items = P.parse_pool_task(memoryview(message))
             send = functools.partial(_send_reply, sock, task_id, index)
             try:
-                spec = codes.get(code)
-                if spec is None:
-                    spec = codes[code] = S.loads(code)
-                    if len(codes) > CODE_CACHE:
-                        codes.popitem(last=False)
-                if spec[3] and state is None:
-                    from .state import State
-
+                target, args, kwargs, stateful = codes.load(code)
+                if stateful and state is None:
                     state = State(
                         server_address,
                         namespace=namespace,
@@ -589,9 +532,16 @@ def worker_main(
                         secret_key=secret_key,
                     )
             except Exception as exc:
-                send(*_failure([], 0, exc))
+                send(_FAILED, failure([], 0, exc))
                 continue
-            _run_chunk(spec, state, items, start, send)
+            ok, body = run_chunk(
+                (target, args, kwargs),
+                state if stateful else None,
+                items,
+                start=start,
+                send_part=functools.partial(send, _PART),
+            )
+            send(_OK if ok else _FAILED, body)
     finally:
         if state is not None:
             state.close()
@@ -599,92 +549,4 @@ def worker_main(
 
 
 def _send_reply(sock: socket.socket, task_id: int, index: int, status: int, body: bytes) -> None:
-    reply = _REPLY.pack(task_id, index, status)
-    sock.sendall(_LENGTH.pack(len(reply) + len(body)) + reply + body)
-
-
-def _run_chunk(
-    spec: tuple[Any, ...],
-    state: Any,
-    chunk: tuple[Any, ...],
-    start: int,
-    send: Callable[[int, bytes], None],
-) -> None:
-    """Apply the target to a chunk, sending the results in parts as time goes by.
-
-    Items are computed in blocks whose size adapts to the target's speed; a part goes out
-    after :data:`PART_INTERVAL` seconds, then at doubling intervals, without a clock read
-    per item.
-    """
-    target, args, kwargs, stateful = spec
-    iters, margs, mkwargs, count = chunk
-    simple = (
-        iters is not None and margs is None and mkwargs is None and not (stateful or args or kwargs)
-    )
-    prefix = (state,) if stateful else ()
-    results: list[Any] = []
-    sent = 0  # items of this chunk already sent
-    done = 0  # items of this chunk computed
-    block = 1
-    interval = PART_INTERVAL
-    part_start = block_start = time.perf_counter()
-    while done < count:
-        end = min(done + block, count)
-        try:
-            if simple:
-                results.extend(map(target, iters[done:end]))  # keeps results before a failure
-            else:
-                append = results.append
-                for j in range(done, end):
-                    call = prefix if iters is None else (*prefix, iters[j])
-                    if margs is not None:
-                        call = (*call, *margs[j])
-                    if mkwargs is not None:
-                        append(target(*call, *args, **mkwargs[j], **kwargs))
-                    else:
-                        append(target(*call, *args, **kwargs))
-        except BaseException as exc:  # the target's failure is this item's result
-            status, body = _dump_part(results, sent, start)
-            if status == _PART:
-                status, body = _failure(results, sent + len(results), exc, body)
-            send(status, body)
-            return
-        done = end
-        now = time.perf_counter()
-        if now - block_start < interval / 8:
-            block = min(block * 2, 1 << 16)
-        elif now - block_start > interval / 2 and block > 1:
-            block //= 2
-        block_start = now
-        if done < count and now - part_start >= interval:
-            status, body = _dump_part(results, sent, start)
-            send(status, body)
-            if status != _PART:
-                return
-            sent += len(results)
-            results = []
-            part_start = now
-            interval = min(interval * 2, PART_INTERVAL_MAX)
-    status, body = _dump_part(results, sent, start)
-    send(_OK if status == _PART else status, body)
-
-
-def _dump_part(results: list[Any], sent: int, start: int) -> tuple[int, bytes]:
-    """``(_PART, pickled results)``, or the failure for the first unpicklable result."""
-    try:
-        return _PART, S.dumps_any(results)
-    except Exception:
-        pass
-    i, exc = S.first_unpicklable(results)
-    unpicklable = TypeError(
-        f"the result for item {start + sent + i} (a {type(results[i]).__name__}) cannot "
-        f"be pickled: {exc}. Return plain data (or an importable class)"
-    )
-    return _failure(results[:i], sent + i, unpicklable)
-
-
-def _failure(
-    results: list[Any], offset: int, error: BaseException, body: bytes | None = None
-) -> tuple[int, bytes]:
-    partial = S.dumps_any(results) if body is None else body
-    return _FAILED, S.dumps((partial, offset, S.dumps_exception(error), os.getpid()))
+    sock.sendall(P.pool_reply(task_id, index, status, body))

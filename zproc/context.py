@@ -23,22 +23,14 @@ import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, overload
 
+from ._chunks import as_args, as_kwargs, map_inputs, map_length
+from ._handlers import watch_loop
 from ._pool import Pool, worker_main
 from ._security import SecretKey
 from ._server import start_server
 from ._transport import ServerAddress, normalize_address
 from .exceptions import ZProcError
-from .process import (
-    Process,
-    ProcessList,
-    ProcessStatus,
-    _as_args,
-    _as_kwargs,
-    _map_inputs,
-    _map_length,
-    stop_processes,
-    wait_processes,
-)
+from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
 from .state import State, ping
 from .swarm import Swarm
 
@@ -458,9 +450,9 @@ class Context:
         self._check_usable()
         if not callable(target):
             raise TypeError(f"spawn_map() needs a callable target, got {target!r}")
-        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
-        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
-        length = _map_length(items, margs, mkwargs)
+        items, margs, mkwargs = map_inputs(map_iter, map_args, map_kwargs)
+        fixed_args, fixed_kwargs = as_args(args, "args"), as_kwargs(kwargs, "kwargs")
+        length = map_length(items, margs, mkwargs)
         processes = []
         for i in range(length):
             call_args = () if items is None else (items[i],)
@@ -543,8 +535,8 @@ class Context:
             count = os.cpu_count() or 1
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count!r}")
-        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
-        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
+        items, margs, mkwargs = map_inputs(map_iter, map_args, map_kwargs)
+        fixed_args, fixed_kwargs = as_args(args, "args"), as_kwargs(kwargs, "kwargs")
         if self._pool is None:
             self._pool = Pool(
                 self._spawn_worker,
@@ -558,7 +550,7 @@ class Context:
         )
         if not return_task:
             return results
-        task = TaskDetail(next(self._task_ids), count if _map_length(items, margs, mkwargs) else 0)
+        task = TaskDetail(next(self._task_ids), count if map_length(items, margs, mkwargs) else 0)
         self._tasks[task.task_id] = results
         return task
 
@@ -739,64 +731,11 @@ class Context:
         def decorator(fn: Target) -> Process:
             if not callable(fn):
                 raise TypeError(f"call_when_* decorates a callable, got {fn!r}")
-            loop = functools.partial(_watch_loop, spec, live, pass_value, bool(stateful), fn)
+            loop = functools.partial(watch_loop, spec, live, pass_value, bool(stateful), fn)
             functools.update_wrapper(loop, fn)
             return self.process(loop, stateful=True, **kwargs)
 
         return decorator
-
-
-def _watch_loop(
-    spec: tuple[Any, ...],
-    live: bool,
-    pass_value: bool,
-    stateful: bool,
-    fn: Callable[..., Any],
-    state: State,
-    *args: Any,
-    **kwargs: Any,
-) -> None:
-    """Body of a ``call_when_*`` process: wait, call ``fn``, forever (until ProcessExit)."""
-
-    def call(value: Any) -> None:
-        head = ((value,) if pass_value else ()) + ((state,) if stateful else ())
-        fn(*head, *args, **kwargs)
-
-    kind = spec[0]
-    if kind == "change":
-        _, keys, exclude = spec
-        while True:
-            call(state.get_when_change(*keys, exclude=exclude, live=live))
-    test, result = _predicate(spec)
-    watcher = state.when(test, live=live)
-    current = watcher.current()  # checked once at start: level-triggered, never a spin
-    if test(current):
-        call(result(current))
-    for snapshot in watcher:
-        call(result(snapshot))
-
-
-def _predicate(
-    spec: tuple[Any, ...],
-) -> tuple[Callable[[dict[Any, Any]], Any], Callable[[dict[Any, Any]], Any]]:
-    """(test, result) of a predicate watcher. 0.9.1 rules: a missing key counts as None for
-    equal/not_equal; for the newer none/not_none/available a missing key never matches."""
-    kind = spec[0]
-    if kind == "when":
-        return spec[1], lambda snap: snap
-    key = spec[1]
-    value_of: Callable[[dict[Any, Any]], Any] = lambda snap: snap.get(key)  # noqa: E731
-    if kind == "equal":
-        return (lambda snap: snap.get(key) == spec[2]), value_of
-    if kind == "not_equal":
-        return (lambda snap: snap.get(key) != spec[2]), value_of
-    if kind == "none":
-        return (lambda snap: key in snap and snap[key] is None), value_of
-    if kind == "not_none":
-        return (lambda snap: snap.get(key) is not None), value_of
-    if kind == "available":
-        return (lambda snap: key in snap), value_of
-    raise ValueError(f"unknown watcher kind {kind!r}")  # pragma: no cover
 
 
 def _sigterm_without_contexts() -> None:
@@ -817,6 +756,11 @@ def _sigterm_without_contexts() -> None:
             signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread; cannot happen right after fork
             pass
+
+
+# zproc.context starts processes, so zproc.process cannot import it: a Process learns here
+# which class to build in the child for pass_context=True.
+Process.context_class = Context
 
 
 if hasattr(os, "register_at_fork"):

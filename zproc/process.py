@@ -18,37 +18,49 @@ returns. The parent watches the pipe and the child's exit together (a pidfd wher
 system has one, else the multiprocessing sentinel plus a short poll): a child that dies
 without writing (SIGKILL, ``os._exit``) is noticed at once. :meth:`Process.stop` ends the
 child and then its descendants (nested processes) with psutil.
+
+This module is the parent's side; what the child runs is :mod:`zproc._child`, the result
+frame is defined in :mod:`zproc._protocol`, and the signal and process-tree helpers are in
+:mod:`zproc._proctree`.
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import select
 import signal
-import struct
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
 import psutil
 
+from . import _protocol as P
 from . import _serialization as S
-from ._transport import ServerAddress, normalize_address
-from .exceptions import (
-    ProcessExit,
-    ProcessWaitError,
-    SignalException,
-    TimeoutError,
-    ZProcError,
+from ._child import ChildSpec, child_main, target_name
+from ._chunks import as_args, as_kwargs
+from ._proctree import (
+    EXIT_POLL,
+    POLLIN,
+    clean_process_tree,
+    descendants,
+    descendants_of,
+    end_processes,
+    exception_to_signal,
+    open_pidfd,
+    poll_fds,
+    send_signal,
+    signal_name,
+    signal_to_exception,
 )
+from ._transport import ServerAddress, normalize_address
+from .exceptions import ProcessWaitError, TimeoutError, ZProcError
+from .state import ChildState
 
 __all__ = [
     "Process",
@@ -59,355 +71,10 @@ __all__ = [
     "signal_to_exception",
 ]
 
-log = logging.getLogger("zproc")
-
 #: Seconds :meth:`Process.stop` waits after SIGTERM before it sends SIGKILL.
 STOP_GRACE = 1.0
-#: Seconds a stopped process's descendants get after SIGTERM before SIGKILL.
-TREE_GRACE = 0.5
 
 RetryItem = type[BaseException] | signal.Signals
-
-_HEADER = struct.Struct("!cQ")
-_VALUE, _ERROR, _EXIT = b"V", b"E", b"X"
-
-
-# -- signal helpers ----------------------------------------------------------------------
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _raise_signal_exception(signum: int, _frame: Any) -> None:
-    raise SignalException(signum, f"received {_signal_name(signum)} ({signum})")
-
-
-def signal_to_exception(sig: signal.Signals | int) -> None:
-    """Make ``sig`` raise :class:`~zproc.SignalException` in this process.
-
-    Main thread only (Python's rule for signal handlers): elsewhere ``ValueError``.
-
-    .. versionadded:: 1.0
-    """
-    signal.signal(signal.Signals(sig), _raise_signal_exception)
-
-
-def exception_to_signal(sig: signal.Signals | SignalException | int) -> None:
-    """Give ``sig`` (or the signal of a :class:`~zproc.SignalException`) its default action back.
-
-    .. versionadded:: 1.0
-    """
-    signum = sig.signum if isinstance(sig, SignalException) else sig
-    signal.signal(signal.Signals(signum), signal.SIG_DFL)
-
-
-def send_signal(sig: signal.Signals | int, pid: int | None = None) -> None:
-    """Send ``sig`` to ``pid`` (default: this process).
-
-    .. versionadded:: 1.0
-    """
-    os.kill(os.getpid() if pid is None else pid, sig)
-
-
-# -- process trees -----------------------------------------------------------------------
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return []
-
-
-def _descendants_of(pids: list[int]) -> dict[int, list[psutil.Process]]:
-    """The descendants of each pid, from one scan of the process table."""
-    if len(pids) < 2:
-        return {pid: _descendants(pid) for pid in pids}
-    children: dict[int, list[psutil.Process]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        ppid = proc.info.get("ppid")
-        if ppid is not None:
-            children.setdefault(ppid, []).append(proc)
-    found: dict[int, list[psutil.Process]] = {}
-    for pid in pids:
-        tree: list[psutil.Process] = []
-        stack = list(children.get(pid, ()))
-        while stack:
-            proc = stack.pop()
-            tree.append(proc)
-            stack.extend(children.get(proc.pid, ()))
-        found[pid] = tree
-    return found
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every process ended (or is a zombie); return those still running.
-
-    Polls instead of waiting on them, so that no child of this process gets reaped behind
-    the back of its :mod:`multiprocessing` object.
-    """
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    alive = [p for p in procs if _running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-        alive = [p for p in alive if _running(p)]
-    return alive
-
-
-def _end_processes(procs: Iterable[psutil.Process], timeout: float = TREE_GRACE) -> None:
-    """SIGTERM every running process of ``procs``, wait ``timeout``, SIGKILL the rest."""
-    alive = [p for p in procs if _running(p)]
-    for proc in alive:
-        try:
-            proc.terminate()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    alive = _wait_gone(alive, timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    _wait_gone(alive, 1.0)
-
-
-def clean_process_tree(pid: int | None = None, timeout: float = 0.5) -> None:
-    """Terminate every descendant of ``pid`` (default: this process), then kill survivors.
-
-    Sends SIGTERM to all of them, waits up to ``timeout`` seconds, and sends SIGKILL to
-    those still running. Only ever call it on a tree you own: it does not distinguish
-    zproc's processes from others.
-
-    .. versionadded:: 1.0
-    """
-    if timeout < 0:
-        raise ValueError(f"timeout must be >= 0, got {timeout!r}")
-    _end_processes(_descendants(os.getpid() if pid is None else pid), timeout)
-
-
-# -- waiting on file descriptors ---------------------------------------------------------
-
-
-POLLIN: int = getattr(select, "POLLIN", 1)
-POLLOUT: int = getattr(select, "POLLOUT", 4)
-POLLERR: int = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
-
-
-def poll_fds(fds: dict[int, int], timeout: float | None) -> list[tuple[int, int]]:
-    """``poll(2)`` on ``{fd: events}`` for up to ``timeout`` seconds (``None``: no limit)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        for fd, events in fds.items():
-            poller.register(fd, events)
-        return poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
-    readers = [fd for fd, ev in fds.items() if ev & POLLIN]
-    writers = [fd for fd, ev in fds.items() if ev & POLLOUT]
-    limit = None if timeout is None else max(0.0, timeout)
-    r, w, _ = select.select(readers, writers, [], limit)
-    return [(fd, POLLIN) for fd in r] + [(fd, POLLOUT) for fd in w]
-
-
-def _open_pidfd(pid: int) -> int | None:
-    """A file descriptor readable once ``pid`` exits (Linux >= 5.3), else ``None``.
-
-    Unlike :attr:`multiprocessing.Process.sentinel` (a pipe inherited by the child's own
-    children), it signals the exit of this very process.
-    """
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    try:
-        return int(pidfd_open(pid))
-    except OSError:
-        return None
-
-
-#: Without a pidfd, how often waits look at the child's exit status (seconds).
-EXIT_POLL = 0.05
-
-
-# -- what the child runs -----------------------------------------------------------------
-
-
-class _ChildSpec(NamedTuple):
-    server_address: ServerAddress
-    target: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    stateful: bool
-    pass_context: bool
-    retry_exceptions: tuple[type[BaseException], ...]
-    retry_signals: tuple[signal.Signals, ...]
-    retry_delay: float
-    max_retries: int | None
-    retry_args: tuple[Any, ...] | None
-    retry_kwargs: dict[str, Any] | None
-    namespace: str
-    request_timeout: float | None
-    secret_key: Any = None
-
-
-def _target_name(target: Any) -> str:
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
-    if name is None:
-        return repr(target)
-    module = getattr(target, "__module__", None)
-    return f"{module}.{name}" if module and module != "builtins" else str(name)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _child_main(payload: Any, writer: multiprocessing.connection.Connection) -> None:
-    """Entry point of a child process (see the module docstring)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        spec = payload if isinstance(payload, _ChildSpec) else S.loads(payload)
-    except BaseException as exc:
-        _report(f"zproc: process {os.getpid()} could not load its target", exc)
-        code, tag, body = 1, _ERROR, S.dumps_exception(exc)
-    else:
-        code, tag, body = _run_child(spec)
-    try:
-        _write_all(writer.fileno(), _HEADER.pack(tag, len(body)) + body)
-    except OSError:
-        pass  # the parent closed its end: nobody waits for the result
-    finally:
-        writer.close()
-    if code:
-        raise SystemExit(code)
-
-
-def _run_child(spec: _ChildSpec) -> tuple[int, bytes, bytes]:
-    """Run the target with retries; return ``(exit code, tag, body)`` for the parent."""
-    try:
-        first: Any = None
-        try:
-            if spec.pass_context:
-                from .context import Context
-
-                first = Context(
-                    spec.server_address,
-                    start_server=False,
-                    namespace=spec.namespace,
-                    request_timeout=spec.request_timeout,
-                    secret_key=spec.secret_key,
-                )
-            elif spec.stateful:
-                from .state import ChildState
-
-                first = ChildState(
-                    spec.server_address,
-                    namespace=spec.namespace,
-                    request_timeout=spec.request_timeout,
-                    secret_key=spec.secret_key,
-                )
-            for sig in spec.retry_signals:
-                signal_to_exception(sig)
-            value = _attempts(spec, first)
-        finally:
-            if first is not None:
-                first.close()
-    except ProcessExit as exc:
-        code = exc.exitcode
-        return code, _EXIT, S.dumps(code)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            sys.stderr.write(f"{exc.code}\n")
-            code = 1
-        return code, _EXIT, S.dumps(code)
-    except BaseException as exc:
-        _report(f"zproc: process {os.getpid()} (target {_target_name(spec.target)}) failed", exc)
-        return 1, _ERROR, S.dumps_exception(exc)
-    try:
-        return 0, _VALUE, S.dumps_any(value)
-    except Exception as exc:
-        error = TypeError(
-            f"the return value of {_target_name(spec.target)} (a {type(value).__name__}) "
-            f"cannot be pickled: {exc}. Return plain data (or an importable class)"
-        )
-        error.__cause__ = exc
-        _report(f"zproc: process {os.getpid()}: {error}", None)
-        return 1, _ERROR, S.dumps_exception(error)
-
-
-def _report(message: str, exc: BaseException | None) -> None:
-    """Print a child's failure on its stderr, as multiprocessing does.
-
-    The parent gets the exception from ``wait()`` too; printing it here means a failure
-    is never silent when nobody waits.
-    """
-    try:
-        sys.stderr.write(message + "\n")
-        if exc is not None:
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def _should_retry(exc: BaseException, spec: _ChildSpec) -> bool:
-    if spec.retry_exceptions and isinstance(exc, spec.retry_exceptions):
-        return True
-    return isinstance(exc, SignalException) and exc.signum in spec.retry_signals
-
-
-def _attempts(spec: _ChildSpec, first: Any) -> Any:
-    prefix = () if first is None else (first,)
-    args, kwargs = spec.args, spec.kwargs
-    attempt = 1
-    while True:
-        try:
-            return spec.target(*prefix, *args, **kwargs)
-        except BaseException as exc:
-            if not _should_retry(exc, spec):
-                raise
-            if spec.max_retries is not None and attempt > spec.max_retries:
-                raise
-            final = spec.max_retries is not None and attempt == spec.max_retries
-            if isinstance(exc, SignalException):
-                what, exc_info = f"received {_signal_name(exc.signum)}", None
-            else:
-                what, exc_info = f"raised {type(exc).__name__}: {exc}", exc
-            log.warning(
-                "zproc: process %d (target %s) attempt %d %s; retry in %s s%s",
-                os.getpid(),
-                _target_name(spec.target),
-                attempt,
-                what,
-                spec.retry_delay,
-                " (this is the final retry)" if final else "",
-                exc_info=exc_info,
-            )
-            if final:
-                for sig in spec.retry_signals:
-                    exception_to_signal(sig)
-            del exc
-            time.sleep(spec.retry_delay)
-            if spec.retry_args is not None:
-                args = spec.retry_args
-            if spec.retry_kwargs is not None:
-                kwargs = spec.retry_kwargs
-            attempt += 1
 
 
 # -- the parent side ---------------------------------------------------------------------
@@ -439,14 +106,11 @@ class _Channel:
         return self.eof or self.complete()
 
     def complete(self) -> bool:
-        buf = self.buf
-        return len(buf) >= _HEADER.size and (len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[1])
+        size = P.child_result_size(self.buf)
+        return size is not None and len(self.buf) >= size
 
     def message(self) -> tuple[bytes, bytes] | None:
-        if not self.complete():
-            return None
-        tag, size = _HEADER.unpack_from(self.buf)
-        return tag, bytes(self.buf[_HEADER.size : _HEADER.size + size])
+        return P.parse_child_result(self.buf)
 
     def close(self) -> None:
         self.conn.close()
@@ -492,44 +156,6 @@ def _split_retry_for(
                 f"(e.g. ValueError, signal.SIGTERM), got {item!r}"
             )
     return tuple(exceptions), tuple(signals)
-
-
-def _as_args(value: Any, what: str) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    try:
-        return tuple(value)
-    except TypeError:
-        raise TypeError(
-            f"{what} must be an iterable of positional arguments, got {value!r}; for one "
-            f"argument write {what}=({value!r},)"
-        ) from None
-
-
-def _as_kwargs(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a mapping of keyword arguments, got {value!r}")
-    return dict(value)
-
-
-def _map_inputs(map_iter: Any, map_args: Any, map_kwargs: Any) -> tuple[Any, Any, Any]:
-    """The ``map_*`` inputs as sequences (``None`` stays ``None``)."""
-    if map_iter is None and map_args is None and map_kwargs is None:
-        raise ValueError("give at least one of map_iter, map_args or map_kwargs")
-
-    def seq(values: Any) -> Any:
-        if values is None or isinstance(values, (list, tuple, range)):
-            return values
-        return list(values)
-
-    return seq(map_iter), seq(map_args), seq(map_kwargs)
-
-
-def _map_length(*inputs: Any) -> int:
-    """The length of a map: that of the shortest of its (non-None) inputs."""
-    return min(len(seq) for seq in inputs if seq is not None)
 
 
 class Process:
@@ -586,6 +212,11 @@ class Process:
     :attr:`is_alive`) reads it; the child exits only then.
     """
 
+    #: The class a child builds for ``pass_context=True``: :class:`zproc.Context`, set by
+    #: :mod:`zproc.context` right after it defines it. That module starts processes, so
+    #: this one cannot import it; the class travels to the child in its spec.
+    context_class: ClassVar[type | None] = None
+
     def __init__(
         self,
         server_address: Iterable[str],
@@ -621,17 +252,17 @@ class Process:
             raise ValueError(f"max_retries must be >= 0 or None, got {max_retries!r}")
         self.server_address: ServerAddress = normalize_address(server_address)
         self.target = target
-        self.args = _as_args(args, "args")
-        self.kwargs = _as_kwargs(kwargs, "kwargs")
+        self.args = as_args(args, "args")
+        self.kwargs = as_kwargs(kwargs, "kwargs")
         self.stateful = bool(stateful)
         self.pass_context = bool(pass_context)
         self._retry_exceptions, self._retry_signals = _split_retry_for(retry_for)
         self.retry_for: tuple[RetryItem, ...] = (*self._retry_exceptions, *self._retry_signals)
         self.retry_delay = retry_delay
         self.max_retries = max_retries
-        self.retry_args = None if retry_args is None else _as_args(retry_args, "retry_args")
+        self.retry_args = None if retry_args is None else as_args(retry_args, "retry_args")
         self.retry_kwargs = (
-            None if retry_kwargs is None else _as_kwargs(retry_kwargs, "retry_kwargs")
+            None if retry_kwargs is None else as_kwargs(retry_kwargs, "retry_kwargs")
         )
         self.namespace = namespace
         self.request_timeout = request_timeout
@@ -655,14 +286,19 @@ class Process:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def _spec(self) -> _ChildSpec:
-        return _ChildSpec(
+    def _spec(self) -> ChildSpec:
+        if self.pass_context:
+            first = self.context_class
+            if first is None:
+                raise ZProcError("pass_context=True needs zproc.context imported")
+        else:
+            first = ChildState if self.stateful else None
+        return ChildSpec(
             self.server_address,
             self.target,
             self.args,
             self.kwargs,
-            self.stateful,
-            self.pass_context,
+            first,
             self._retry_exceptions,
             self._retry_signals,
             self.retry_delay,
@@ -700,9 +336,9 @@ class Process:
         reader, writer = multiprocessing.Pipe(duplex=False)
         try:
             child = self.backend(
-                target=_child_main,
+                target=child_main,
                 args=(payload, writer),
-                name=f"zproc:{_target_name(self.target)}",
+                name=f"zproc:{target_name(self.target)}",
             )
             if forking and _FORK_WARNS:
                 with warnings.catch_warnings():
@@ -722,7 +358,7 @@ class Process:
         self.child = child
         self._channel = _Channel(reader)
         self._pid = child.pid
-        self._pidfd = _open_pidfd(child.pid)
+        self._pidfd = open_pidfd(child.pid)
         self._status = ProcessStatus.RUNNING
         assert self._pid is not None
         return self._pid
@@ -822,7 +458,7 @@ class Process:
 
     def _timeout(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(
-            f"process {self._pid} (target {_target_name(self.target)}) is still running "
+            f"process {self._pid} (target {target_name(self.target)}) is still running "
             f"after {timeout} s; wait longer, or stop() it"
         )
 
@@ -832,24 +468,24 @@ class Process:
         code = self._exitcode
         message = self._message
         tag, body = message if message is not None else (None, b"")
-        name = _target_name(self.target)
-        if tag == _VALUE and code == 0:
+        name = target_name(self.target)
+        if tag == P.CHILD_VALUE and code == 0:
             try:
                 value = S.loads(body)
             except ZProcError as exc:
                 raise self._error(f"the return value of {name} could not be loaded here") from exc
             self._value, self._has_value = value, True
             return value
-        if tag == _EXIT and code == 0:
+        if tag == P.CHILD_EXIT and code == 0:
             self._has_value = True
             return None
-        if tag == _ERROR:
+        if tag == P.CHILD_ERROR:
             cause, text = S.loads_exception_text(body)  # text: str(exc) in the child
             raise self._error(
                 f"process {self._pid} (target {name}) raised "
                 f"{type(cause).__name__}: {text} (exit code {code}); its traceback is below"
             ) from cause
-        if tag == _EXIT:
+        if tag == P.CHILD_EXIT:
             raise self._error(
                 f"process {self._pid} (target {name}) exited with code {code} "
                 f"(ProcessExit/sys.exit in the target)"
@@ -857,7 +493,7 @@ class Process:
         if code is not None and code < 0:
             how = "was stopped" if self._stopped else "was killed"
             raise self._error(
-                f"process {self._pid} (target {name}) {how} by {_signal_name(-code)} "
+                f"process {self._pid} (target {name}) {how} by {signal_name(-code)} "
                 f"(exit code {code}) before it returned a value"
                 + (
                     ""
@@ -888,7 +524,7 @@ class Process:
         assert self._pid is not None
         self._stopped = True
         if tree is None:
-            tree = _descendants(self._pid)
+            tree = descendants(self._pid)
         self._tree.update((p.pid, p) for p in tree)
         try:
             self.child.terminate()
@@ -900,13 +536,13 @@ class Process:
         if self._status is ProcessStatus.RUNNING:
             if not self._wait_exit(deadline):
                 assert self._pid is not None
-                self._tree.update((p.pid, p) for p in _descendants(self._pid))
+                self._tree.update((p.pid, p) for p in descendants(self._pid))
                 self.child.kill()
                 self._wait_exit(time.monotonic() + 5)
             self._finish()
         if self._tree:
             tree, self._tree = list(self._tree.values()), {}
-            _end_processes(tree)
+            end_processes(tree)
         return self._exitcode
 
     def stop(self) -> int | None:
@@ -1003,7 +639,7 @@ class Process:
             except (ValueError, AttributeError):
                 pass
         return (
-            f"<Process pid={self._pid} target={_target_name(self.target)!r} "
+            f"<Process pid={self._pid} target={target_name(self.target)!r} "
             f"alive={alive} exitcode={self._exitcode}>"
         )
 
@@ -1039,7 +675,7 @@ def stop_processes(processes: Iterable[Process]) -> list[int | None]:
             process._check_owner()
             if not process._poll():
                 running.append(process)
-    trees = _descendants_of([p._pid for p in running if p._pid is not None])
+    trees = descendants_of([p._pid for p in running if p._pid is not None])
     for process in running:
         process._begin_stop(trees.get(process._pid or 0))
     deadline = time.monotonic() + STOP_GRACE

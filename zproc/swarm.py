@@ -1,10 +1,10 @@
 """Worker swarms: ``map`` and ``run`` on worker processes of any number of machines.
 
 A :class:`Swarm` sends tasks to a broker that runs inside the state server (started on
-first use, see :mod:`zproc._swarm`); workers on any host that can reach the server take
-the tasks' chunks from it. Results stay in the broker, so any process can fetch them by
-task id (:class:`SequenceTaskResult`, :class:`SimpleTaskResult`). Everything is found
-from the server's 2-tuple address.
+first use); workers (:mod:`zproc._worker`) on any host that can reach the server take the
+tasks' chunks from it; chunks are cut, run and failed by :mod:`zproc._chunks`. Results stay
+in the broker, so any process can fetch them by task id (:class:`SequenceTaskResult`,
+:class:`SimpleTaskResult`). Everything is found from the server's 2-tuple address.
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ from typing import Any
 
 from . import _protocol as P
 from . import _serialization as S
+from ._chunks import as_args, as_kwargs, cut, dumps_code, layout, map_inputs, map_length
+from ._chunks import read_chunk
 from ._client import Connection
 from ._security import SecretKey, client_keys
-from ._swarm import DEFAULT_MAX_ATTEMPTS, discover, worker_main
+from ._swarm import DEFAULT_MAX_ATTEMPTS
 from ._transport import ServerAddress, normalize_address
+from ._worker import discover, worker_main
 from .exceptions import (
     ProcessError,
-    RemoteTraceback,
     ServerUnavailableError,
     TaskError,
     TimeoutError,
     ZProcError,
 )
-from .process import Process, _as_args, _as_kwargs, _map_inputs, _map_length, stop_processes
+from .process import Process, stop_processes
 
 __all__ = ["SequenceTaskResult", "SimpleTaskResult", "Swarm"]
 
@@ -133,22 +135,6 @@ class _Link:
 # -- results ---------------------------------------------------------------------------
 
 
-def _rebuild(error: bytes, index: int, pid: int, host: str, task_id: str) -> BaseException:
-    exc = S.loads_exception(error)
-    cause = exc.__cause__
-    tb = cause.tb if isinstance(cause, RemoteTraceback) else ""
-    where = f"swarm task {task_id}, item {index}, in worker process {pid} on {host}"
-    exc.__cause__ = RemoteTraceback(f"{where} failed:\n{tb}")
-    add_note = getattr(exc, "add_note", None)
-    if add_note is not None:
-        try:
-            add_note(f"(raised for item {index} of {where.split(', ', 1)[0]}, in worker "
-                     f"process {pid} on {host})")
-        except Exception:
-            pass
-    return exc
-
-
 class _TaskResult:
     """What both kinds of task results share: the link, the id, fetching and forgetting."""
 
@@ -224,12 +210,13 @@ class _TaskResult:
                 return
             for i, start, count, status, body in chunks:
                 index = i + 1
-                if status == P.ChunkStatus.OK:
-                    yield S.loads(body), None
-                elif status == P.ChunkStatus.FAILED:
-                    done, offset, error, pid, host = S.loads(body)
-                    yield S.loads(done), _rebuild(error, start + offset, pid, host, self.task_id)
-                    return
+                if status == P.ChunkStatus.OK or status == P.ChunkStatus.FAILED:
+                    results, error = read_chunk(
+                        status == P.ChunkStatus.OK, body, start, f"swarm task {self.task_id}"
+                    )
+                    yield results, error
+                    if error is not None:
+                        return
                 else:
                     yield [], TaskError(
                         str(S.loads(body)), task_id=self.task_id, chunk=i,
@@ -358,43 +345,6 @@ class SimpleTaskResult(_TaskResult):
 
 
 # -- the swarm -------------------------------------------------------------------------
-
-
-def _dumps_code(
-    pass_state: bool, namespace: str, target: Callable[..., Any], args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> bytes:
-    """The task's function and fixed arguments: by reference when importable, else by value."""
-    module = getattr(target, "__module__", None)
-    message = (pass_state, namespace, target, args, kwargs)
-    if module not in (None, "__main__", "__mp_main__"):
-        try:
-            return S.dumps(message)
-        except S.PICKLING_ERRORS:
-            pass
-    return S.dumps_code(message)
-
-
-def _dumps_items(items: Any) -> bytes:
-    try:
-        return S.dumps(items)
-    except S.PICKLING_ERRORS:
-        return S.dumps_code(items)
-
-
-def _layout(length: int, num_chunks: int) -> list[tuple[int, int]]:
-    """``(start, count)`` of ``min(num_chunks, length)`` consecutive chunks of near-equal
-    size (none empty)."""
-    n = min(num_chunks, length)
-    if n <= 0:
-        return []
-    base, extra = divmod(length, n)
-    out, start = [], 0
-    for i in range(n):
-        count = base + (i < extra)
-        out.append((start, count))
-        start += count
-    return out
 
 
 class Swarm:
@@ -640,12 +590,15 @@ class Swarm:
         self._check_open()
         if not callable(target):
             raise TypeError(f"map needs a callable target, got {target!r}")
-        items, margs, mkwargs = _map_inputs(map_iter, map_args, map_kwargs)
+        items, margs, mkwargs = map_inputs(map_iter, map_args, map_kwargs)
         if num_chunks is not None and num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks!r}")
-        fixed_args, fixed_kwargs = _as_args(args, "args"), _as_kwargs(kwargs, "kwargs")
-        length = _map_length(items, margs, mkwargs)
-        code = _dumps_code(pass_state, self.namespace, target, fixed_args, fixed_kwargs)
+        fixed_args, fixed_kwargs = as_args(args, "args"), as_kwargs(kwargs, "kwargs")
+        length = map_length(items, margs, mkwargs)
+        code = dumps_code(
+            (pass_state, self.namespace, target, fixed_args, fixed_kwargs),
+            target, fixed_args, fixed_kwargs,
+        )
         if num_chunks is None:
             workers = self._workers()
             num_chunks = workers * CHUNKS_PER_WORKER
@@ -653,29 +606,23 @@ class Swarm:
             if pace is not None:
                 worth = math.ceil(pace * length / MIN_CHUNK_WORK)
                 num_chunks = max(workers, min(num_chunks, worth))
-        layout = []
-        for start, count in _layout(length, num_chunks):
-            end = start + count
-            part = (
-                None if items is None else items[start:end],
-                None if margs is None else [tuple(a) for a in margs[start:end]],
-                None if mkwargs is None else [dict(k) for k in mkwargs[start:end]],
-                count,
-            )
-            layout.append((start, count, _dumps_items(part)))
+        chunks = [
+            (start, count, S.dumps_any(cut((items, margs, mkwargs), start, count)))
+            for start, count in layout(length, num_chunks)
+        ]
         task_id = _new_task_id()
         wait = 0.0  # map and run wait for the first results in the same request
         if not keep:
             wait = POLL_WAIT if timeout is None else max(0.0, min(POLL_WAIT, timeout))
         workers, first = self._link.request(
-            P.SwarmKind.SUBMIT, (task_id, length, code, self.max_attempts, keep, wait, layout),
+            P.SwarmKind.SUBMIT, (task_id, length, code, self.max_attempts, keep, wait, chunks),
             self._link.request_timeout + wait,
         )
         self._known_workers = (int(workers), time.monotonic())
         result = SequenceTaskResult(
             self.server_address, f"{task_id:016x}", secret_key=self.secret_key, timeout=timeout
         )
-        result._share(self._link, length, len(layout))
+        result._share(self._link, length, len(chunks))
         if first is not None:
             result._early = list(first[2])
         result._pace_key = hash(code)
@@ -739,7 +686,7 @@ class Swarm:
         """
         start = time.monotonic()
         sequence = self._submit(
-            target, None, [_as_args(args, "args")], None, [_as_kwargs(kwargs, "kwargs")], None,
+            target, None, [as_args(args, "args")], None, [as_kwargs(kwargs, "kwargs")], None,
             pass_state, 1, timeout, keep=lazy,
         )
         result = SimpleTaskResult(
