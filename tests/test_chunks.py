@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from zproc import _protocol as P
+from zproc import _pipes as W
 from zproc import _serialization as S
 from zproc._chunks import (
     CodeCache,
@@ -160,17 +160,17 @@ def test_code_cache_decodes_once_and_evicts_the_least_recent() -> None:
 
 
 def test_pool_and_child_frames_round_trip() -> None:
-    buf = bytearray(P.pool_frame(b"first") + P.pool_frame(b"") + P.pool_frame(b"third")[:-2])
-    assert P.split_pool_frames(buf) == [b"first", b""]
-    assert bytes(buf) == P.pool_frame(b"third")[:-2]  # the incomplete one waits
-    task = P.pool_task(7, 2, 40, b"code", ([1, 2], None, None, 2))
-    assert P.parse_pool_task(task) == (7, 2, 40, b"code", ([1, 2], None, None, 2))
-    reply = P.pool_reply(7, 2, P.PoolStatus.PART, b"body")
-    size = P.pool_frame_size(reply[: P.POOL_SIZE_BYTES])
-    task_id, index, status, body = P.parse_pool_reply(reply[P.POOL_SIZE_BYTES :])
-    assert size == len(reply) - P.POOL_SIZE_BYTES
-    assert (task_id, index, status, bytes(body)) == (7, 2, P.PoolStatus.PART, b"body")
-    frame = P.child_result(P.CHILD_VALUE, b"value")
-    assert P.parse_child_result(frame[:-1]) is None and P.child_result_size(frame[:3]) is None
-    assert P.child_result_size(frame) == len(frame)
-    assert P.parse_child_result(frame) == (P.CHILD_VALUE, b"value")
+    buf = bytearray(W.pool_frame(b"first") + W.pool_frame(b"") + W.pool_frame(b"third")[:-2])
+    assert W.split_pool_frames(buf) == [b"first", b""]
+    assert bytes(buf) == W.pool_frame(b"third")[:-2]  # the incomplete one waits
+    task = W.pool_task(7, 2, 40, b"code", ([1, 2], None, None, 2))
+    assert W.parse_pool_task(task) == (7, 2, 40, b"code", ([1, 2], None, None, 2))
+    reply = W.pool_reply(7, 2, W.PoolStatus.PART, b"body")
+    size = W.pool_frame_size(reply[: W.POOL_SIZE_BYTES])
+    task_id, index, status, body = W.parse_pool_reply(reply[W.POOL_SIZE_BYTES :])
+    assert size == len(reply) - W.POOL_SIZE_BYTES
+    assert (task_id, index, status, bytes(body)) == (7, 2, W.PoolStatus.PART, b"body")
+    frame = W.child_result(W.CHILD_VALUE, b"value")
+    assert W.parse_child_result(frame[:-1]) is None and W.child_result_size(frame[:3]) is None
+    assert W.child_result_size(frame) == len(frame)
+    assert W.parse_child_result(frame) == (W.CHILD_VALUE, b"value")

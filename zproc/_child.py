@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from . import _protocol as P
+from . import _pipes as W
 from . import _serialization as S
 from ._proctree import exception_to_signal, signal_name, signal_to_exception
 from ._transport import ServerAddress
@@ -75,11 +75,11 @@ def child_main(payload: Any, writer: multiprocessing.connection.Connection) -> N
         spec = payload if isinstance(payload, ChildSpec) else S.loads(payload)
     except BaseException as exc:
         _report(f"zproc: process {os.getpid()} could not load its target", exc)
-        code, tag, body = 1, P.CHILD_ERROR, S.dumps_exception(exc)
+        code, tag, body = 1, W.CHILD_ERROR, S.dumps_exception(exc)
     else:
         code, tag, body = _run_child(spec)
     try:
-        _write_all(writer.fileno(), P.child_result(tag, body))
+        _write_all(writer.fileno(), W.child_result(tag, body))
     except OSError:
         pass  # the parent closed its end: nobody waits for the result
     finally:
@@ -108,19 +108,19 @@ def _run_child(spec: ChildSpec) -> tuple[int, bytes, bytes]:
                 first.close()
     except ProcessExit as exc:
         code = exc.exitcode
-        return code, P.CHILD_EXIT, S.dumps(code)
+        return code, W.CHILD_EXIT, S.dumps(code)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
         else:
             sys.stderr.write(f"{exc.code}\n")
             code = 1
-        return code, P.CHILD_EXIT, S.dumps(code)
+        return code, W.CHILD_EXIT, S.dumps(code)
     except BaseException as exc:
         _report(f"zproc: process {os.getpid()} (target {target_name(spec.target)}) failed", exc)
-        return 1, P.CHILD_ERROR, S.dumps_exception(exc)
+        return 1, W.CHILD_ERROR, S.dumps_exception(exc)
     try:
-        return 0, P.CHILD_VALUE, S.dumps_any(value)
+        return 0, W.CHILD_VALUE, S.dumps_any(value)
     except Exception as exc:
         error = TypeError(
             f"the return value of {target_name(spec.target)} (a {type(value).__name__}) "
@@ -128,7 +128,7 @@ def _run_child(spec: ChildSpec) -> tuple[int, bytes, bytes]:
         )
         error.__cause__ = exc
         _report(f"zproc: process {os.getpid()}: {error}", None)
-        return 1, P.CHILD_ERROR, S.dumps_exception(error)
+        return 1, W.CHILD_ERROR, S.dumps_exception(error)
 
 
 def _report(message: str, exc: BaseException | None) -> None:

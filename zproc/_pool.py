@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from . import _protocol as P
+from . import _pipes as W
 from ._chunks import CodeCache, cut, dumps_code, failure, layout, map_length, read_chunk
 from ._chunks import run_chunk
 from ._proctree import POLLERR, POLLIN, POLLOUT, poll_fds
@@ -56,7 +56,7 @@ READ_SIZE = 1 << 18
 READY_TIMEOUT = 60.0
 
 _OK, _FAILED, _DEAD, _PART = (
-    int(P.PoolStatus.OK), int(P.PoolStatus.FAILED), int(P.PoolStatus.DEAD), int(P.PoolStatus.PART)
+    int(W.PoolStatus.OK), int(W.PoolStatus.FAILED), int(W.PoolStatus.DEAD), int(W.PoolStatus.PART)
 )
 
 
@@ -76,7 +76,7 @@ class _Worker:
 
     def send(self, data: bytes) -> None:
         """Queue one message and write what the socket takes now (never blocks)."""
-        frame = P.pool_frame(data)
+        frame = W.pool_frame(data)
         if self.out:
             self.out += frame
             self.flush()
@@ -115,7 +115,7 @@ class _Worker:
                 eof = True
                 break
             self.inbuf += scratch[:size]
-        return P.split_pool_frames(self.inbuf), eof
+        return W.split_pool_frames(self.inbuf), eof
 
     def close(self) -> None:
         if self.sock is not None:
@@ -220,7 +220,7 @@ class Pool:
         return self._listener
 
     def _start_worker(self) -> _Worker:
-        token = os.urandom(P.POOL_TOKEN_SIZE)
+        token = os.urandom(W.POOL_TOKEN_SIZE)
         address, namespace, request_timeout, secret_key = self._server
         process = self._spawn(
             (self._address, token, address, namespace, request_timeout, os.getpid(), secret_key)
@@ -327,7 +327,7 @@ class Pool:
     def _receive(self, worker: _Worker) -> None:
         messages, eof = worker.receive()
         for message in messages:
-            task_id, index, status, body = P.parse_pool_reply(message)
+            task_id, index, status, body = W.parse_pool_reply(message)
             if status != _PART:
                 worker.busy.discard((task_id, index))
             task = self._tasks.get(task_id)
@@ -384,7 +384,7 @@ class Pool:
         task = _Task(self._next_task, chunks)
         self._tasks[task.id] = task
         for index, (start, size) in enumerate(chunks):
-            message = P.pool_task(task.id, index, start, code, cut(inputs, start, size))
+            message = W.pool_task(task.id, index, start, code, cut(inputs, start, size))
             self._send(task, index, message, workers[index % len(workers)])
         results = self._results(task)
         if progress:
@@ -470,8 +470,8 @@ def _read_token(conn: socket.socket) -> bytes:
     conn.settimeout(5.0)
     token = b""
     try:
-        while len(token) < P.POOL_TOKEN_SIZE:
-            data = conn.recv(P.POOL_TOKEN_SIZE - len(token))
+        while len(token) < W.POOL_TOKEN_SIZE:
+            data = conn.recv(W.POOL_TOKEN_SIZE - len(token))
             if not data:
                 break
             token += data
@@ -516,11 +516,11 @@ def worker_main(
                 if os.getppid() != parent_pid:
                     return  # the Context's process is gone
                 continue
-            prefix = _recv_exact(sock, P.POOL_SIZE_BYTES)
-            message = None if prefix is None else _recv_exact(sock, P.pool_frame_size(prefix))
+            prefix = _recv_exact(sock, W.POOL_SIZE_BYTES)
+            message = None if prefix is None else _recv_exact(sock, W.pool_frame_size(prefix))
             if message is None:
                 return  # the Context closed its end
-            task_id, index, start, code, items = P.parse_pool_task(memoryview(message))
+            task_id, index, start, code, items = W.parse_pool_task(memoryview(message))
             send = functools.partial(_send_reply, sock, task_id, index)
             try:
                 target, args, kwargs, stateful = codes.load(code)
@@ -549,4 +549,4 @@ def worker_main(
 
 
 def _send_reply(sock: socket.socket, task_id: int, index: int, status: int, body: bytes) -> None:
-    sock.sendall(P.pool_reply(task_id, index, status, body))
+    sock.sendall(W.pool_reply(task_id, index, status, body))

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import psutil
 
-from . import _protocol as P
+from . import _pipes as W
 from . import _serialization as S
 from ._child import ChildSpec, child_main, target_name
 from ._chunks import as_args, as_kwargs
@@ -106,11 +106,11 @@ class _Channel:
         return self.eof or self.complete()
 
     def complete(self) -> bool:
-        size = P.child_result_size(self.buf)
+        size = W.child_result_size(self.buf)
         return size is not None and len(self.buf) >= size
 
     def message(self) -> tuple[bytes, bytes] | None:
-        return P.parse_child_result(self.buf)
+        return W.parse_child_result(self.buf)
 
     def close(self) -> None:
         self.conn.close()
@@ -469,23 +469,23 @@ class Process:
         message = self._message
         tag, body = message if message is not None else (None, b"")
         name = target_name(self.target)
-        if tag == P.CHILD_VALUE and code == 0:
+        if tag == W.CHILD_VALUE and code == 0:
             try:
                 value = S.loads(body)
             except ZProcError as exc:
                 raise self._error(f"the return value of {name} could not be loaded here") from exc
             self._value, self._has_value = value, True
             return value
-        if tag == P.CHILD_EXIT and code == 0:
+        if tag == W.CHILD_EXIT and code == 0:
             self._has_value = True
             return None
-        if tag == P.CHILD_ERROR:
+        if tag == W.CHILD_ERROR:
             cause, text = S.loads_exception_text(body)  # text: str(exc) in the child
             raise self._error(
                 f"process {self._pid} (target {name}) raised "
                 f"{type(cause).__name__}: {text} (exit code {code}); its traceback is below"
             ) from cause
-        if tag == P.CHILD_EXIT:
+        if tag == W.CHILD_EXIT:
             raise self._error(
                 f"process {self._pid} (target {name}) exited with code {code} "
                 f"(ProcessExit/sys.exit in the target)"
