@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from . import _protocol as P
 from . import _serialization as S
 from . import _server  # -> _store/_utils at merge
+from ._api import DEFAULT_MAX_BACKLOG, DEFAULT_RCVHWM, StateBase, WatchMethods, _update_argument
 from ._client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIVENESS,
@@ -34,10 +35,9 @@ from ._client import (
     closed_error,
     running,
 )
-from ._security import SecretKey, client_keys
+from ._security import SecretKey
 from ._stream import (
     StateUpdate,
-    _any_test,
     _available_test,
     _change_result,
     _change_watch,
@@ -47,35 +47,26 @@ from ._stream import (
     _deadline,
     _equal_test,
     _EvTest,
-    _falsy_test,
-    _fn_test,
     _foreign_test,
-    _keys_test,
     _level_watch,
     _none_test,
     _not_equal_test,
     _not_none_test,
-    _present_equal_test,
-    _present_not_equal_test,
-    _snapshot_test,
     _SnapTest,
     _timeout_error,
-    _truthy_test,
     _update_of,
     _watch_item,
     _watch_qualifies,
     _watch_start,
 )
-from ._transport import ServerAddress, normalize_address
 from .exceptions import TimeoutError
-from .state import DEFAULT_MAX_BACKLOG, DEFAULT_RCVHWM, State, _check_namespace
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
 
 T = TypeVar("T")
 
 
-class AsyncState:
+class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
     """A :class:`State` for asyncio: every dict operation and watcher is awaited.
 
     The parameters are those of :class:`State`. Create it inside a coroutine (it
@@ -104,38 +95,18 @@ class AsyncState:
         secret_key: SecretKey | None = None,
         liveness: float = DEFAULT_LIVENESS,
     ) -> None:
-        self._address = normalize_address(server_address)
-        if not liveness > 0:
-            raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
-        self._liveness = liveness
-        self._keys = client_keys(secret_key)
-        self._secret_key = secret_key
-        _check_namespace(namespace)
-        if request_timeout is not None and request_timeout < 0:
-            raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
-        self._namespace = namespace
-        self._ns = namespace.encode()
-        self.request_timeout = request_timeout
-        self._connect_timeout = connect_timeout
-        self._max_backlog = max_backlog
-        self._rcvhwm = rcvhwm
+        super().__init__(server_address, namespace, request_timeout, connect_timeout,
+                         max_backlog, rcvhwm, secret_key, liveness)
         self._conn: AsyncConnection | None = None
         self._stream: AsyncStream | None = None
         self._stream_lock = asyncio.Lock()
         self._pending: list[_Cursor] = []  # watcher cursors waiting for the stream
         self._epoch = 0  # bumped whenever the stream is dropped
-        self._start_rid: int | None = None
         self._start_seq_value: tuple[int, bytes] | None = None  # (head, its server run)
-        self._closed = False
         if running():
             self._connection()
 
     # -- plumbing ---------------------------------------------------------------------
-
-    @property
-    def server_address(self) -> ServerAddress:
-        """The server's address (read-only)."""
-        return self._address
 
     @property
     def namespace(self) -> str:
@@ -143,18 +114,9 @@ class AsyncState:
         return self._namespace
 
     @property
-    def secret_key(self) -> SecretKey | None:
-        """The ``secret_key`` this AsyncState was given (read-only)."""
-        return self._secret_key
-
-    @property
     def identity(self) -> bytes:
         """The identity this AsyncState's changes carry."""
         return self._connection().identity
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def _connection(self) -> AsyncConnection:
         if self._closed:
@@ -261,6 +223,9 @@ class AsyncState:
         if conn is not None:
             await conn.aclose()
 
+    def _watcher(self, test: _EvTest, **options: Any) -> AsyncStateWatcher:
+        return AsyncStateWatcher(self, test, **options)
+
     async def __aenter__(self) -> AsyncState:
         return self
 
@@ -284,34 +249,8 @@ class AsyncState:
             except Exception:
                 pass
 
-    def __reduce__(self) -> Any:
-        return (
-            _rebuild_async_state,
-            (
-                tuple(self._address),
-                self._namespace,
-                self.request_timeout,
-                self._connect_timeout,
-                self._secret_key,
-                self._liveness,
-            ),
-        )
-
     def __repr__(self) -> str:
         return f"<AsyncState server_address={tuple(self._address)!r} namespace={self._namespace!r}>"
-
-    def fork(
-        self, server_address: Iterable[str] | None = None, *, namespace: str | None = None
-    ) -> AsyncState:
-        """A new AsyncState with the same settings, unless overridden."""
-        return AsyncState(
-            self._address if server_address is None else server_address,
-            namespace=self._namespace if namespace is None else namespace,
-            request_timeout=self.request_timeout,
-            connect_timeout=self._connect_timeout,
-            secret_key=self._secret_key,
-            liveness=self._liveness,
-        )
 
     # -- dict interface -------------------------------------------------------------------
 
@@ -349,25 +288,9 @@ class AsyncState:
 
     async def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; a failure part-way leaves the state unchanged."""
-        if len(args) > 1:
-            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
-        merged: Any = {}
-        if args:
-            merged = args[0]
-            if isinstance(merged, AsyncState):
-                merged = await merged.copy()
-            elif isinstance(merged, State):
-                merged = merged.copy()
-            elif not isinstance(merged, dict):
-                merged = (
-                    {key: merged[key] for key in merged.keys()}
-                    if hasattr(merged, "keys")
-                    else list(merged)
-                )
-        if kwargs:
-            merged = dict(merged)
-            merged.update(kwargs)
-        await self._call(P.Method.UPDATE, merged)
+        if args and isinstance(args[0], AsyncState):
+            args = (await args[0].copy(), *args[1:])
+        await self._call(P.Method.UPDATE, _update_argument(args, kwargs))
 
     async def clear(self) -> None:
         await self._call(P.Method.CLEAR)
@@ -550,83 +473,6 @@ class AsyncState:
             raise _timeout_error("get_raw_update", timeout)
         return _update_of(stream, ev)
 
-    # -- iterator watchers ----------------------------------------------------------------
-
-    def when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over the snapshots after each change of ``keys`` (or of anything)."""
-        return AsyncStateWatcher(self, _keys_test(keys, exclude), live=live, timeout=timeout,
-                                 start_time=start_time, count=count)
-
-    def when(
-        self,
-        test_fn: Callable[..., Any],
-        *,
-        args: Iterable[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over the snapshots after each change for which ``test_fn`` is
-        true."""
-        return AsyncStateWatcher(self, _fn_test(test_fn, args, kwargs), live=live,
-                                 timeout=timeout, start_time=start_time, count=count)
-
-    def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and equals ``value``."""
-        return self._when_key(_present_equal_test(key, value), watcher_kwargs)
-
-    def when_not_equal(
-        self, key: Hashable, value: Any, **watcher_kwargs: Any
-    ) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and differs from ``value``."""
-        return self._when_key(_present_not_equal_test(key, value), watcher_kwargs)
-
-    def when_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is ``None``."""
-        return self._when_key(_none_test(key), watcher_kwargs)
-
-    def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is not ``None``."""
-        return self._when_key(_not_none_test(key), watcher_kwargs)
-
-    def when_available(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists."""
-        return self._when_key(_available_test(key), watcher_kwargs)
-
-    def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is truthy."""
-        return self._when_key(_truthy_test(key), watcher_kwargs)
-
-    def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is falsy."""
-        return self._when_key(_falsy_test(key), watcher_kwargs)
-
-    def _when_key(self, test: _SnapTest, watcher_kwargs: dict[str, Any]) -> AsyncStateWatcher:
-        return AsyncStateWatcher(self, _snapshot_test(test), **watcher_kwargs)
-
-    def when_change_raw(
-        self,
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over :class:`StateUpdate` values, one per change by another State."""
-        return AsyncStateWatcher(self, _any_test, live=live, timeout=timeout,
-                                 start_time=start_time, count=count, raw=True)
-
-
 class AsyncStateWatcher(AsyncIterator[Any]):
     """An asynchronous iterator over the changes of an AsyncState that pass a test.
 
@@ -746,21 +592,3 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         """Exhaust the watcher (use with ``count``)."""
         async for _ in self:
             pass
-
-
-def _rebuild_async_state(
-    address: tuple[str, str],
-    namespace: str,
-    request_timeout: float | None,
-    connect_timeout: float | None,
-    secret_key: SecretKey | None,
-    liveness: float,
-) -> AsyncState:
-    return AsyncState(
-        address,
-        namespace=namespace,
-        request_timeout=request_timeout,
-        connect_timeout=connect_timeout,
-        secret_key=secret_key,
-        liveness=liveness,
-    )

@@ -28,11 +28,21 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import _protocol as P
 from . import _serialization as S
 from . import _server  # -> _store/_utils at merge
+from ._api import (
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_RCVHWM,
+    StateBase,
+    WatchMethods,
+    _check_namespace,
+    _update_argument,
+    ping,
+)
+from ._async import AsyncState
 from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Connection, Stream
-from ._security import SecretKey, client_keys
+from ._pipeline import DEFAULT_PIPELINE_OPS, Pipeline
+from ._security import SecretKey
 from ._stream import (
     StateUpdate,
-    _any_test,
     _available_test,
     _change_result,
     _change_watch,
@@ -42,25 +52,18 @@ from ._stream import (
     _deadline,
     _equal_test,
     _Ev,
-    _falsy_test,
-    _fn_test,
-    _keys_test,
+    _EvTest,
     _level_watch,
     _none_test,
     _not_equal_test,
     _not_none_test,
-    _present_equal_test,
-    _present_not_equal_test,
-    _snapshot_test,
     _timeout_error,
-    _truthy_test,
     _update_of,
     _watch_item,
     _watch_qualifies,
     _watch_start,
 )
-from ._transport import ServerAddress, normalize_address
-from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
+from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = [
     "Pipeline",
@@ -77,13 +80,8 @@ __all__ = [
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from ._async import AsyncState
-
 T = TypeVar("T")
 
-#: Events kept in a State's local log before the oldest are coalesced.
-DEFAULT_MAX_BACKLOG = 100_000
-DEFAULT_RCVHWM = 10_000
 #: How long a new State waits for the server to acknowledge its registration.
 REGISTER_WAIT = 1.0
 #: With ``cache=True``: a read applies the events queued for the replica at most this
@@ -95,15 +93,13 @@ CACHE_CHECK = 1.0
 #: How long a cached read waits for the events of writes it must see before it fetches
 #: them from the server instead.
 CACHE_WAIT = 0.05
-#: Operations a pipeline buffers before it sends them.
-DEFAULT_PIPELINE_OPS = 1000
 # plain ints for the hot paths (an enum member lookup costs more than the comparison)
 _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
 
 # -- State -------------------------------------------------------------------------------
 
 
-class State:
+class State(StateBase, WatchMethods["StateWatcher"]):
     """A dict-like proxy to the dict held by a zproc server.
 
     Parameters
@@ -166,43 +162,18 @@ class State:
         liveness: float = DEFAULT_LIVENESS,
         cache: bool = False,
     ) -> None:
-        self._address = normalize_address(server_address)
+        super().__init__(server_address, namespace, request_timeout, connect_timeout,
+                         max_backlog, rcvhwm, secret_key, liveness)
         self._cache = bool(cache)
         self._cache_due = self._cache_check_due = 0.0
-        if not liveness > 0:
-            raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
-        self._liveness = liveness
-        self._keys = client_keys(secret_key)
-        self._secret_key = secret_key
-        _check_namespace(namespace)
-        if request_timeout is not None and request_timeout < 0:
-            raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
-        self._namespace = namespace
-        self._ns = namespace.encode()
-        self.request_timeout = request_timeout
-        self._connect_timeout = connect_timeout
-        self._max_backlog = max_backlog
-        self._rcvhwm = rcvhwm
         self._conn: Connection | None = None
         self._stream: Stream | None = None
-        self._start_rid: int | None = None
         self._start_seq_value: int | None = None
         self._start_run = b""  # the server run that numbered _start_seq_value
-        self._closed = False
         if self._connect_eagerly and not _server.in_server_process():
             self._connect()  # in the server process, using a State raises (see _connect)
 
     # -- plumbing ---------------------------------------------------------------------
-
-    @property
-    def server_address(self) -> ServerAddress:
-        """The server's address (read-only)."""
-        return self._address
-
-    @property
-    def secret_key(self) -> SecretKey | None:
-        """The ``secret_key`` this State was given (read-only)."""
-        return self._secret_key
 
     @property
     def namespace(self) -> str:
@@ -395,9 +366,14 @@ class State:
         if self._conn is not None:
             self._conn.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _settings(self) -> dict[str, Any]:
+        settings = super()._settings()
+        settings["cache"] = self._cache
+        settings["liveness"] = settings.pop("liveness")  # (kept last)
+        return settings
+
+    def _watcher(self, test: _EvTest, **options: Any) -> StateWatcher:
+        return StateWatcher(self, test, **options)
 
     def __enter__(self) -> State:
         return self
@@ -418,34 +394,6 @@ class State:
                 self.close()
             except Exception:
                 pass
-
-    def __reduce__(self) -> Any:
-        return (
-            _rebuild_state,
-            (
-                tuple(self._address),
-                self._namespace,
-                self.request_timeout,
-                self._connect_timeout,
-                self._secret_key,
-                self._cache,
-                self._liveness,
-            ),
-        )
-
-    def fork(
-        self, server_address: Iterable[str] | None = None, *, namespace: str | None = None
-    ) -> State:
-        """A new State with the same settings, unless overridden."""
-        return State(
-            self._address if server_address is None else server_address,
-            namespace=self._namespace if namespace is None else namespace,
-            request_timeout=self.request_timeout,
-            connect_timeout=self._connect_timeout,
-            secret_key=self._secret_key,
-            liveness=self._liveness,
-            cache=self._cache,
-        )
 
     # -- dict interface -------------------------------------------------------------------
 
@@ -719,82 +667,6 @@ class State:
             raise _timeout_error("get_raw_update", timeout)
         return _update_of(stream, ev)
 
-    # -- iterator watchers ------------------------------------------------------------------
-
-    def when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> StateWatcher:
-        """An iterator over the snapshots after each change of ``keys`` (or of anything)."""
-        return StateWatcher(self, _keys_test(keys, exclude), live=live, timeout=timeout,
-                            start_time=start_time, count=count)
-
-    def when(
-        self,
-        test_fn: Callable[..., Any],
-        *,
-        args: Iterable[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> StateWatcher:
-        """An iterator over the snapshots after each change for which ``test_fn`` is true."""
-        return StateWatcher(self, _fn_test(test_fn, args, kwargs), live=live,
-                            timeout=timeout, start_time=start_time, count=count)
-
-    def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and equals ``value``."""
-        return self._when_key(_present_equal_test(key, value), watcher_kwargs)
-
-    def when_not_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and differs from ``value``."""
-        return self._when_key(_present_not_equal_test(key, value), watcher_kwargs)
-
-    def when_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and is ``None``."""
-        return self._when_key(_none_test(key), watcher_kwargs)
-
-    def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and is not ``None``."""
-        return self._when_key(_not_none_test(key), watcher_kwargs)
-
-    def when_available(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists."""
-        return self._when_key(_available_test(key), watcher_kwargs)
-
-    def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and is truthy."""
-        return self._when_key(_truthy_test(key), watcher_kwargs)
-
-    def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> StateWatcher:
-        """Iterator: snapshots after changes where ``key`` exists and is falsy."""
-        return self._when_key(_falsy_test(key), watcher_kwargs)
-
-    def _when_key(
-        self, test: Callable[[dict[Any, Any]], bool], watcher_kwargs: dict[str, Any]
-    ) -> StateWatcher:
-        return StateWatcher(self, _snapshot_test(test), **watcher_kwargs)
-
-    def when_change_raw(
-        self,
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> StateWatcher:
-        """An iterator over :class:`StateUpdate` values, one per change by another State."""
-        return StateWatcher(self, _any_test, live=live, timeout=timeout,
-                            start_time=start_time, count=count, raw=True)
-
-
 class StateWatcher(Iterator[Any]):
     """An iterator over the changes of a State that pass a test.
 
@@ -887,186 +759,8 @@ class ChildState(State):
     _register_wait = 0.0
     _connect_eagerly = False
 
-
-def _rebuild_state(
-    address: tuple[str, str],
-    namespace: str,
-    request_timeout: float | None,
-    connect_timeout: float | None,
-    secret_key: SecretKey | None = None,
-    cache: bool = False,
-    liveness: float = DEFAULT_LIVENESS,
-) -> State:
-    return State(
-        address,
-        namespace=namespace,
-        request_timeout=request_timeout,
-        connect_timeout=connect_timeout,
-        secret_key=secret_key,
-        liveness=liveness,
-        cache=cache,
-    )
-
-
-def _check_namespace(namespace: object) -> None:
-    if not isinstance(namespace, str) or not namespace:
-        raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
-    if "\0" in namespace:
-        raise ValueError("namespace must not contain NUL characters")
-
-
-def _update_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The one argument ``update(*args, **kwargs)`` sends to the server."""
-    if len(args) > 1:
-        raise TypeError(f"update expected at most 1 argument, got {len(args)}")
-    merged: Any = {}
-    if args:
-        merged = args[0]
-        if isinstance(merged, State):
-            merged = merged.copy()
-        elif not isinstance(merged, dict):
-            merged = (
-                {key: merged[key] for key in merged.keys()}
-                if hasattr(merged, "keys")
-                else list(merged)
-            )
-    if kwargs:
-        merged = dict(merged)
-        merged.update(kwargs)
-    return merged
-
-
-# -- pipelines ----------------------------------------------------------------------------
-
-
-class Pipeline:
-    """Writes to a :class:`State`, buffered and sent many to a request.
-
-    Made by :meth:`State.pipeline`. Each write is pickled when it is made (so a value
-    that cannot be pickled fails at once, and later changes to the value are not sent)
-    and buffered; :meth:`flush` (or the end of a ``with`` block) sends the buffer as one
-    request, and so does every ``max_ops``-th write.
-
-    The server applies the operations in order, each one on its own, exactly as if they
-    had been sent one by one: each is atomic, publishes its own event (watchers see every
-    change, with consecutive sequence numbers) and, if it fails, leaves the state as it
-    was and does not stop the operations after it. Operations of other States may run
-    between two batches, not inside one. The first failure is raised by :meth:`flush`:
-    the original exception type, the server's traceback as ``__cause__`` and a note
-    naming the operation's index. A ``with`` block that raises discards the writes not
-    sent yet (those already sent stay applied).
-
-    Afterwards, this State's reads with ``cache=True`` see every write of the pipeline.
-
-    .. versionadded:: 1.0
-    """
-
-    def __init__(self, state: State, max_ops: int = DEFAULT_PIPELINE_OPS) -> None:
-        if not isinstance(max_ops, int) or max_ops < 1:
-            raise ValueError(f"max_ops must be an int >= 1, got {max_ops!r}")
-        self.state = state
-        self.max_ops = max_ops
-        self._ops: list[bytes] = []
-        self._names: list[str] = []
-        self._results: list[Any] = []
-        self._failed = 0
-        self._error: tuple[int, str, BaseException] | None = None
-
-    def _add(self, name: str, method: int, args: tuple[Any, ...]) -> None:
-        self._ops.append(S.dumps((int(method), args)))
-        self._names.append(name)
-        if len(self._ops) >= self.max_ops:
-            self._send()
-
-    def _send(self) -> None:
-        ops, names = self._ops, self._names
-        if not ops:
-            return
-        self._ops, self._names = [], []
-        replies = self.state._request(P.Kind.PIPELINE, 0, S.dumps(ops))
-        if not isinstance(replies, list) or len(replies) != len(ops):
-            raise ProtocolError(
-                f"the server answered a pipeline of {len(ops)} operations with "
-                f"{len(replies) if isinstance(replies, list) else 'no'} results; use the "
-                f"same zproc version on both sides"
-            )
-        ok = P.Status.OK
-        for name, (status, body) in zip(names, replies, strict=True):
-            index = len(self._results)
-            try:
-                if status != ok:
-                    raise S.loads_exception(body)
-                self._results.append(S.loads(body))
-            except Exception as exc:
-                self._results.append(None)
-                self._failed += 1
-                if self._error is None:
-                    self._error = (index, name, exc)
-
-    def flush(self) -> list[Any]:
-        """Send the buffered writes; return the result of every write since the last flush.
-
-        Raises the first failure among them (see the class documentation); the others
-        were applied regardless.
-        """
-        try:
-            self._send()
-        finally:
-            results, error, failed = self._results, self._error, self._failed
-            self._results, self._error, self._failed = [], None, 0
-        if error is not None:
-            index, name, exc = error
-            others = f"; {failed - 1} later one(s) failed too" if failed > 1 else ""
-            exc.add_note(
-                f"raised by operation #{index} ({name}) of a pipeline of {len(results)}"
-                f"{others}; the other operations were applied"
-            )
-            raise exc
-        return results
-
-    def discard(self) -> None:
-        """Drop the writes not sent yet."""
-        self._ops, self._names = [], []
-
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
-        if exc_type is None:
-            self.flush()
-        else:
-            self.discard()
-
-    # writes
-    def __setitem__(self, key: Hashable, value: Any) -> None:
-        self._add("setitem", P.Method.SETITEM, (key, value))
-
-    def __delitem__(self, key: Hashable) -> None:
-        self._add("delitem", P.Method.DELITEM, (key,))
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        """Like ``dict.update`` (one operation: all of it applies, or none)."""
-        self._add("update", P.Method.UPDATE, (_update_argument(args, kwargs),))
-
-    def pop(self, key: Hashable, *default: Any) -> None:
-        """Pop ``key`` (its value is in :meth:`flush`'s results)."""
-        self._add("pop", P.Method.POP, (key, *default))
-
-    def popitem(self) -> None:
-        """Remove the last inserted item (it is in :meth:`flush`'s results)."""
-        self._add("popitem", P.Method.POPITEM, ())
-
-    def setdefault(self, key: Hashable, default: Any = None) -> None:
-        """Set ``key`` to ``default`` if it is missing (the value is in the results)."""
-        self._add("setdefault", P.Method.SETDEFAULT, (key, default))
-
-    def clear(self) -> None:
-        """Remove every key."""
-        self._add("clear", P.Method.CLEAR, ())
-
-    def set(self, value: Mapping[Any, Any]) -> None:
-        """Replace the whole dict with ``value`` (one event)."""
-        self._add("set", P.Method.SET, (dict(value),))
+    def _public_class(self) -> type[State]:
+        return State  # a copy connects at once, as any State
 
 
 # -- atomic -------------------------------------------------------------------------------
@@ -1090,11 +784,7 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> T:
-        if not isinstance(state, State):
-            from ._async import AsyncState
-
-            if isinstance(state, AsyncState):
-                return state._atomic(fn, args, kwargs)
+        if not isinstance(state, (State, AsyncState)):
             raise TypeError(
                 f"the first argument of an atomic function must be a zproc.State (or a "
                 f"zproc.AsyncState), got {type(state).__name__}"
@@ -1151,47 +841,3 @@ def append(state: State | AsyncState, key: Hashable, item: Any) -> int | Awaitab
     With an :class:`~zproc.AsyncState`, returns an awaitable of the new length.
     """
     return _atomic_append(state, key, item)
-
-
-# -- ping -----------------------------------------------------------------------------------
-
-
-def ping(
-    server_address: Iterable[str],
-    *,
-    timeout: float | None = 5.0,
-    payload: bytes | None = None,
-    secret_key: SecretKey | None = None,
-) -> int | None:
-    """Ask the server at ``server_address`` for its pid.
-
-    Returns the server's pid when it echoes ``payload`` back (``None`` if the echo
-    differs). Raises :class:`zproc.TimeoutError` when no server answers within
-    ``timeout`` seconds (``None``: wait indefinitely), and
-    :class:`zproc.AuthenticationError` when the server rejects ``secret_key`` (a wrong
-    one, or none where the server requires one).
-    """
-    address = normalize_address(server_address)
-    keys = client_keys(secret_key)
-    if payload is None:
-        payload = os.urandom(56)
-    elif not isinstance(payload, bytes):
-        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    conn = Connection(address, connect_timeout=None, keys=keys)
-    try:
-        echoed, pid = conn.request(P.Kind.PING, 0, payload, b"default", timeout)
-    except TimeoutError:
-        hint = conn.security_hint() or (
-            "" if keys else " A server with a secret_key does not answer without it."
-        )
-        raise TimeoutError(
-            f"no zproc server answered a ping at {address.req_rep} within {timeout} s; check "
-            f"that a server was started there (zproc.start_server) and the address is "
-            f"right.{hint}"
-        ) from None
-    finally:
-        conn.close()
-    return int(pid) if echoed == payload else None
-
