@@ -9,6 +9,7 @@ the other awaits); everything they compute lives in :mod:`zproc._stream`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -16,7 +17,16 @@ from . import _protocol as P
 from ._client import Connection
 from ._security import SecretKey, client_keys
 from ._stream import (
+    Qualifies,
     _any_test,
+    _check_watcher_args,
+    _copy,
+    _Cursor,
+    _Ev,
+    _found,
+    _StreamCore,
+    _watch_item,
+    _watch_qualifies,
     _available_test,
     _EvTest,
     _falsy_test,
@@ -33,7 +43,7 @@ from ._stream import (
 from ._transport import ServerAddress, normalize_address
 from .exceptions import TimeoutError
 
-__all__ = ["StateBase", "WatchMethods", "ping"]
+__all__ = ["StateBase", "WatchMethods", "WatcherBase", "ping"]
 
 #: Events kept in a State's local log before the oldest are coalesced.
 DEFAULT_MAX_BACKLOG = 100_000
@@ -90,6 +100,17 @@ class StateBase:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _left_open(self, kind: str, advice: str) -> bool:
+        """Whether this State is collected open in the process that opened it (then warn
+        with ``advice``: the caller closes it)."""
+        conn = getattr(self, "_conn", None)
+        if conn is None or getattr(self, "_closed", True) or conn.pid != os.getpid():
+            return False
+        warnings.warn(
+            f"unclosed {kind} for {self._address}; {advice}", ResourceWarning, stacklevel=3
+        )
+        return True
 
     def _settings(self) -> dict[str, Any]:
         """The keyword arguments that make a State like this one (``liveness`` last)."""
@@ -155,6 +176,48 @@ def _update_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         merged = dict(merged)
         merged.update(kwargs)
     return merged
+
+
+class WatcherBase:
+    """What :class:`~zproc.StateWatcher` and :class:`~zproc.AsyncStateWatcher` share:
+    their options, and the steps of one item before and after its wait."""
+
+    _cursor: _Cursor
+
+    def __init__(self, test: _EvTest, live: bool, timeout: float | None,
+                 start_time: float | None, count: int | None, raw: bool) -> None:
+        _check_watcher_args(timeout, count)
+        self.live = live
+        self.timeout = timeout
+        self.count = count
+        self._test = test
+        self._raw = raw
+        self._start_time = start_time
+        self._yielded = 0
+
+    def _exhausted(self) -> bool:
+        return self.count is not None and self._yielded >= self.count
+
+    def _qualifies(self, stream: _StreamCore, head: int, me: bytes) -> Qualifies:
+        """Place the cursor for the next item (a live watcher: at ``head``); its test."""
+        cursor = self._cursor
+        if self.live:
+            cursor.seq, cursor.snap = head, None
+        if cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+        return _watch_qualifies(stream, self._test, me)
+
+    def _item(self, ev: _Ev | None) -> Any:
+        """What the wait that found ``ev`` yields (None: it timed out)."""
+        ev = _found(ev, type(self).__name__, self.timeout)
+        self._yielded += 1
+        return _watch_item(ev, self._cursor, self._raw)
+
+    def _current(self, stream: _StreamCore) -> dict[Any, Any]:
+        cursor = self._cursor
+        if cursor.snap is None:
+            cursor.snap = stream.snapshot_at(cursor.seq)
+        return _copy(cursor.snap)  # type: ignore[no-any-return]
 
 
 class WatchMethods(Generic[W]):
@@ -255,12 +318,7 @@ def ping(
     """
     address = normalize_address(server_address)
     keys = client_keys(secret_key)
-    if payload is None:
-        payload = os.urandom(56)
-    elif not isinstance(payload, bytes):
-        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    payload = _ping_payload(payload, timeout)
     conn = Connection(address, connect_timeout=None, keys=keys)
     try:
         echoed, pid = conn.request(P.Kind.PING, 0, payload, b"default", timeout)
@@ -276,3 +334,14 @@ def ping(
     finally:
         conn.close()
     return int(pid) if echoed == payload else None
+
+
+def _ping_payload(payload: bytes | None, timeout: float | None) -> bytes:
+    """The payload of a ping (random unless given), its arguments checked."""
+    if payload is None:
+        payload = os.urandom(56)
+    elif not isinstance(payload, bytes):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    return payload

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -26,7 +25,15 @@ from typing import Any, TypeVar
 from . import _protocol as P
 from . import _serialization as S
 from . import _server  # -> _store/_utils at merge
-from ._api import DEFAULT_MAX_BACKLOG, DEFAULT_RCVHWM, StateBase, WatchMethods, _update_argument
+from ._api import (
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_RCVHWM,
+    StateBase,
+    WatcherBase,
+    WatchMethods,
+    _ping_payload,
+    _update_argument,
+)
 from ._client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIVENESS,
@@ -36,29 +43,10 @@ from ._client import (
     running,
 )
 from ._security import SecretKey
-from ._stream import (
-    StateUpdate,
-    _available_test,
-    _change_result,
-    _change_watch,
-    _check_watcher_args,
-    _copy,
-    _Cursor,
-    _deadline,
-    _equal_test,
-    _EvTest,
-    _foreign_test,
-    _level_watch,
-    _none_test,
-    _not_equal_test,
-    _not_none_test,
-    _SnapTest,
-    _timeout_error,
-    _update_of,
-    _watch_item,
-    _watch_qualifies,
-    _watch_start,
-)
+from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest, _found, _SnapTest
+from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, _not_none_test
+from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
+from ._stream import _get_copy, _level_watch, _update_of, _watch_start
 from .exceptions import TimeoutError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
@@ -84,16 +72,11 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
     """
 
     def __init__(
-        self,
-        server_address: Iterable[str],
-        *,
-        namespace: str = "default",
+        self, server_address: Iterable[str], *, namespace: str = "default",
         request_timeout: float | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        max_backlog: int = DEFAULT_MAX_BACKLOG,
-        rcvhwm: int = DEFAULT_RCVHWM,
-        secret_key: SecretKey | None = None,
-        liveness: float = DEFAULT_LIVENESS,
+        max_backlog: int = DEFAULT_MAX_BACKLOG, rcvhwm: int = DEFAULT_RCVHWM,
+        secret_key: SecretKey | None = None, liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         super().__init__(server_address, namespace, request_timeout, connect_timeout,
                          max_backlog, rcvhwm, secret_key, liveness)
@@ -233,14 +216,10 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
         await self.close()
 
     def __del__(self) -> None:
-        conn = getattr(self, "_conn", None)
-        if conn is not None and not self._closed and conn.pid == os.getpid():
-            warnings.warn(
-                f"unclosed AsyncState for {self._address}; await close() or use "
-                f"'async with AsyncState(...)'",
-                ResourceWarning,
-                stacklevel=2,
-            )
+        conn = self._conn if self._left_open(
+            "AsyncState", "await close() or use 'async with AsyncState(...)'"
+        ) else None
+        if conn is not None:
             self._closed = True
             try:
                 if self._stream is not None:
@@ -320,12 +299,7 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
     async def ping(self, *, timeout: float | None = 5.0, payload: bytes | None = None
                    ) -> int | None:
         """The server's pid if it echoes ``payload`` (see :func:`zproc.ping`)."""
-        if payload is None:
-            payload = os.urandom(56)
-        elif not isinstance(payload, bytes):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        payload = _ping_payload(payload, timeout)
         conn = self._connection()
         echoed, pid = await conn.arequest(P.Kind.PING, 0, payload, self._ns, timeout)
         return int(pid) if echoed == payload else None
@@ -368,11 +342,8 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
         stream._trim()
 
     async def get_when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = True,
-        timeout: float | None = None,
+        self, *keys: Hashable, exclude: bool = False, live: bool = True,
+        timeout: float | None = None
     ) -> Any:
         """Wait until another State changes the state (or one of ``keys``); returns as
         :meth:`State.get_when_change`."""
@@ -380,86 +351,74 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
         stream, head = await self._watching(catch_up=live)
         qualifies, cursor = _change_watch(stream, head, self._me(), keys, exclude, live)
         ev = await stream.find(qualifies, cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_when_change", timeout)
-        return _change_result(stream, ev, cursor, keys, exclude)
+        return _change_result(stream, _found(ev, "get_when_change", timeout), cursor, keys,
+                              exclude)
 
     async def _when_snapshot(
-        self, test: _SnapTest, live: bool, deadline: float | None, what: str,
-        timeout: float | None,
-    ) -> dict[Any, Any]:
-        """Level-triggered wait: the first snapshot (now, or after a change) passing
-        ``test``; as ``State._when_snapshot``."""
+        self, test: _SnapTest, live: bool, timeout: float | None, what: str,
+        result: Callable[[dict[Any, Any]], Any],
+    ) -> Any:
+        """Level-triggered wait: ``result`` of the first snapshot (now, or after a change
+        by another State) that passes ``test``; as ``State._when_snapshot``."""
+        deadline = _deadline(timeout, what)
         stream, _ = await self._watching()
         snap = dict(stream.replica)
-        if test(snap):
-            return snap
-        qualifies, cursor = _level_watch(stream, test, live, self._me())
-        ev = await stream.find(qualifies, cursor, deadline, consume=not live)
-        if ev is None:
-            raise _timeout_error(what, timeout)
-        return cursor.snap  # type: ignore[return-value]
+        if not test(snap):
+            qualifies, cursor = _level_watch(stream, test, live, self._me())
+            ev = await stream.find(qualifies, cursor, deadline, consume=not live)
+            _found(ev, what, timeout)
+            snap = cursor.snap  # type: ignore[assignment]
+        return result(snap)
 
     async def get_when(
-        self,
-        test_fn: Callable[[dict[Any, Any]], Any],
-        *,
-        live: bool = True,
-        timeout: float | None = None,
+        self, test_fn: Callable[[dict[Any, Any]], Any], *, live: bool = True,
+        timeout: float | None = None
     ) -> dict[Any, Any]:
         """Wait until ``test_fn(snapshot)`` is true (checked now, then after each change
         by another State); return that snapshot."""
-        deadline = _deadline(timeout, "get_when")
-        snap = await self._when_snapshot(lambda s: test_fn(dict(s)), live, deadline,
-                                         "get_when", timeout)
-        return _copy(snap)  # type: ignore[no-any-return]
+        snap: dict[Any, Any] = await self._when_snapshot(
+            _fn_snapshot_test(test_fn), live, timeout, "get_when", _copy
+        )
+        return snap
 
     async def get_when_equal(
         self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``state.get(key) == value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_equal")
-        snap = await self._when_snapshot(
-            _equal_test(key, value), live, deadline, "get_when_equal", timeout
+        return await self._when_snapshot(
+            _equal_test(key, value), live, timeout, "get_when_equal", _get_copy(key)
         )
-        return _copy(snap.get(key))
 
     async def get_when_not_equal(
         self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``state.get(key) != value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_not_equal")
-        snap = await self._when_snapshot(
-            _not_equal_test(key, value), live, deadline, "get_when_not_equal", timeout
+        return await self._when_snapshot(
+            _not_equal_test(key, value), live, timeout, "get_when_not_equal", _get_copy(key)
         )
-        return _copy(snap.get(key))
 
     async def get_when_none(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> None:
         """Wait until ``key`` exists and is ``None``."""
-        deadline = _deadline(timeout, "get_when_none")
-        await self._when_snapshot(_none_test(key), live, deadline, "get_when_none", timeout)
+        await self._when_snapshot(_none_test(key), live, timeout, "get_when_none",
+                                  _get_copy(key))
 
     async def get_when_not_none(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``key`` exists and is not ``None``; return its value."""
-        deadline = _deadline(timeout, "get_when_not_none")
-        snap = await self._when_snapshot(
-            _not_none_test(key), live, deadline, "get_when_not_none", timeout
+        return await self._when_snapshot(
+            _not_none_test(key), live, timeout, "get_when_not_none", _get_copy(key)
         )
-        return _copy(snap[key])
 
     async def get_when_available(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``key`` exists; return its value."""
-        deadline = _deadline(timeout, "get_when_available")
-        snap = await self._when_snapshot(
-            _available_test(key), live, deadline, "get_when_available", timeout
+        return await self._when_snapshot(
+            _available_test(key), live, timeout, "get_when_available", _get_copy(key)
         )
-        return _copy(snap[key])
 
     async def get_raw_update(
         self, *, live: bool = True, timeout: float | None = None
@@ -469,11 +428,10 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
         stream, head = await self._watching(catch_up=live)
         cursor = _Cursor(head) if live else stream.buffer
         ev = await stream.find(_foreign_test(self._me()), cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_raw_update", timeout)
-        return _update_of(stream, ev)
+        return _update_of(stream, _found(ev, "get_raw_update", timeout))
 
-class AsyncStateWatcher(AsyncIterator[Any]):
+
+class AsyncStateWatcher(WatcherBase, AsyncIterator[Any]):
     """An asynchronous iterator over the changes of an AsyncState that pass a test.
 
     The asyncio twin of :class:`StateWatcher`: each ``await anext(watcher)`` (or each
@@ -486,26 +444,11 @@ class AsyncStateWatcher(AsyncIterator[Any]):
     .. versionadded:: 1.0
     """
 
-    def __init__(
-        self,
-        state: AsyncState,
-        test: _EvTest,
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-        raw: bool = False,
-    ) -> None:
-        _check_watcher_args(timeout, count)
+    def __init__(self, state: AsyncState, test: _EvTest, *, live: bool = False,
+                 timeout: float | None = None, start_time: float | None = None,
+                 count: int | None = None, raw: bool = False) -> None:
+        super().__init__(test, live, timeout, start_time, count, raw)
         self.state = state
-        self.live = live
-        self.timeout = timeout
-        self.count = count
-        self._test = test
-        self._raw = raw
-        self._start_time = start_time
-        self._yielded = 0
         conn = state._connection()
         stream = state._stream
         # Hold the events from here on in the log until the start is known.
@@ -551,34 +494,22 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         self._stream = stream
 
     async def __anext__(self) -> Any:
-        if self.count is not None and self._yielded >= self.count:
+        if self._exhausted():
             raise StopAsyncIteration
         deadline = _deadline(self.timeout, "AsyncStateWatcher")
-        state = self.state
-        stream, head = await state._watching(catch_up=self.live)
+        stream, head = await self.state._watching(catch_up=self.live)
         if stream is not self._stream:  # first use, or the stream was replaced
             await self._attach(stream)
-        cursor = self._cursor
-        if self.live:
-            cursor.seq, cursor.snap = head, None
-        if cursor.snap is None:
-            cursor.snap = stream.snapshot_at(cursor.seq)
-        qualifies = _watch_qualifies(stream, self._test, state._me())
-        ev = await stream.find(qualifies, cursor, deadline, fresh=self.live)
-        if ev is None:
-            raise _timeout_error("AsyncStateWatcher", self.timeout)
-        self._yielded += 1
-        return _watch_item(ev, cursor, self._raw)
+        qualifies = self._qualifies(stream, head, self.state._me())
+        return self._item(await stream.find(qualifies, self._cursor, deadline,
+                                            fresh=self.live))
 
     async def current(self) -> dict[Any, Any]:
         """A copy of the state at this watcher's position (where the next item starts)."""
         stream, _ = await self.state._watching(catch_up=False)
         if stream is not self._stream:
             await self._attach(stream)
-        cursor = self._cursor
-        if cursor.snap is None:
-            cursor.snap = stream.snapshot_at(cursor.seq)
-        return _copy(cursor.snap)  # type: ignore[no-any-return]
+        return self._current(stream)
 
     async def go_live(self) -> None:
         """Skip every change so far: the next item is a change made after this call."""

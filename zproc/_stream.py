@@ -497,47 +497,17 @@ class _StreamCore:
             if not registered:
                 self.cursors.discard(cursor)
 
-    # I/O steps a driver provides (each returns its result, or an awaitable of it)
-
-    def _io_send_head(self) -> Any:
-        """Send a HEAD request; its id."""
-        raise NotImplementedError
-
-    def _io_head_result(self, rid: int) -> Any:
-        """The reply to the HEAD request ``rid``."""
-        raise NotImplementedError
-
-    def _io_head(self) -> Any:
-        """A HEAD round trip: the reply body."""
-        raise NotImplementedError
-
-    def _io_fetch(self, since: int, full: bool) -> Any:
-        """A FETCH round trip for the events after ``since``: the reply body."""
-        raise NotImplementedError
-
-    def _io_sync(self, token: bytes) -> Any:
-        """A SYNC round trip: the server publishes ``token`` on the sync marker."""
-        raise NotImplementedError
-
-    def _io_poll(self, seconds: float) -> Any:
-        """Whether a message is queued on the SUB socket within ``seconds``."""
-        raise NotImplementedError
-
-    def _io_recv(self) -> Any:
-        """The next queued SUB message (``_io_poll`` said there is one)."""
-        raise NotImplementedError
-
-    def drain(self) -> Any:
-        """Apply every queued SUB message (replaying where ``_receive`` asks for it)."""
-        raise NotImplementedError
-
-    def replay(self) -> Any:
-        """Run :meth:`_replay`."""
-        raise NotImplementedError
-
-    def catch_up(self) -> Any:
-        """Run :meth:`_catch_up`."""
-        raise NotImplementedError
+    # The I/O steps a driver provides; each returns its result, or an awaitable of it.
+    _io_send_head: Callable[[], Any]  # send a HEAD request: its id
+    _io_head_result: Callable[[int], Any]  # the reply to that HEAD request
+    _io_head: Callable[[], Any]  # a HEAD round trip: the reply body
+    _io_fetch: Callable[[int, bool], Any]  # a FETCH round trip (since, full): the body
+    _io_sync: Callable[[bytes], Any]  # a SYNC round trip: the token comes as a marker
+    _io_poll: Callable[[float], Any]  # whether a SUB message is queued within seconds
+    _io_recv: Callable[[], Any]  # the next queued SUB message
+    drain: Callable[[], Any]  # apply every queued message (replaying gaps)
+    replay: Callable[[], Any]  # run _replay()
+    catch_up: Callable[[], Any]  # run _catch_up()
 
     # -- memory bounds -------------------------------------------------------------------
 
@@ -678,6 +648,23 @@ def _level_watch(
         return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
 
     return qualifies, cursor
+
+
+def _found(ev: _Ev | None, what: str, timeout: float | None) -> _Ev:
+    """The event a watcher call waited for (a find that returned None timed out)."""
+    if ev is None:
+        raise _timeout_error(what, timeout)
+    return ev
+
+
+def _get_copy(key: Hashable) -> Callable[[dict[Any, Any]], Any]:
+    """What a one-shot watcher on ``key`` returns: a copy of its value in the snapshot."""
+    return lambda snap: _copy(snap.get(key))
+
+
+def _fn_snapshot_test(test_fn: Callable[[dict[Any, Any]], Any]) -> _SnapTest:
+    """The test of ``get_when``: ``test_fn`` on a copy of the snapshot's dict."""
+    return lambda snap: test_fn(dict(snap))
 
 
 # Tests of the one-shot watchers: 0.9.1 rules, a missing key counts as None.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -32,6 +31,7 @@ from ._api import (
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
     StateBase,
+    WatcherBase,
     WatchMethods,
     _check_namespace,
     _update_argument,
@@ -46,21 +46,21 @@ from ._stream import (
     _available_test,
     _change_result,
     _change_watch,
-    _check_watcher_args,
     _copy,
     _Cursor,
     _deadline,
     _equal_test,
-    _Ev,
     _EvTest,
+    _fn_snapshot_test,
+    _foreign_test,
+    _found,
+    _get_copy,
     _level_watch,
     _none_test,
     _not_equal_test,
     _not_none_test,
-    _timeout_error,
+    _SnapTest,
     _update_of,
-    _watch_item,
-    _watch_qualifies,
     _watch_start,
 )
 from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
@@ -382,14 +382,7 @@ class State(StateBase, WatchMethods["StateWatcher"]):
         self.close()
 
     def __del__(self) -> None:
-        conn = getattr(self, "_conn", None)
-        if conn is not None and not self._closed and conn.pid == os.getpid():
-            warnings.warn(
-                f"unclosed {self!s:.0}State for {self._address}; call close() or use "
-                f"'with State(...)'",
-                ResourceWarning,
-                stacklevel=2,
-            )
+        if self._left_open("State", "call close() or use 'with State(...)'"):
             try:
                 self.close()
             except Exception:
@@ -539,16 +532,11 @@ class State(StateBase, WatchMethods["StateWatcher"]):
         stream.buffer.snap = None
         stream._trim()
 
-    def _foreign(self, ev: _Ev) -> bool:
-        return ev.origin != self._conn.identity  # type: ignore[union-attr]
+    def _me(self) -> bytes:
+        return self._conn.identity  # type: ignore[union-attr]
 
-    def get_when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = True,
-        timeout: float | None = None,
-    ) -> Any:
+    def get_when_change(self, *keys: Hashable, exclude: bool = False, live: bool = True,
+                        timeout: float | None = None) -> Any:
         """Block until another State changes the state (or one of ``keys``).
 
         Returns
@@ -559,115 +547,75 @@ class State(StateBase, WatchMethods["StateWatcher"]):
         """
         deadline = _deadline(timeout, "get_when_change")
         stream = self._watching(catch_up=live)
-        me = self._conn.identity  # type: ignore[union-attr]
-        qualifies, cursor = _change_watch(stream, stream.head, me, keys, exclude, live)
-        ev = stream.find(qualifies, cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_when_change", timeout)
+        qualifies, cursor = _change_watch(stream, stream.head, self._me(), keys, exclude, live)
+        ev = _found(stream.find(qualifies, cursor, deadline, fresh=live), "get_when_change",
+                    timeout)
         return _change_result(stream, ev, cursor, keys, exclude)
 
-    def _when_snapshot(
-        self,
-        test: Callable[[dict[Any, Any]], Any],
-        live: bool,
-        deadline: float | None,
-        what: str,
-        timeout: float | None,
-    ) -> dict[Any, Any]:
-        """Level-triggered wait: the first snapshot (now, or after a change) passing ``test``.
-
-        Returns the shallow snapshot; callers copy what they return.
-        """
+    def _when_snapshot(self, test: _SnapTest, live: bool, timeout: float | None, what: str,
+                       result: Callable[[dict[Any, Any]], Any]) -> Any:
+        """Level-triggered wait: ``result`` of the first snapshot (now, or after a change
+        by another State) that passes ``test``."""
+        deadline = _deadline(timeout, what)
         stream = self._watching()
         snap = dict(stream.replica)
-        if test(snap):
-            return snap
-        me = self._conn.identity  # type: ignore[union-attr]
-        qualifies, cursor = _level_watch(stream, test, live, me)
-        ev = stream.find(qualifies, cursor, deadline, consume=not live)
-        if ev is None:
-            raise _timeout_error(what, timeout)
-        return cursor.snap  # type: ignore[return-value]
+        if not test(snap):
+            qualifies, cursor = _level_watch(stream, test, live, self._me())
+            _found(stream.find(qualifies, cursor, deadline, consume=not live), what, timeout)
+            snap = cursor.snap  # type: ignore[assignment]
+        return result(snap)
 
-    def get_when(
-        self,
-        test_fn: Callable[[dict[Any, Any]], Any],
-        *,
-        live: bool = True,
-        timeout: float | None = None,
-    ) -> dict[Any, Any]:
+    def get_when(self, test_fn: Callable[[dict[Any, Any]], Any], *, live: bool = True,
+                 timeout: float | None = None) -> dict[Any, Any]:
         """Block until ``test_fn(snapshot)`` is true; return that snapshot.
 
         Checks the current state first (returns at once if the condition holds), then
         every change made by other States after it.
         """
-        deadline = _deadline(timeout, "get_when")
-        snap = self._when_snapshot(lambda s: test_fn(dict(s)), live, deadline, "get_when",
-                                   timeout)
-        return _copy(snap)  # type: ignore[no-any-return]
+        snap: dict[Any, Any] = self._when_snapshot(_fn_snapshot_test(test_fn), live, timeout,
+                                                   "get_when", _copy)
+        return snap
 
-    def get_when_equal(
-        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
-    ) -> Any:
+    def get_when_equal(self, key: Hashable, value: Any, *, live: bool = True,
+                       timeout: float | None = None) -> Any:
         """Block until ``state.get(key) == value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_equal")
-        snap = self._when_snapshot(
-            _equal_test(key, value), live, deadline, "get_when_equal", timeout
-        )
-        return _copy(snap.get(key))
+        return self._when_snapshot(_equal_test(key, value), live, timeout, "get_when_equal",
+                                   _get_copy(key))
 
-    def get_when_not_equal(
-        self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
-    ) -> Any:
+    def get_when_not_equal(self, key: Hashable, value: Any, *, live: bool = True,
+                           timeout: float | None = None) -> Any:
         """Block until ``state.get(key) != value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_not_equal")
-        snap = self._when_snapshot(
-            _not_equal_test(key, value), live, deadline, "get_when_not_equal", timeout
-        )
-        return _copy(snap.get(key))
+        return self._when_snapshot(_not_equal_test(key, value), live, timeout,
+                                   "get_when_not_equal", _get_copy(key))
 
-    def get_when_none(
-        self, key: Hashable, *, live: bool = True, timeout: float | None = None
-    ) -> None:
+    def get_when_none(self, key: Hashable, *, live: bool = True,
+                      timeout: float | None = None) -> None:
         """Block until ``key`` exists and is ``None``."""
-        deadline = _deadline(timeout, "get_when_none")
-        self._when_snapshot(
-            _none_test(key), live, deadline, "get_when_none", timeout
-        )
+        self._when_snapshot(_none_test(key), live, timeout, "get_when_none", _get_copy(key))
 
-    def get_when_not_none(
-        self, key: Hashable, *, live: bool = True, timeout: float | None = None
-    ) -> Any:
+    def get_when_not_none(self, key: Hashable, *, live: bool = True,
+                          timeout: float | None = None) -> Any:
         """Block until ``key`` exists and is not ``None``; return its value."""
-        deadline = _deadline(timeout, "get_when_not_none")
-        snap = self._when_snapshot(
-            _not_none_test(key), live, deadline, "get_when_not_none", timeout
-        )
-        return _copy(snap[key])
+        return self._when_snapshot(_not_none_test(key), live, timeout, "get_when_not_none",
+                                   _get_copy(key))
 
-    def get_when_available(
-        self, key: Hashable, *, live: bool = True, timeout: float | None = None
-    ) -> Any:
+    def get_when_available(self, key: Hashable, *, live: bool = True,
+                           timeout: float | None = None) -> Any:
         """Block until ``key`` exists; return its value."""
-        deadline = _deadline(timeout, "get_when_available")
-        snap = self._when_snapshot(
-            _available_test(key), live, deadline, "get_when_available", timeout
-        )
-        return _copy(snap[key])
+        return self._when_snapshot(_available_test(key), live, timeout,
+                                   "get_when_available", _get_copy(key))
 
-    def get_raw_update(
-        self, *, live: bool = True, timeout: float | None = None
-    ) -> StateUpdate:
+    def get_raw_update(self, *, live: bool = True, timeout: float | None = None
+                       ) -> StateUpdate:
         """Block until another State changes anything; return the before and after dicts."""
         deadline = _deadline(timeout, "get_raw_update")
         stream = self._watching(catch_up=live)
         cursor = _Cursor(stream.head) if live else stream.buffer
-        ev = stream.find(lambda ev, _c: self._foreign(ev), cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_raw_update", timeout)
-        return _update_of(stream, ev)
+        ev = stream.find(_foreign_test(self._me()), cursor, deadline, fresh=live)
+        return _update_of(stream, _found(ev, "get_raw_update", timeout))
 
-class StateWatcher(Iterator[Any]):
+
+class StateWatcher(WatcherBase, Iterator[Any]):
     """An iterator over the changes of a State that pass a test.
 
     Each ``next()`` blocks until the next qualifying change made by another State and
@@ -677,25 +625,11 @@ class StateWatcher(Iterator[Any]):
     ``next()`` began.
     """
 
-    def __init__(
-        self,
-        state: State,
-        test: Callable[[_Ev, dict[Any, Any]], Any],
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-        raw: bool = False,
-    ) -> None:
-        _check_watcher_args(timeout, count)
+    def __init__(self, state: State, test: _EvTest, *, live: bool = False,
+                 timeout: float | None = None, start_time: float | None = None,
+                 count: int | None = None, raw: bool = False) -> None:
+        super().__init__(test, live, timeout, start_time, count, raw)
         self.state = state
-        self.live = live
-        self.timeout = timeout
-        self.count = count
-        self._test = test
-        self._raw = raw
-        self._yielded = 0
         stream = state._watching()
         self._stream = stream
         self._cursor = _Cursor(_watch_start(stream, start_time))
@@ -705,34 +639,20 @@ class StateWatcher(Iterator[Any]):
         return self
 
     def __next__(self) -> Any:
-        if self.count is not None and self._yielded >= self.count:
+        if self._exhausted():
             raise StopIteration
         deadline = _deadline(self.timeout, "StateWatcher")
-        state = self.state
-        stream = state._watching(catch_up=self.live)
+        stream = self.state._watching(catch_up=self.live)
         if stream is not self._stream:  # the State reconnected (fork, namespace change)
             self._stream = stream
             self._cursor = _Cursor(stream.seq)
             stream.cursors.add(self._cursor)
-        cursor = self._cursor
-        if self.live:
-            cursor.seq, cursor.snap = stream.head, None
-        if cursor.snap is None:
-            cursor.snap = stream.snapshot_at(cursor.seq)
-        me = state._conn.identity  # type: ignore[union-attr]
-        qualifies = _watch_qualifies(stream, self._test, me)
-        ev = stream.find(qualifies, cursor, deadline, fresh=self.live)
-        if ev is None:
-            raise _timeout_error("StateWatcher", self.timeout)
-        self._yielded += 1
-        return _watch_item(ev, cursor, self._raw)
+        qualifies = self._qualifies(stream, stream.head, self.state._me())
+        return self._item(stream.find(qualifies, self._cursor, deadline, fresh=self.live))
 
     def current(self) -> dict[str, Any]:
         """A copy of the state at this watcher's position (where the next item starts)."""
-        cursor = self._cursor
-        if cursor.snap is None:
-            cursor.snap = self._stream.snapshot_at(cursor.seq)
-        return _copy(cursor.snap)  # type: ignore[no-any-return]
+        return self._current(self._stream)
 
     def go_live(self) -> None:
         """Skip every change so far: the next item is a change made after this call."""
