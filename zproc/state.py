@@ -14,6 +14,13 @@ keeps a local replica of the dict and a log of recent events, so that
 
 A State never wakes its own watchers: events caused by this State instance are applied to
 the replica but skipped by its watchers.
+
+Where the parts live: the replica, the event log and the watchers' logic, without I/O, in
+:mod:`zproc._stream`; the sockets (request channel and event stream) in
+:mod:`zproc._client`; what State and :class:`~zproc.AsyncState` share (settings,
+pickling, ``fork``, the ``when_*`` constructors, :func:`ping`) in :mod:`zproc._api`;
+:class:`Pipeline` in :mod:`zproc._pipeline`. Every name of ``__all__`` stays importable
+from here.
 """
 
 from __future__ import annotations
