@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 import zproc
-from zproc import _async
+from zproc import _client
 
 from conftest import stop
 
@@ -288,14 +288,14 @@ async def test_async_for_sees_every_change_of_a_burst_once_in_order(
     """With a tiny queue and a consumer that pauses, events are dropped on the way and
     fetched again by sequence number: still every one, once, in order."""
     replays = 0
-    replay = _async._AsyncStream.replay
+    replay = _client.AsyncStream.replay
 
     async def counting_replay(self: Any) -> None:
         nonlocal replays
         replays += 1
         await replay(self)
 
-    monkeypatch.setattr(_async._AsyncStream, "replay", counting_replay)
+    monkeypatch.setattr(_client.AsyncStream, "replay", counting_replay)
     count = 5000
     async with zproc.AsyncState(server, request_timeout=20, rcvhwm=rcvhwm) as s:
         watcher = s.when_change("n", count=count, timeout=20)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import zproc
-from zproc import _async, _client
+from zproc import _client
 from zproc.state import ChildState
 
 DELAYS = (0.0, 0.0005, 0.001, 0.002)
@@ -175,15 +175,15 @@ def test_a_fresh_async_states_first_live_watcher_sees_changes_made_during_its_st
 ) -> None:
     prepare = ASYNC_KINDS[kind]
     armed: list[threading.Event] = []
-    original = _async.AsyncConnection.send
+    original = _client.AsyncConnection.send
 
-    def send(self: _async.AsyncConnection, *args: Any) -> int:
+    def send(self: _client.AsyncConnection, *args: Any) -> int:
         rid = original(self, *args)
         while armed:
             armed.pop().set()
         return rid
 
-    monkeypatch.setattr(_async.AsyncConnection, "send", send)
+    monkeypatch.setattr(_client.AsyncConnection, "send", send)
 
     async def main(writer: zproc.State) -> list[tuple[int, int, Any, int]]:
         outcomes = []

@@ -4,419 +4,57 @@ Data flow of one AsyncState::
 
     coroutines --await--> AsyncConnection.arequest --DEALER (asyncio)--> server ROUTER
                                ^ one reader task hands each reply to its request id
-    watchers   --await--> _AsyncStream: replica, log, cursors (the _StreamCore of State)
+    watchers   --await--> AsyncStream: replica, log, cursors (the _StreamCore of State)
                                ^ SUB (asyncio) <-- server PUB: events, sync markers
 
-Only the I/O is written here. Message shapes come from :mod:`zproc._protocol`; request
-ids, liveness and reconnection from :class:`zproc._client.Connection`; the replica, the
-event log, gap detection and resynchronisation from :class:`zproc.state._StreamCore`;
-the watchers' tests, starting cursors and return values from the helpers in
-:mod:`zproc.state`. So an AsyncState behaves like a State, one ``await`` at a time.
+Only the API is written here. The sockets are in :mod:`zproc._client`
+(:class:`~zproc._client.AsyncConnection`, :class:`~zproc._client.AsyncStream`); the
+replica, the event log, gap detection, resynchronisation and the watchers' tests,
+starting cursors and return values in :mod:`zproc._stream`, shared with
+:class:`~zproc.State`. So an AsyncState behaves like a State, one ``await`` at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import time
-import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
-from typing import Any, TypeVar, cast
-
-import zmq
-import zmq.asyncio
+from typing import Any, TypeVar
 
 from . import _protocol as P
 from . import _serialization as S
-from . import _server
-from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, SLICE, Connection, _decode
-from ._security import SecretKey, client_keys
-from ._transport import ServerAddress, get_context, normalize_address
-from .exceptions import ProtocolError, TimeoutError, ZProcError
-from .state import (
+from ._utils import in_server_process
+from ._api import (
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
-    IDLE_CHECK,
-    State,
-    StateUpdate,
-    _any_test,
-    _available_test,
-    _change_result,
-    _change_watch,
-    _check_namespace,
-    _check_watcher_args,
-    _copy,
-    _Cursor,
-    _deadline,
-    _equal_test,
-    _Ev,
-    _EvTest,
-    _falsy_test,
-    _fn_test,
-    _foreign_test,
-    _keys_test,
-    _level_watch,
-    _lost_error,
-    _no_events_error,
-    _none_test,
-    _not_equal_test,
-    _not_none_test,
-    _open_subscriber,
-    _present_equal_test,
-    _present_not_equal_test,
-    _Qualifies,
-    _snapshot_test,
-    _SnapTest,
-    _StreamCore,
-    _timeout_error,
-    _truthy_test,
-    _update_of,
-    _watch_item,
-    _watch_qualifies,
-    _watch_start,
+    StateBase,
+    WatcherBase,
+    WatchMethods,
+    _ping_payload,
+    _update_argument,
 )
+from ._client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LIVENESS,
+    AsyncConnection,
+    AsyncStream,
+    closed_error,
+    running,
+)
+from ._security import SecretKey
+from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest, _found, _SnapTest
+from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, _not_none_test
+from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
+from ._stream import _get_copy, _level_watch, _update_of, _watch_start
+from .exceptions import TimeoutError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
 
 T = TypeVar("T")
 
 
-def _closed_error() -> ZProcError:
-    return ZProcError("this AsyncState is closed; create a new one")
-
-
-def _running() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _ms(seconds: float) -> int:
-    return max(0, math.ceil(seconds * 1000))
-
-
-class AsyncConnection(Connection):
-    """A :class:`Connection` whose DEALER is an asyncio socket.
-
-    Any number of coroutines may wait for replies at once: one reader task receives
-    every reply and hands it to the request with that id. A wait that is cancelled or
-    times out forgets its id, so its late reply is recognised and dropped.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        super().__init__(*args, **kwargs)
-        self.sock.rcvtimeo = -1  # the reader waits on the event loop, not in recv
-
-    def _new_socket(self, kind: int) -> Any:
-        # Same context as the sync sockets, so the monitor socket stays a sync one.
-        return zmq.asyncio.Socket(get_context(), kind)
-
-    def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
-        rid = super().send(kind, method, body, namespace)
-        self._kick()
-        return rid
-
-    def _kick(self) -> None:
-        """After a send that bypassed the asyncio layer, let it look for readable replies
-        (ZeroMQ's notification is edge-triggered and the send may have consumed it)."""
-        if _running():
-            self.sock.get(zmq.EVENTS)
-
-    async def arequest(
-        self, kind: int, method: int, body: bytes, namespace: bytes, timeout: float | None
-    ) -> Any:
-        """Send a request and await its decoded result (or its error)."""
-        return await self.aresult(self.send(kind, method, body, namespace), timeout)
-
-    async def aresult(self, rid: int, timeout: float | None = None) -> Any:
-        """Await the reply to request ``rid``; decode it or raise the remote error."""
-        early = self._early.pop(rid, None)
-        if early is not None:
-            self._expected.pop(rid, None)
-            return _decode(*early)
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        self._waiters[rid] = waiter
-        self._start_reader()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                wait = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
-                if wait > 0:
-                    await asyncio.wait((waiter,), timeout=wait)
-                if waiter.done():
-                    self._expected.pop(rid, None)
-                    return _decode(*waiter.result())
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._poll_monitor()
-                    raise TimeoutError(
-                        f"no reply from the server at {self.address.req_rep} within "
-                        f"{timeout} s; the request's outcome is unknown (the server may "
-                        f"still apply it). Raise request_timeout if the server is busy."
-                        f"{self._handshake.hint()}"
-                    )
-                self._check_alive(rid)
-                self._kick()
-                self._start_reader()
-        except BaseException:
-            self._waiters.pop(rid, None)
-            entry = self._expected.pop(rid, None)
-            if entry is not None:
-                self._lapsed = (rid, entry)
-            raise
-
-    def _start_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        """Receive replies for as long as the connection is open."""
-        sock = self.sock
-        try:
-            while True:
-                frames = await sock.recv_multipart()
-                if len(frames) != 2:
-                    continue
-                try:
-                    status, got = P.parse_reply(frames[0])
-                except ProtocolError as exc:
-                    self._fail_waiters(exc)
-                    continue
-                waiter = self._waiters.pop(got, None)
-                if waiter is not None:
-                    if not waiter.done():
-                        waiter.set_result((status, frames[1]))
-                elif got in self._expected:
-                    self._early[got] = (status, frames[1])
-        except asyncio.CancelledError:
-            if not self.closed:
-                raise
-        except Exception as exc:  # the socket failed: the waiting requests fail with it
-            if not self.closed:
-                self._fail_waiters(exc)
-
-    def _fail_waiters(self, error: BaseException) -> None:
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._waiters.clear()
-
-    async def aclose(self) -> None:
-        """Stop the reader task and close the sockets; waiting requests raise."""
-        reader, self._reader = self._reader, None
-        self.close()
-        if reader is not None and reader is not asyncio.current_task():
-            await asyncio.wait((reader,))
-
-    def forget(self, rid: int) -> None:
-        """Drop the reply to ``rid`` whenever it comes (nobody will ask for it)."""
-        self._expected.pop(rid, None)
-        self._early.pop(rid, None)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._fail_waiters(_closed_error())
-            if self._reader is not None:
-                self._reader.cancel()
-        except RuntimeError:  # the event loop is closed already: nothing waits
-            pass
-        self._reader = None
-        super().close()
-
-
-class _AsyncStream(_StreamCore):
-    """The event side of an AsyncState: an asyncio SUB socket over :class:`_StreamCore`.
-
-    Several coroutines may use it at once. Applying events is guarded by sequence
-    numbers, so concurrent drains and replays are safe; a FETCH reply older than what
-    another coroutine applied meanwhile is ignored rather than taken for a lost server.
-    """
-
-    def __init__(
-        self, state: AsyncState, conn: AsyncConnection, start_seq: int, start_run: bytes
-    ) -> None:
-        super().__init__(state._ns, start_seq, state._max_backlog, start_run)
-        self.state = state
-        self.marker = P.sync_topic(conn.identity)
-        self.sub = _open_subscriber(
-            zmq.asyncio.Socket(get_context(), zmq.SUB), state.server_address, self.topic,
-            self.marker, state._rcvhwm, state._keys,
-        )
-        self.failure: BaseException | None = None
-        self._stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Close the socket; coroutines waiting on this stream raise ``error``."""
-        if self.failure is None:
-            self.failure = error or _closed_error()
-        try:
-            if not self._stopped.done():
-                self._stopped.set_result(None)
-        except RuntimeError:  # the event loop is closed already: nothing waits
-            pass
-        if not self.sub.closed:
-            self.sub.close(0)
-
-    def _check_open(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    async def _poll(self, seconds: float) -> bool:
-        """Wait until a message is queued on the SUB socket (True) or ``seconds`` pass."""
-        self._check_open()
-        poll = cast("asyncio.Future[int]", self.sub.poll(_ms(seconds)))
-        try:
-            await asyncio.wait((poll, self._stopped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not poll.done():
-                poll.cancel()
-        self._check_open()
-        return bool(poll.result())
-
-    # -- start-up: subscribe, then load what came before --------------------------------
-
-    async def start(self, start_seq: int) -> None:
-        """Make sure the subscription is live, then load the snapshot and the backlog
-        (and, sent first, the head this call starts from: as ``_Stream._sync_and_load``)."""
-        state = self.state
-        conn = state._connection()
-        head_rid = conn.send(P.Kind.HEAD, 0, b"", state._ns)
-        token = os.urandom(8)
-        stash: list[list[bytes]] = []
-        wait = 0.002
-        connect_deadline = time.monotonic() + (state._connect_timeout or 3600.0)
-        synced = False
-        while not synced:
-            await state._request(P.Kind.SYNC, 0, token)
-            end = time.monotonic() + wait
-            while not synced:
-                remaining = end - time.monotonic()
-                if remaining <= 0 or not await self._poll(remaining):
-                    break
-                frames = await self.sub.recv_multipart(zmq.NOBLOCK)
-                if frames[0] == self.marker:
-                    synced = frames[1] == token
-                else:
-                    stash.append(frames)
-            wait = min(wait * 2, 0.1)
-            if time.monotonic() > connect_deadline:
-                raise _no_events_error(state.server_address, state._keys is not None)
-        reply = P.fetch_reply(
-            await state._request(P.Kind.FETCH, 0, P.fetch_request(start_seq, True, self.run))
-        )
-        call_head, call_run = P.head_reply(await conn.aresult(head_rid, state.request_timeout))
-        if not self._load(start_seq, reply):
-            self._lost(reply.head)
-        if call_run == self.run:
-            self.head = min(call_head, self.head)
-        for frames in stash:
-            await self._on_message(frames)
-
-    # -- receiving ----------------------------------------------------------------------
-
-    async def _on_message(self, frames: list[bytes]) -> None:
-        if self._receive(frames):
-            await self.replay()
-
-    async def drain(self) -> None:
-        """Apply every message already queued on the SUB socket."""
-        self._check_open()
-        sub = self.sub
-        while True:
-            try:
-                frames = await sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            await self._on_message(frames)
-
-    async def replay(self) -> None:
-        """Fetch the events after ``self.seq`` from the server's history (or resync)."""
-        sent_at = self.seq
-        reply = P.fetch_reply(
-            await self.state._request(P.Kind.FETCH, 0, P.fetch_request(sent_at, False, self.run))
-        )
-        if not self._replayed(sent_at, reply):
-            self._lost(reply.head)
-
-    def _lost(self, head: int) -> None:
-        error = _lost_error(self.state.server_address, head, self.seq)
-        self.state._drop_stream(self, error)
-        raise error
-
-    async def catch_up(self) -> int:
-        """Bring the replica at least to the server's current head; return that head."""
-        sent_at, sent_run = self.seq, self.run
-        head, run = P.head_reply(await self.state._request(P.Kind.HEAD, 0, b""))
-        if run != sent_run:
-            await self.replay()  # raises if this run does not continue what was seen
-        elif head < sent_at:
-            self._lost(head)
-        self.head = max(self.head, head) if run == sent_run else head
-        await self.drain()
-        if self.seq < head:
-            await self.replay()
-        return head
-
-    async def wait_more(self, deadline: float | None) -> bool:
-        """Wait until new events are in the log (True) or the deadline passes (False)."""
-        before = self.seq
-        while True:
-            await self.drain()
-            if self.seq != before:  # new events, drained now or replayed below
-                return True
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return False
-            if await self._poll(IDLE_CHECK if deadline is None else min(IDLE_CHECK,
-                                                                           deadline - now)):
-                continue
-            # idle: make sure nothing was dropped on the way and the server is alive
-            sent_at, sent_run = self.seq, self.run
-            head, run = P.head_reply(await self.state._request(P.Kind.HEAD, 0, b""))
-            if run != sent_run or head > self.seq:
-                await self.replay()
-            elif head < sent_at:
-                self._lost(head)
-
-    async def find(
-        self,
-        qualifies: _Qualifies,
-        cursor: _Cursor,
-        deadline: float | None,
-        consume: bool = False,
-        fresh: bool = True,
-    ) -> _Ev | None:
-        """Advance ``cursor`` to the next event that qualifies, waiting for new events
-        (as ``_Stream.find``)."""
-        self._trim()
-        registered = cursor in self.cursors
-        if cursor is not self.buffer:
-            self.cursors.add(cursor)
-        try:
-            while True:
-                ev = self.scan(qualifies, cursor, consume)
-                if ev is not None:
-                    return ev
-                if not fresh:
-                    await self.catch_up()
-                    fresh = True
-                    continue
-                if not await self.wait_more(deadline):
-                    return None
-        finally:
-            if not registered:
-                self.cursors.discard(cursor)
-
-
-class AsyncState:
+class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
     """A :class:`State` for asyncio: every dict operation and watcher is awaited.
 
     The parameters are those of :class:`State`. Create it inside a coroutine (it
@@ -434,49 +72,24 @@ class AsyncState:
     """
 
     def __init__(
-        self,
-        server_address: Iterable[str],
-        *,
-        namespace: str = "default",
+        self, server_address: Iterable[str], *, namespace: str = "default",
         request_timeout: float | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        max_backlog: int = DEFAULT_MAX_BACKLOG,
-        rcvhwm: int = DEFAULT_RCVHWM,
-        secret_key: SecretKey | None = None,
-        liveness: float = DEFAULT_LIVENESS,
+        max_backlog: int = DEFAULT_MAX_BACKLOG, rcvhwm: int = DEFAULT_RCVHWM,
+        secret_key: SecretKey | None = None, liveness: float = DEFAULT_LIVENESS,
     ) -> None:
-        self._address = normalize_address(server_address)
-        if not liveness > 0:
-            raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
-        self._liveness = liveness
-        self._keys = client_keys(secret_key)
-        self._secret_key = secret_key
-        _check_namespace(namespace)
-        if request_timeout is not None and request_timeout < 0:
-            raise ValueError(f"request_timeout must be >= 0 or None, got {request_timeout!r}")
-        self._namespace = namespace
-        self._ns = namespace.encode()
-        self.request_timeout = request_timeout
-        self._connect_timeout = connect_timeout
-        self._max_backlog = max_backlog
-        self._rcvhwm = rcvhwm
+        super().__init__(server_address, namespace, request_timeout, connect_timeout,
+                         max_backlog, rcvhwm, secret_key, liveness)
         self._conn: AsyncConnection | None = None
-        self._stream: _AsyncStream | None = None
+        self._stream: AsyncStream | None = None
         self._stream_lock = asyncio.Lock()
         self._pending: list[_Cursor] = []  # watcher cursors waiting for the stream
         self._epoch = 0  # bumped whenever the stream is dropped
-        self._start_rid: int | None = None
         self._start_seq_value: tuple[int, bytes] | None = None  # (head, its server run)
-        self._closed = False
-        if _running():
+        if running():
             self._connection()
 
     # -- plumbing ---------------------------------------------------------------------
-
-    @property
-    def server_address(self) -> ServerAddress:
-        """The server's address (read-only)."""
-        return self._address
 
     @property
     def namespace(self) -> str:
@@ -484,26 +97,17 @@ class AsyncState:
         return self._namespace
 
     @property
-    def secret_key(self) -> SecretKey | None:
-        """The ``secret_key`` this AsyncState was given (read-only)."""
-        return self._secret_key
-
-    @property
     def identity(self) -> bytes:
         """The identity this AsyncState's changes carry."""
         return self._connection().identity
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def _connection(self) -> AsyncConnection:
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         conn = self._conn
         if conn is not None and conn.pid == os.getpid():
             return conn
-        if _server.in_server_process():
+        if in_server_process():
             raise RuntimeError(
                 "an AsyncState cannot be used in the server process (inside an atomic "
                 "function): work on the dict the atomic function receives instead"
@@ -521,7 +125,10 @@ class AsyncState:
         self._start_seq_value = None
         return conn
 
-    def _drop_stream(self, stream: _AsyncStream | None, error: BaseException | None) -> None:
+    def _stream_lost(self, stream: AsyncStream, error: BaseException) -> None:
+        self._drop_stream(stream, error)
+
+    def _drop_stream(self, stream: AsyncStream | None, error: BaseException | None) -> None:
         """Forget the event stream (closed, lost or left behind by ``fork``)."""
         if stream is None or stream is not self._stream:
             return
@@ -558,7 +165,7 @@ class AsyncState:
             self._start_seq_value = start  # kept if starting the stream fails
         return start
 
-    async def _watching(self, catch_up: bool = True) -> tuple[_AsyncStream, int]:
+    async def _watching(self, catch_up: bool = True) -> tuple[AsyncStream, int]:
         """The event stream, started on first use, and the server's head (current when
         ``catch_up``, else as last seen)."""
         registers = self._conn is None or self._conn.pid != os.getpid()
@@ -569,7 +176,7 @@ class AsyncState:
                 stream = self._stream
                 if stream is None:
                     start_seq, start_run = await self._start_seq(conn)
-                    stream = _AsyncStream(self, conn, start_seq, start_run)
+                    stream = AsyncStream(self, conn, start_seq, start_run)
                     try:
                         await stream.start(start_seq)
                     except BaseException:
@@ -594,10 +201,13 @@ class AsyncState:
         if self._closed:
             return
         self._closed = True
-        self._drop_stream(self._stream, _closed_error())
+        self._drop_stream(self._stream, closed_error())
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.aclose()
+
+    def _watcher(self, test: _EvTest, **options: Any) -> AsyncStateWatcher:
+        return AsyncStateWatcher(self, test, **options)
 
     async def __aenter__(self) -> AsyncState:
         return self
@@ -606,14 +216,10 @@ class AsyncState:
         await self.close()
 
     def __del__(self) -> None:
-        conn = getattr(self, "_conn", None)
-        if conn is not None and not self._closed and conn.pid == os.getpid():
-            warnings.warn(
-                f"unclosed AsyncState for {self._address}; await close() or use "
-                f"'async with AsyncState(...)'",
-                ResourceWarning,
-                stacklevel=2,
-            )
+        conn = self._conn if self._left_open(
+            "AsyncState", "await close() or use 'async with AsyncState(...)'"
+        ) else None
+        if conn is not None:
             self._closed = True
             try:
                 if self._stream is not None:
@@ -622,34 +228,8 @@ class AsyncState:
             except Exception:
                 pass
 
-    def __reduce__(self) -> Any:
-        return (
-            _rebuild_async_state,
-            (
-                tuple(self._address),
-                self._namespace,
-                self.request_timeout,
-                self._connect_timeout,
-                self._secret_key,
-                self._liveness,
-            ),
-        )
-
     def __repr__(self) -> str:
         return f"<AsyncState server_address={tuple(self._address)!r} namespace={self._namespace!r}>"
-
-    def fork(
-        self, server_address: Iterable[str] | None = None, *, namespace: str | None = None
-    ) -> AsyncState:
-        """A new AsyncState with the same settings, unless overridden."""
-        return AsyncState(
-            self._address if server_address is None else server_address,
-            namespace=self._namespace if namespace is None else namespace,
-            request_timeout=self.request_timeout,
-            connect_timeout=self._connect_timeout,
-            secret_key=self._secret_key,
-            liveness=self._liveness,
-        )
 
     # -- dict interface -------------------------------------------------------------------
 
@@ -687,25 +267,9 @@ class AsyncState:
 
     async def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; a failure part-way leaves the state unchanged."""
-        if len(args) > 1:
-            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
-        merged: Any = {}
-        if args:
-            merged = args[0]
-            if isinstance(merged, AsyncState):
-                merged = await merged.copy()
-            elif isinstance(merged, State):
-                merged = merged.copy()
-            elif not isinstance(merged, dict):
-                merged = (
-                    {key: merged[key] for key in merged.keys()}
-                    if hasattr(merged, "keys")
-                    else list(merged)
-                )
-        if kwargs:
-            merged = dict(merged)
-            merged.update(kwargs)
-        await self._call(P.Method.UPDATE, merged)
+        if args and isinstance(args[0], AsyncState):
+            args = (await args[0].copy(), *args[1:])
+        await self._call(P.Method.UPDATE, _update_argument(args, kwargs))
 
     async def clear(self) -> None:
         await self._call(P.Method.CLEAR)
@@ -735,12 +299,7 @@ class AsyncState:
     async def ping(self, *, timeout: float | None = 5.0, payload: bytes | None = None
                    ) -> int | None:
         """The server's pid if it echoes ``payload`` (see :func:`zproc.ping`)."""
-        if payload is None:
-            payload = os.urandom(56)
-        elif not isinstance(payload, bytes):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        payload = _ping_payload(payload, timeout)
         conn = self._connection()
         echoed, pid = await conn.arequest(P.Kind.PING, 0, payload, self._ns, timeout)
         return int(pid) if echoed == payload else None
@@ -783,11 +342,8 @@ class AsyncState:
         stream._trim()
 
     async def get_when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = True,
-        timeout: float | None = None,
+        self, *keys: Hashable, exclude: bool = False, live: bool = True,
+        timeout: float | None = None
     ) -> Any:
         """Wait until another State changes the state (or one of ``keys``); returns as
         :meth:`State.get_when_change`."""
@@ -795,86 +351,74 @@ class AsyncState:
         stream, head = await self._watching(catch_up=live)
         qualifies, cursor = _change_watch(stream, head, self._me(), keys, exclude, live)
         ev = await stream.find(qualifies, cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_when_change", timeout)
-        return _change_result(stream, ev, cursor, keys, exclude)
+        return _change_result(stream, _found(ev, "get_when_change", timeout), cursor, keys,
+                              exclude)
 
     async def _when_snapshot(
-        self, test: _SnapTest, live: bool, deadline: float | None, what: str,
-        timeout: float | None,
-    ) -> dict[Any, Any]:
-        """Level-triggered wait: the first snapshot (now, or after a change) passing
-        ``test``; as ``State._when_snapshot``."""
+        self, test: _SnapTest, live: bool, timeout: float | None, what: str,
+        result: Callable[[dict[Any, Any]], Any],
+    ) -> Any:
+        """Level-triggered wait: ``result`` of the first snapshot (now, or after a change
+        by another State) that passes ``test``; as ``State._when_snapshot``."""
+        deadline = _deadline(timeout, what)
         stream, _ = await self._watching()
         snap = dict(stream.replica)
-        if test(snap):
-            return snap
-        qualifies, cursor = _level_watch(stream, test, live, self._me())
-        ev = await stream.find(qualifies, cursor, deadline, consume=not live)
-        if ev is None:
-            raise _timeout_error(what, timeout)
-        return cursor.snap  # type: ignore[return-value]
+        if not test(snap):
+            qualifies, cursor = _level_watch(stream, test, live, self._me())
+            ev = await stream.find(qualifies, cursor, deadline, consume=not live)
+            _found(ev, what, timeout)
+            snap = cursor.snap  # type: ignore[assignment]
+        return result(snap)
 
     async def get_when(
-        self,
-        test_fn: Callable[[dict[Any, Any]], Any],
-        *,
-        live: bool = True,
-        timeout: float | None = None,
+        self, test_fn: Callable[[dict[Any, Any]], Any], *, live: bool = True,
+        timeout: float | None = None
     ) -> dict[Any, Any]:
         """Wait until ``test_fn(snapshot)`` is true (checked now, then after each change
         by another State); return that snapshot."""
-        deadline = _deadline(timeout, "get_when")
-        snap = await self._when_snapshot(lambda s: test_fn(dict(s)), live, deadline,
-                                         "get_when", timeout)
-        return _copy(snap)  # type: ignore[no-any-return]
+        snap: dict[Any, Any] = await self._when_snapshot(
+            _fn_snapshot_test(test_fn), live, timeout, "get_when", _copy
+        )
+        return snap
 
     async def get_when_equal(
         self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``state.get(key) == value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_equal")
-        snap = await self._when_snapshot(
-            _equal_test(key, value), live, deadline, "get_when_equal", timeout
+        return await self._when_snapshot(
+            _equal_test(key, value), live, timeout, "get_when_equal", _get_copy(key)
         )
-        return _copy(snap.get(key))
 
     async def get_when_not_equal(
         self, key: Hashable, value: Any, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``state.get(key) != value``; return the stored value."""
-        deadline = _deadline(timeout, "get_when_not_equal")
-        snap = await self._when_snapshot(
-            _not_equal_test(key, value), live, deadline, "get_when_not_equal", timeout
+        return await self._when_snapshot(
+            _not_equal_test(key, value), live, timeout, "get_when_not_equal", _get_copy(key)
         )
-        return _copy(snap.get(key))
 
     async def get_when_none(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> None:
         """Wait until ``key`` exists and is ``None``."""
-        deadline = _deadline(timeout, "get_when_none")
-        await self._when_snapshot(_none_test(key), live, deadline, "get_when_none", timeout)
+        await self._when_snapshot(_none_test(key), live, timeout, "get_when_none",
+                                  _get_copy(key))
 
     async def get_when_not_none(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``key`` exists and is not ``None``; return its value."""
-        deadline = _deadline(timeout, "get_when_not_none")
-        snap = await self._when_snapshot(
-            _not_none_test(key), live, deadline, "get_when_not_none", timeout
+        return await self._when_snapshot(
+            _not_none_test(key), live, timeout, "get_when_not_none", _get_copy(key)
         )
-        return _copy(snap[key])
 
     async def get_when_available(
         self, key: Hashable, *, live: bool = True, timeout: float | None = None
     ) -> Any:
         """Wait until ``key`` exists; return its value."""
-        deadline = _deadline(timeout, "get_when_available")
-        snap = await self._when_snapshot(
-            _available_test(key), live, deadline, "get_when_available", timeout
+        return await self._when_snapshot(
+            _available_test(key), live, timeout, "get_when_available", _get_copy(key)
         )
-        return _copy(snap[key])
 
     async def get_raw_update(
         self, *, live: bool = True, timeout: float | None = None
@@ -884,88 +428,10 @@ class AsyncState:
         stream, head = await self._watching(catch_up=live)
         cursor = _Cursor(head) if live else stream.buffer
         ev = await stream.find(_foreign_test(self._me()), cursor, deadline, fresh=live)
-        if ev is None:
-            raise _timeout_error("get_raw_update", timeout)
-        return _update_of(stream, ev)
-
-    # -- iterator watchers ----------------------------------------------------------------
-
-    def when_change(
-        self,
-        *keys: Hashable,
-        exclude: bool = False,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over the snapshots after each change of ``keys`` (or of anything)."""
-        return AsyncStateWatcher(self, _keys_test(keys, exclude), live=live, timeout=timeout,
-                                 start_time=start_time, count=count)
-
-    def when(
-        self,
-        test_fn: Callable[..., Any],
-        *,
-        args: Iterable[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over the snapshots after each change for which ``test_fn`` is
-        true."""
-        return AsyncStateWatcher(self, _fn_test(test_fn, args, kwargs), live=live,
-                                 timeout=timeout, start_time=start_time, count=count)
-
-    def when_equal(self, key: Hashable, value: Any, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and equals ``value``."""
-        return self._when_key(_present_equal_test(key, value), watcher_kwargs)
-
-    def when_not_equal(
-        self, key: Hashable, value: Any, **watcher_kwargs: Any
-    ) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and differs from ``value``."""
-        return self._when_key(_present_not_equal_test(key, value), watcher_kwargs)
-
-    def when_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is ``None``."""
-        return self._when_key(_none_test(key), watcher_kwargs)
-
-    def when_not_none(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is not ``None``."""
-        return self._when_key(_not_none_test(key), watcher_kwargs)
-
-    def when_available(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists."""
-        return self._when_key(_available_test(key), watcher_kwargs)
-
-    def when_truthy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is truthy."""
-        return self._when_key(_truthy_test(key), watcher_kwargs)
-
-    def when_falsy(self, key: Hashable, **watcher_kwargs: Any) -> AsyncStateWatcher:
-        """Watcher: snapshots after changes where ``key`` exists and is falsy."""
-        return self._when_key(_falsy_test(key), watcher_kwargs)
-
-    def _when_key(self, test: _SnapTest, watcher_kwargs: dict[str, Any]) -> AsyncStateWatcher:
-        return AsyncStateWatcher(self, _snapshot_test(test), **watcher_kwargs)
-
-    def when_change_raw(
-        self,
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-    ) -> AsyncStateWatcher:
-        """``async for`` over :class:`StateUpdate` values, one per change by another State."""
-        return AsyncStateWatcher(self, _any_test, live=live, timeout=timeout,
-                                 start_time=start_time, count=count, raw=True)
+        return _update_of(stream, _found(ev, "get_raw_update", timeout))
 
 
-class AsyncStateWatcher(AsyncIterator[Any]):
+class AsyncStateWatcher(WatcherBase, AsyncIterator[Any]):
     """An asynchronous iterator over the changes of an AsyncState that pass a test.
 
     The asyncio twin of :class:`StateWatcher`: each ``await anext(watcher)`` (or each
@@ -978,26 +444,11 @@ class AsyncStateWatcher(AsyncIterator[Any]):
     .. versionadded:: 1.0
     """
 
-    def __init__(
-        self,
-        state: AsyncState,
-        test: _EvTest,
-        *,
-        live: bool = False,
-        timeout: float | None = None,
-        start_time: float | None = None,
-        count: int | None = None,
-        raw: bool = False,
-    ) -> None:
-        _check_watcher_args(timeout, count)
+    def __init__(self, state: AsyncState, test: _EvTest, *, live: bool = False,
+                 timeout: float | None = None, start_time: float | None = None,
+                 count: int | None = None, raw: bool = False) -> None:
+        super().__init__(test, live, timeout, start_time, count, raw)
         self.state = state
-        self.live = live
-        self.timeout = timeout
-        self.count = count
-        self._test = test
-        self._raw = raw
-        self._start_time = start_time
-        self._yielded = 0
         conn = state._connection()
         stream = state._stream
         # Hold the events from here on in the log until the start is known.
@@ -1006,7 +457,7 @@ class AsyncStateWatcher(AsyncIterator[Any]):
             stream.cursors.add(self._cursor)
         else:
             state._pending.append(self._cursor)
-        self._stream: _AsyncStream | None = None
+        self._stream: AsyncStream | None = None
         self._epoch = state._epoch
         self._head_rid: int | None = None
         if not live and start_time is None:
@@ -1017,7 +468,7 @@ class AsyncStateWatcher(AsyncIterator[Any]):
     def __aiter__(self) -> AsyncStateWatcher:
         return self
 
-    async def _attach(self, stream: _AsyncStream) -> None:
+    async def _attach(self, stream: AsyncStream) -> None:
         """Fix this watcher's position on ``stream`` (on first use, or after the
         AsyncState's stream was replaced)."""
         state = self.state
@@ -1043,34 +494,22 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         self._stream = stream
 
     async def __anext__(self) -> Any:
-        if self.count is not None and self._yielded >= self.count:
+        if self._exhausted():
             raise StopAsyncIteration
         deadline = _deadline(self.timeout, "AsyncStateWatcher")
-        state = self.state
-        stream, head = await state._watching(catch_up=self.live)
+        stream, head = await self.state._watching(catch_up=self.live)
         if stream is not self._stream:  # first use, or the stream was replaced
             await self._attach(stream)
-        cursor = self._cursor
-        if self.live:
-            cursor.seq, cursor.snap = head, None
-        if cursor.snap is None:
-            cursor.snap = stream.snapshot_at(cursor.seq)
-        qualifies = _watch_qualifies(stream, self._test, state._me())
-        ev = await stream.find(qualifies, cursor, deadline, fresh=self.live)
-        if ev is None:
-            raise _timeout_error("AsyncStateWatcher", self.timeout)
-        self._yielded += 1
-        return _watch_item(ev, cursor, self._raw)
+        qualifies = self._qualifies(stream, head, self.state._me())
+        return self._item(await stream.find(qualifies, self._cursor, deadline,
+                                            fresh=self.live))
 
     async def current(self) -> dict[Any, Any]:
         """A copy of the state at this watcher's position (where the next item starts)."""
         stream, _ = await self.state._watching(catch_up=False)
         if stream is not self._stream:
             await self._attach(stream)
-        cursor = self._cursor
-        if cursor.snap is None:
-            cursor.snap = stream.snapshot_at(cursor.seq)
-        return _copy(cursor.snap)  # type: ignore[no-any-return]
+        return self._current(stream)
 
     async def go_live(self) -> None:
         """Skip every change so far: the next item is a change made after this call."""
@@ -1084,21 +523,3 @@ class AsyncStateWatcher(AsyncIterator[Any]):
         """Exhaust the watcher (use with ``count``)."""
         async for _ in self:
             pass
-
-
-def _rebuild_async_state(
-    address: tuple[str, str],
-    namespace: str,
-    request_timeout: float | None,
-    connect_timeout: float | None,
-    secret_key: SecretKey | None,
-    liveness: float,
-) -> AsyncState:
-    return AsyncState(
-        address,
-        namespace=namespace,
-        request_timeout=request_timeout,
-        connect_timeout=connect_timeout,
-        secret_key=secret_key,
-        liveness=liveness,
-    )

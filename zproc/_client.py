@@ -1,4 +1,5 @@
-"""The client side of the request channel: one DEALER, request ids, timeouts, liveness.
+"""The client's sockets: the request channel (one DEALER, request ids, timeouts,
+liveness) and the event streams (one SUB), sync and asyncio.
 
 A :class:`Connection` belongs to one process (it reconnects with a new identity after
 ``fork``) and to one thread. Requests are lock-step, but a request may be *sent* early
@@ -16,15 +17,23 @@ the socket until a server answers again. A request already sent when the connect
 lost (its reply may never come) is sent again once reconnected if it changes nothing
 (:func:`~zproc._protocol.is_read_only`); otherwise it raises
 :class:`~zproc.ServerUnavailableError` saying that its outcome is unknown.
+
+:class:`AsyncConnection` is the same channel over an asyncio socket, one reader task
+handing each reply to its request. :class:`Stream` and :class:`AsyncStream` are the I/O
+under :class:`zproc._stream._StreamCore`: they own the SUB socket and run the core's
+procedures, calling or awaiting the I/O steps it asks for.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
-from typing import Any
+from typing import Any, Protocol, cast
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import _protocol as P
@@ -36,11 +45,12 @@ from ._security import (
     HandshakeWatch,
     configure_client,
 )
+from ._stream import Qualifies, _Cursor, _Ev, _StreamCore, adrive, drive
 from ._transport import ServerAddress, get_context
-from ._transport import recv_frames, send_frames  # defined there since the server uses them too
-from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError
+from ._transport import recv_frames, send_frames
+from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
 
-__all__ = ["Connection", "new_identity"]
+__all__ = ["AsyncConnection", "AsyncStream", "Connection", "Stream", "new_identity"]
 
 #: How often a waiting request looks at the connection state, in seconds.
 SLICE = 0.25
@@ -53,10 +63,7 @@ CONNECTED_EVENT = HANDSHAKE_SUCCEEDED or zmq.EVENT_CONNECTED
 
 
 _send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_get_option = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def new_identity() -> bytes:
@@ -170,13 +177,7 @@ class Connection:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not sock.poll(min(remaining, SLICE) * 1000):
                         if time.monotonic() >= deadline:
-                            self._poll_monitor()
-                            raise TimeoutError(
-                                f"no reply from the server at {self.address.req_rep} within "
-                                f"{timeout} s; the request's outcome is unknown (the server "
-                                f"may still apply it). Raise request_timeout if the server "
-                                f"is busy.{self._handshake.hint()}"
-                            )
+                            raise self._no_reply(timeout)
                         self._check_alive(rid)
                         continue
                     frames = recv_frames(sock)
@@ -191,10 +192,23 @@ class Connection:
                 if got in self._expected:
                     self._early[got] = (status, frames[1])
         except BaseException:
-            entry = self._expected.pop(rid, None)
-            if entry is not None:
-                self._lapsed = (rid, entry)
+            self._lapse(rid)
             raise
+
+    def _no_reply(self, timeout: float | None) -> TimeoutError:
+        """The error of a request whose reply did not come within ``timeout``."""
+        self._poll_monitor()
+        return TimeoutError(
+            f"no reply from the server at {self.address.req_rep} within {timeout} s; the "
+            f"request's outcome is unknown (the server may still apply it). Raise "
+            f"request_timeout if the server is busy.{self._handshake.hint()}"
+        )
+
+    def _lapse(self, rid: int) -> None:
+        """The wait for ``rid`` ended without its reply: :meth:`expect` may revive it."""
+        entry = self._expected.pop(rid, None)
+        if entry is not None:
+            self._lapsed = (rid, entry)
 
     def expect(self, rid: int) -> None:
         """Keep the reply to ``rid`` when it arrives (after :meth:`result` timed out)."""
@@ -302,3 +316,343 @@ def _decode(status: int, body: bytes) -> Any:
     if status == P.ERROR:
         raise S.loads_exception(body)
     raise ProtocolError(f"unknown reply status {status}")
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+def closed_error(what: str = "AsyncState") -> ZProcError:
+    """The error of a closed State (or AsyncState)."""
+    return ZProcError(f"this {what} is closed; create a new one")
+
+
+def running() -> bool:
+    """Whether an asyncio event loop runs in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class AsyncConnection(Connection):
+    """A :class:`Connection` whose DEALER is an asyncio socket.
+
+    Any number of coroutines may wait for replies at once: one reader task receives
+    every reply and hands it to the request with that id. A wait that is cancelled or
+    times out forgets its id, so its late reply is recognised and dropped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        super().__init__(*args, **kwargs)
+        self.sock.rcvtimeo = -1  # the reader waits on the event loop, not in recv
+
+    def _new_socket(self, kind: int) -> Any:
+        # Same context as the sync sockets, so the monitor socket stays a sync one.
+        return zmq.asyncio.Socket(get_context(), kind)
+
+    def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
+        rid = super().send(kind, method, body, namespace)
+        self._kick()
+        return rid
+
+    def _kick(self) -> None:
+        """After a send that bypassed the asyncio layer, let it look for readable replies
+        (ZeroMQ's notification is edge-triggered and the send may have consumed it)."""
+        if running():
+            self.sock.get(zmq.EVENTS)
+
+    async def arequest(
+        self, kind: int, method: int, body: bytes, namespace: bytes, timeout: float | None
+    ) -> Any:
+        """Send a request and await its decoded result (or its error)."""
+        return await self.aresult(self.send(kind, method, body, namespace), timeout)
+
+    async def aresult(self, rid: int, timeout: float | None = None) -> Any:
+        """Await the reply to request ``rid``; decode it or raise the remote error."""
+        early = self._early.pop(rid, None)
+        if early is not None:
+            self._expected.pop(rid, None)
+            return _decode(*early)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self._waiters[rid] = waiter
+        self._start_reader()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
+                if wait > 0:
+                    await asyncio.wait((waiter,), timeout=wait)
+                if waiter.done():
+                    self._expected.pop(rid, None)
+                    return _decode(*waiter.result())
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._no_reply(timeout)
+                self._check_alive(rid)
+                self._kick()
+                self._start_reader()
+        except BaseException:
+            self._waiters.pop(rid, None)
+            self._lapse(rid)
+            raise
+
+    def _start_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        """Receive replies for as long as the connection is open."""
+        sock = self.sock
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 2:
+                    continue
+                try:
+                    status, got = P.parse_reply(frames[0])
+                except ProtocolError as exc:
+                    self._fail_waiters(exc)
+                    continue
+                waiter = self._waiters.pop(got, None)
+                if waiter is not None:
+                    if not waiter.done():
+                        waiter.set_result((status, frames[1]))
+                elif got in self._expected:
+                    self._early[got] = (status, frames[1])
+        except asyncio.CancelledError:
+            if not self.closed:
+                raise
+        except Exception as exc:  # the socket failed: the waiting requests fail with it
+            if not self.closed:
+                self._fail_waiters(exc)
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+
+    async def aclose(self) -> None:
+        """Stop the reader task and close the sockets; waiting requests raise."""
+        reader, self._reader = self._reader, None
+        self.close()
+        if reader is not None and reader is not asyncio.current_task():
+            await asyncio.wait((reader,))
+
+    def forget(self, rid: int) -> None:
+        """Drop the reply to ``rid`` whenever it comes (nobody will ask for it)."""
+        self._expected.pop(rid, None)
+        self._early.pop(rid, None)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._fail_waiters(closed_error())
+            if self._reader is not None:
+                self._reader.cancel()
+        except RuntimeError:  # the event loop is closed already: nothing waits
+            pass
+        self._reader = None
+        super().close()
+
+
+# -- event streams: the I/O under zproc._stream._StreamCore ---------------------------------
+
+
+class StreamOwner(Protocol):
+    """What an event stream needs of its State (or AsyncState)."""
+
+    request_timeout: float | None
+    _ns: bytes
+    _max_backlog: int
+    _rcvhwm: int
+    _keys: ClientKeys | None
+    _connect_timeout: float | None
+
+    @property
+    def server_address(self) -> ServerAddress: ...
+
+    def _request(self, kind: int, method: int, body: bytes) -> Any:
+        """A round trip (an awaitable of it, for an AsyncState)."""
+
+    def _stream_lost(self, stream: Any, error: BaseException) -> None:
+        """Drop ``stream``: the server's history no longer holds what it saw."""
+
+
+class _StreamIO(_StreamCore):
+    """The I/O steps both event streams take alike: the SUB socket's set-up and the
+    round trips through the owner (whose ``_request`` is a coroutine for asyncio, which
+    the driver awaits)."""
+
+    def __init__(self, owner: StreamOwner, conn: Connection, start_seq: int, start_run: bytes,
+                 sub: Any) -> None:
+        address = owner.server_address
+        super().__init__(
+            owner._ns, start_seq, owner._max_backlog, start_run, identity=conn.identity,
+            req_rep=address.req_rep, pub_sub=address.pub_sub, secure=owner._keys is not None,
+            connect_timeout=owner._connect_timeout,
+        )
+        self.owner = owner
+        self.conn = conn
+        sub.linger = 0
+        sub.rcvhwm = owner._rcvhwm
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        sub.setsockopt(zmq.SUBSCRIBE, self.marker)
+        configure_client(sub, owner._keys)
+        sub.connect(address.pub_sub)
+        self.sub = sub
+
+    def _on_lost(self, error: ServerUnavailableError) -> None:
+        self.owner._stream_lost(self, error)
+
+    def _io_send_head(self) -> int:
+        return self.conn.send(P.Kind.HEAD, 0, b"", self.namespace)
+
+    def _io_head(self) -> Any:
+        return self.owner._request(P.Kind.HEAD, 0, b"")
+
+    def _io_fetch(self, since: int, full: bool) -> Any:
+        return self.owner._request(P.Kind.FETCH, 0, P.fetch_request(since, full, self.run))
+
+    def _io_sync(self, token: bytes) -> Any:
+        return self.owner._request(P.Kind.SYNC, 0, token)
+
+
+class Stream(_StreamIO):
+    """The event side of a State: a SUB socket, driving :class:`_StreamCore` in step."""
+
+    def __init__(self, owner: StreamOwner, conn: Connection, start_seq: int, start_run: bytes
+                 ) -> None:
+        super().__init__(owner, conn, start_seq, start_run, get_context().socket(zmq.SUB))
+
+    def close(self) -> None:
+        if not self.sub.closed:
+            self.sub.close(0)
+
+    def start(self, start_seq: int) -> None:
+        """Subscribe, then load what came before (see ``_StreamCore._start``)."""
+        drive(self._start(start_seq))
+
+    def _io_head_result(self, rid: int) -> Any:
+        return self.conn.result(rid, self.owner.request_timeout)
+
+    def _io_poll(self, seconds: float) -> bool:
+        return bool(self.sub.poll(seconds * 1000))
+
+    def _io_recv(self) -> list[bytes]:
+        return recv_frames(self.sub)
+
+    def drain(self) -> None:
+        """Apply every message already queued on the SUB socket."""
+        sub = self.sub
+        while True:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._receive(frames):
+                self.replay()
+
+    def replay(self) -> None:
+        """Fetch the events after ``seq`` from the server's history (or resync)."""
+        drive(self._replay())
+
+    def catch_up(self) -> int:
+        """Bring the replica at least to the server's current head; return that head."""
+        return drive(self._catch_up())
+
+    def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
+             consume: bool = False, fresh: bool = True) -> _Ev | None:
+        """Advance ``cursor`` to the next event that qualifies, blocking for new events
+        (see ``_StreamCore._find``)."""
+        return drive(self._find(qualifies, cursor, deadline, consume, fresh))
+
+
+def _ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))
+
+
+class AsyncStream(_StreamIO):
+    """The event side of an AsyncState: an asyncio SUB socket, driving
+    :class:`_StreamCore` with ``await``.
+
+    Several coroutines may use it at once. Applying events is guarded by sequence
+    numbers, so concurrent drains and replays are safe.
+    """
+
+    conn: AsyncConnection
+
+    def __init__(self, owner: StreamOwner, conn: AsyncConnection, start_seq: int,
+                 start_run: bytes) -> None:
+        super().__init__(owner, conn, start_seq, start_run,
+                         zmq.asyncio.Socket(get_context(), zmq.SUB))
+        self.failure: BaseException | None = None
+        self._stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the socket; coroutines waiting on this stream raise ``error``."""
+        if self.failure is None:
+            self.failure = error or closed_error()
+        try:
+            if not self._stopped.done():
+                self._stopped.set_result(None)
+        except RuntimeError:  # the event loop is closed already: nothing waits
+            pass
+        if not self.sub.closed:
+            self.sub.close(0)
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def start(self, start_seq: int) -> None:
+        """Subscribe, then load what came before (see ``_StreamCore._start``)."""
+        await adrive(self._start(start_seq))
+
+    def _io_head_result(self, rid: int) -> Any:
+        return self.conn.aresult(rid, self.owner.request_timeout)
+
+    async def _io_poll(self, seconds: float) -> bool:
+        """Wait until a message is queued on the SUB socket (True) or ``seconds`` pass."""
+        self._check_open()
+        poll = cast("asyncio.Future[int]", self.sub.poll(_ms(seconds)))
+        try:
+            await asyncio.wait((poll, self._stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not poll.done():
+                poll.cancel()
+        self._check_open()
+        return bool(poll.result())
+
+    def _io_recv(self) -> Any:
+        return self.sub.recv_multipart(zmq.NOBLOCK)
+
+    async def drain(self) -> None:
+        """Apply every message already queued on the SUB socket."""
+        self._check_open()
+        sub = self.sub
+        while True:
+            try:
+                frames = await sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._receive(frames):
+                await self.replay()
+
+    async def replay(self) -> None:
+        """Fetch the events after ``seq`` from the server's history (or resync)."""
+        await adrive(self._replay())
+
+    async def catch_up(self) -> int:
+        """Bring the replica at least to the server's current head; return that head."""
+        return await adrive(self._catch_up())
+
+    async def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
+                   consume: bool = False, fresh: bool = True) -> _Ev | None:
+        """Advance ``cursor`` to the next event that qualifies, waiting for new events
+        (see ``_StreamCore._find``)."""
+        return await adrive(self._find(qualifies, cursor, deadline, consume, fresh))

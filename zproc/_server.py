@@ -55,10 +55,7 @@ from ._transport import (
     remove_ipc_endpoint,
     send_frames,
 )
-from ._store import _OPS, MISSING, Namespace, run_atomic
-# re-exported until state and _async import them from _store/_utils
-from ._store import changed as changed
-from ._utils import in_server_process as in_server_process
+from ._store import _OPS, MISSING, Namespace, changed, run_atomic
 from ._utils import mark_server_process
 from ._version import __version__
 from .exceptions import AddressInUseError, ProtocolError, ServerError, TimeoutError
@@ -81,10 +78,6 @@ DEFAULT_MAX_NAMESPACES = 10_000
 _CALL = int(P.Kind.CALL)
 _SETITEM = int(P.Method.SETITEM)
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
-
-# re-exported until state and _async import them from _store/_utils
-_MISSING = MISSING
-
 
 def _flush(timeout: float) -> None:
     """Let ZeroMQ deliver what the closed sockets still hold (bounded: a stray open socket
