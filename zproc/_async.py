@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 from . import _protocol as P
 from . import _serialization as S
-from ._utils import in_server_process
 from ._api import (
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
@@ -47,6 +46,7 @@ from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest, _found, _S
 from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, _not_none_test
 from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
 from ._stream import _get_copy, _level_watch, _update_of, _watch_start
+from ._utils import in_server_process
 from .exceptions import TimeoutError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]

@@ -21,7 +21,7 @@ A rebuilt error has its original type, with the worker's traceback as a
 from __future__ import annotations
 
 import os
-import socket  # for gethostname only: no sockets here
+import platform
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -331,7 +331,7 @@ def failure(
             body = S.dumps_any(list(results))
         except Exception:
             body = S.dumps([])
-    record = (body, offset, S.dumps_exception(error), os.getpid(), socket.gethostname())
+    record = (body, offset, S.dumps_exception(error), os.getpid(), platform.node())
     return S.dumps(record)
 
 

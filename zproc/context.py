@@ -436,8 +436,8 @@ class Context:
         map_iter: Iterable[Any] | None = None,
         *,
         map_args: Iterable[Iterable[Any]] | None = None,
-        args: Iterable[Any] | None = None,
         map_kwargs: Iterable[Mapping[str, Any]] | None = None,
+        args: Iterable[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         **process_kwargs: Any,
     ) -> list[Process]:

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _protocol as P
 from . import _serialization as S
-from ._utils import in_server_process
 from ._api import (
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
@@ -70,6 +69,7 @@ from ._stream import (
     _update_of,
     _watch_start,
 )
+from ._utils import in_server_process
 from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = [

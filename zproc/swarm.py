@@ -642,13 +642,13 @@ class Swarm:
         target: Callable[..., Any],
         map_iter: Iterable[Any] | None = None,
         *,
+        timeout: float | None = None,
         map_args: Iterable[Iterable[Any]] | None = None,
-        args: Iterable[Any] | None = None,
         map_kwargs: Iterable[Mapping[str, Any]] | None = None,
+        args: Iterable[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         pass_state: bool = False,
         num_chunks: int | None = None,
-        timeout: float | None = None,
     ) -> list[Any]:
         """:meth:`map_lazy`, then wait for every result (at most ``timeout`` seconds).
 
