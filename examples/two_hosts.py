@@ -9,6 +9,8 @@ Everything zproc sends is pickled, and unpickling runs code: a server reachable 
 network must not accept just anyone. Both sides therefore use the same ``secret_key``
 (here a passphrase from the environment variable ``ZPROC_SECRET_KEY``), which turns on
 CURVE: traffic is encrypted, and the server admits only clients holding that key.
+Without the key, ``zproc.start_server`` refuses an address other hosts can reach (pass
+``insecure=True`` only on a network where every host is trusted).
 
 Usage (HOST:PORT is host A's address; the two endpoints are PORT and PORT + 1)::
 

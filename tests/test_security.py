@@ -385,22 +385,6 @@ def test_certificate_directory_and_pair(tmp_path: pathlib.Path) -> None:
         _security.client_keys((keys_dir / "server.key", keys_dir / "client.key"))
 
 
-# -- exposure warning -------------------------------------------------------------------
-
-
-def test_exposed_server_without_key_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="zproc"):
-        assert _security.warn_if_exposed(("tcp://10.1.2.3:5000", "tcp://10.1.2.3:5001"))
-    assert "without a secret_key" in caplog.text and "10.1.2.3" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="zproc"):
-        assert not _security.warn_if_exposed(make_address("tcp"))
-        assert not _security.warn_if_exposed(make_address("ipc"))
-        server = Server(make_address("tcp"))  # loopback: no warning
-        server.close()
-    assert "without a secret_key" not in caplog.text
-
-
 def test_secure_server_in_process_closes_its_gatekeeper() -> None:
     keys = _security.server_keys(SECRET)
     threads = threading.active_count()

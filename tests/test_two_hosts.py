@@ -73,8 +73,8 @@ class RemoteServer:
         port = next(_ports)
         self.address = (f"tcp://{bed.a.ip}:{port}", f"tcp://{bed.a.ip}:{port + 1}")
         args = [sys.executable, "-m", "zproc", "serve", *self.address]
-        if key_file:
-            args += ["--secret-key-file", key_file]
+        # without a key, a server on host A's network address needs --insecure
+        args += ["--secret-key-file", key_file] if key_file else ["--insecure"]
         self.proc, self.out, self.err = bed.a.start(args)
         self.err.wait_for("serving at", timeout=30)
 
@@ -213,7 +213,7 @@ def _args(server: RemoteServer, key: str | None) -> list[str]:
 
 def test_state_watcher_and_cli_from_host_b(hosts: TestBed) -> None:
     server = RemoteServer(hosts, key_file=None)
-    # bound to a non-loopback address without a key: the server warns, once
+    # bound to a non-loopback address without a key (--insecure): the server warns, once
     assert sum("without a secret_key" in line for line in server.err.lines) == 1
 
     watcher, out, err = hosts.b.start_python(WATCHER, *_args(server, None), "20")
@@ -280,6 +280,7 @@ def test_curve_with_the_right_and_wrong_keys(hosts: TestBed, key_file: str, tmp_
 
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text(WRONG)
+    wrong_file.chmod(0o600)
     ping = hosts.b.run([sys.executable, "-m", "zproc", "ping", *server.address,
                         "--secret-key-file", str(wrong_file), "--timeout", "10"])
     assert ping.returncode == 1 and "secret_key" in ping.stderr, ping

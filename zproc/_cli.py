@@ -2,7 +2,8 @@
 
 ::
 
-    zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--persist PATH [--fsync P]]
+    zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F | --insecure]
+                [--persist PATH [--fsync P]]
     zproc ping  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--timeout S]
     zproc dump  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--namespace NS] [--json]
     zproc watch REQ_ENDPOINT PUB_ENDPOINT [KEY ...] [--secret-key-file F] [--count N]
@@ -36,7 +37,7 @@ from typing import Any
 
 from . import _serialization as S
 from ._persist import FSYNC_POLICIES
-from ._security import create_certificates, server_keys
+from ._security import CLI_FIX, create_certificates, refuse_exposed, server_keys, warn_exposed
 from ._server import Server, serve
 from ._worker import run_workers
 from ._transport import ServerAddress, normalize_address
@@ -84,7 +85,12 @@ def read_secret_key(path: str | None) -> Any:
     """
     if path is None:
         value = os.environ.get(ENV_SECRET_KEY)
-        return value or None
+        if value is not None and not value:
+            raise UsageError(
+                f"${ENV_SECRET_KEY} is set but empty; put the passphrase in it, or unset it "
+                f"to run without a secret key"
+            )
+        return value
     if os.path.isdir(path):
         return pathlib.Path(path)
     try:
@@ -134,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-size", type=int, default=None, metavar="N",
         help="events per namespace kept for clients to replay",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true",
+        help="serve a non-loopback tcp address without a secret key (trusted networks only)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every rejection")
 
@@ -211,7 +221,10 @@ class _Report:
 def _serve(args: argparse.Namespace) -> int:
     address = _address([args.req_endpoint, args.pub_endpoint])
     secret_key = read_secret_key(args.secret_key_file)
-    options: dict[str, Any] = {"keys": server_keys(secret_key)}
+    exposed = refuse_exposed(
+        address, secure=secret_key is not None, insecure=args.insecure, fix=CLI_FIX
+    )
+    options: dict[str, Any] = {"keys": server_keys(secret_key), "insecure": args.insecure}
     if args.history_size is not None:
         if args.history_size < 1:
             raise UsageError(f"--history-size must be >= 1, got {args.history_size}")
@@ -235,6 +248,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.persist is not None:
         persist = f"; persist {args.persist}, fsync {options['fsync']}"
     report = _Report(secure=options["keys"] is not None, persist=persist)
+    if exposed:
+        warn_exposed(exposed, f"server {os.getpid()}", stacklevel=2)
     serve(address, report, options)  # returns on failure; ends the process on a signal
     if report.error is not None:
         _error(str(report.error))

@@ -44,6 +44,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Union
 
@@ -66,7 +67,9 @@ __all__ = [
     "configure_server",
     "create_certificates",
     "server_keys",
-    "warn_if_exposed",
+    "exposed_endpoints",
+    "refuse_exposed",
+    "warn_exposed",
 ]
 
 log = logging.getLogger("zproc")
@@ -318,26 +321,68 @@ def configure_server(sock: zmq.Socket[Any], keys: ServerKeys | None) -> None:
             pass
 
 
-def warn_if_exposed(address: Sequence[str]) -> bool:
-    """Log a warning when a server without a key listens beyond this machine.
+#: How to fix a refused public bind, from Python.
+API_FIX = (
+    "Pass secret_key= to the server and to its clients (a passphrase of 16 characters or "
+    "more, or pathlib.Path('keys') after 'zproc keygen keys'); or insecure=True to serve "
+    "without authentication on a network you trust; or bind 127.0.0.1 or ipc:// instead"
+)
+#: How to fix a refused public bind, on the command line.
+CLI_FIX = (
+    "Give --secret-key-file F (a passphrase file, or a directory made by 'zproc keygen') "
+    "or set $ZPROC_SECRET_KEY; or pass --insecure to serve without authentication on a "
+    "network you trust; or bind 127.0.0.1 or ipc:// instead"
+)
 
-    Returns True when it warned (once per call; a server calls it once, after binding).
-    """
-    exposed = [
+
+def exposed_endpoints(address: Sequence[str]) -> list[str]:
+    """The tcp endpoints of ``address`` that other hosts can reach (not loopback)."""
+    return [
         endpoint
         for endpoint in address
         if endpoint.startswith("tcp://") and not is_loopback_endpoint(endpoint)
     ]
-    if not exposed:
-        return False
-    log.warning(
-        "zproc server %d listens at %s without a secret_key: anyone who can reach it can "
-        "read and change the state and run code in the server. Start it with a "
-        "secret_key (CURVE), or bind to 127.0.0.1 / ipc on trusted machines only",
-        os.getpid(),
-        ", ".join(exposed),
+
+
+def refuse_exposed(
+    address: Sequence[str], *, secure: bool, insecure: bool, fix: str = API_FIX
+) -> list[str]:
+    """Refuse to serve beyond this machine without a key, unless ``insecure``.
+
+    Returns the endpoints a server without a key exposes (empty with a key, or when every
+    endpoint is loopback or ipc).
+
+    Raises
+    ------
+    ValueError
+        ``address`` has a tcp endpoint that is not loopback, there is no key, and
+        ``insecure`` is false. Raised before anything listens; ``fix`` says what to add.
+    """
+    if not isinstance(insecure, bool):
+        raise TypeError(f"insecure must be True or False, got {insecure!r}")
+    if secure:
+        return []
+    exposed = exposed_endpoints(address)
+    if exposed and not insecure:
+        raise ValueError(
+            f"refusing to serve {', '.join(exposed)} without a secret_key: other hosts can "
+            f"reach it, and anyone who connects can run code in the server. {fix}"
+        )
+    return exposed
+
+
+def warn_exposed(
+    exposed: Sequence[str], what: str, stacklevel: int = 3, extra: str = ""
+) -> None:
+    """Warn (:func:`warnings.warn`, shown by default) that ``what`` serves ``exposed``
+    without authentication."""
+    warnings.warn(
+        f"the zproc {what} listens at {', '.join(exposed)} without a secret_key "
+        f"(insecure=True): anyone who can reach it can read and change the state and run "
+        f"code in the server process{extra}",
+        UserWarning,
+        stacklevel=stacklevel,
     )
-    return True
 
 
 # -- the server's gatekeeper ------------------------------------------------------------

@@ -43,7 +43,15 @@ from . import _serialization as S
 from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
-from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
+from ._security import (
+    Guard,
+    SecretKey,
+    ServerKeys,
+    exposed_endpoints,
+    refuse_exposed,
+    server_keys,
+    warn_exposed,
+)
 from ._transport import (
     ServerAddress,
     bind_random_tcp,
@@ -104,8 +112,11 @@ class Server:
         persist: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         compact_after: int = DEFAULT_COMPACT_AFTER,
+        insecure: bool = False,
     ) -> None:
         self._store: Store | None = None
+        # refused before any socket exists: nothing listens beyond this machine unguarded
+        refuse_exposed(address or (), secure=keys is not None, insecure=insecure)
         #: This run's token, and the runs whose history it continues (see ``_protocol``):
         #: ``(run, {namespace: head it started from})``, oldest first, this one last.
         self.run_token = os.urandom(P.RUN_SIZE)
@@ -139,8 +150,6 @@ class Server:
                 self.close()
                 raise
         self.address = self._bind(address)
-        if keys is None:
-            warn_if_exposed(self.address)
         if persist is not None:
             try:
                 self._open_store(persist, fsync, compact_after)
@@ -409,6 +418,11 @@ class Server:
             guard = getattr(self, "_guard", None)
             broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir)
             self._broker = broker
+            exposed = [] if guard is not None else exposed_endpoints(broker.endpoints)
+            if exposed:  # only with insecure=True: the constructor refused otherwise
+                warn_exposed(exposed, "swarm broker", stacklevel=2)
+                log.warning("zproc server %d: the swarm broker listens at %s without a "
+                            "secret_key", os.getpid(), ", ".join(exposed))
         broker.configure(settings)
         return P.SwarmReply(*broker.endpoints)
 
@@ -583,6 +597,7 @@ def start_server(
     persist: str | os.PathLike[str] | None = None,
     fsync: str = "always",
     compact_after: int = DEFAULT_COMPACT_AFTER,
+    insecure: bool = False,
 ) -> tuple[Any, ServerAddress]:
     """Start a state server in a new process and return ``(process, address)``.
 
@@ -608,7 +623,16 @@ def start_server(
         Run CURVE on both sockets and admit only clients with the same ``secret_key``: a
         passphrase (``str``/``bytes``), a :class:`pathlib.Path` to a certificate
         directory, or a ``(server_cert, client_cert)`` pair (see :ref:`across-machines`).
-        ``None``: no encryption, no authentication (fine on ipc and loopback).
+        ``None``: no encryption, no authentication (fine on ipc and loopback; refused on
+        any other tcp address unless ``insecure=True``).
+
+        .. versionadded:: 1.0
+    insecure
+        Serve a tcp address that other hosts can reach without a ``secret_key``. Without
+        it such an address is refused; with it, the server starts and
+        :func:`warnings.warn` names every endpoint it exposes (the swarm broker's too,
+        when a swarm starts). Only for networks where every host is trusted; see
+        :doc:`security`.
 
         .. versionadded:: 1.0
     persist
@@ -637,9 +661,10 @@ def start_server(
     AddressInUseError
         An endpoint is taken (a server probably runs there already).
     ValueError
-        A malformed or unsupported endpoint, certificates that cannot be read, a bad
-        ``fsync`` or ``compact_after``, or a ``persist`` path whose directory does not
-        exist (raised before any process starts).
+        A tcp endpoint that other hosts can reach without ``secret_key`` or
+        ``insecure=True``, a malformed or unsupported endpoint, certificates that cannot
+        be read, a bad ``fsync`` or ``compact_after``, or a ``persist`` path whose
+        directory does not exist (raised before any process starts).
     TimeoutError
         The server did not report within ``timeout``; it is terminated.
     ServerError
@@ -651,11 +676,13 @@ def start_server(
         raise TypeError("start_server needs a process backend; threads are not supported")
     if history_size < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
+    exposed = refuse_exposed(address or (), secure=secret_key is not None, insecure=insecure)
     options = {
         "history_size": history_size,
         "max_message_size": max_message_size,
         "max_namespaces": max_namespaces,
         "keys": server_keys(secret_key),
+        "insecure": insecure,
     }
     if persist is not None:
         options.update(_persist_options(persist, fsync, compact_after))
@@ -695,4 +722,10 @@ def start_server(
     if message[0] == "error":
         process.join(5)
         raise S.loads_exception(message[1])
+    if exposed:
+        warn_exposed(
+            exposed,
+            f"server (pid {process.pid})",
+            extra="; a swarm on it listens at two more ports of the same host (warned then)",
+        )
     return process, ServerAddress(*message[1])

@@ -85,6 +85,11 @@ class Context:
         uses it (see :ref:`across-machines`). Read-only afterwards (``ctx.secret_key``).
 
         .. versionadded:: 1.0
+    insecure
+        For a server this Context starts: serve a tcp address that other hosts can reach
+        without a ``secret_key`` (refused otherwise; see :func:`zproc.start_server`).
+
+        .. versionadded:: 1.0
     start_server
         ``None``: start a server only when no ``server_address`` is given; ``False``:
         attach only; ``True``: start a server at ``server_address``.
@@ -129,6 +134,7 @@ class Context:
         persist: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         secret_key: SecretKey | None = None,
+        insecure: bool = False,
         **process_kwargs: Any,
     ) -> None:
         unknown = sorted(set(process_kwargs) - PROCESS_KEYWORDS)
@@ -162,10 +168,16 @@ class Context:
         self._task_ids = itertools.count(1)
         self.server_process: Any = None
         if owns_server:
-            options = {} if persist is None else {"persist": persist, "fsync": fsync}
-            self.server_process, address = _start(
-                address, server_backend, secret_key=secret_key, **options
-            )
+            options: dict[str, Any] = {"insecure": insecure}
+            if persist is not None:
+                options.update(persist=persist, fsync=fsync)
+            try:
+                self.server_process, address = _start(
+                    address, server_backend, secret_key=secret_key, **options
+                )
+            except BaseException:
+                self._status = ContextStatus.CLOSED  # nothing started, nothing to warn about
+                raise
         assert address is not None
         self.server_address: ServerAddress = address
         try:
