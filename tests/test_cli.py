@@ -34,6 +34,7 @@ def zproc_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 def key_file(tmp_path: pathlib.Path) -> str:
     path = tmp_path / "key"
     path.write_text(SECRET + "\n")
+    path.chmod(0o600)
     return str(path)
 
 
@@ -130,7 +131,8 @@ def test_serve_ping_dump_watch(served: Any, key_file: str) -> None:
 def test_wrong_or_missing_key_exits_1(served: Any, tmp_path: pathlib.Path) -> None:
     address, _proc, err = served
     wrong = tmp_path / "wrong"
-    wrong.write_text("not it")
+    wrong.write_text("not the server's passphrase")
+    wrong.chmod(0o600)
     result = zproc_cmd("ping", *address, "--secret-key-file", str(wrong), "--timeout", "10")
     assert result.returncode == 1 and "secret_key" in result.stderr, result
     result = zproc_cmd("dump", *address, "--timeout", "10")

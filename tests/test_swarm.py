@@ -511,6 +511,7 @@ def bed() -> Iterator[TestBed]:
 def test_two_hosts_share_one_map(bed: TestBed, tmp_path: pathlib.Path) -> None:
     key_file = tmp_path / "secret"
     key_file.write_text(SECRET + "\n")
+    key_file.chmod(0o600)
     address = (f"tcp://{bed.a.ip}:22100", f"tcp://{bed.a.ip}:22101")
     try:
         _server, _out, server_err = bed.a.start(

@@ -41,6 +41,7 @@ from ._security import CLI_FIX, create_certificates, refuse_exposed, server_keys
 from ._server import Server, serve
 from ._worker import run_workers
 from ._transport import ServerAddress, normalize_address
+from ._utils import OWNER_ONLY, check_private
 from ._version import __version__
 from .exceptions import ZProcError
 from .state import State, ping
@@ -93,6 +94,7 @@ def read_secret_key(path: str | None) -> Any:
         return value
     if os.path.isdir(path):
         return pathlib.Path(path)
+    check_private(path, "the secret key file", OWNER_ONLY)
     try:
         with open(path, "rb") as f:
             first = f.readline().rstrip(b"\r\n")

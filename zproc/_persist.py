@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _protocol as P
 from . import _serialization as S
 from ._store import MISSING, HistoryEntry, Raw
+from ._utils import NOT_WRITABLE_BY_OTHERS, check_private
 from .exceptions import ServerError
 
 if TYPE_CHECKING:
@@ -202,6 +203,26 @@ def _apply(data: dict[Any, Any], event: P.Event, path: str, name: str) -> None:
     data.update(changes)
 
 
+#: The files SQLite keeps next to the database.
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def check_files(path: str) -> None:
+    """Refuse a persist file (or its WAL, or its directory) that another local user owns or
+    may write: its rows are unpickled by the server, as the server's user.
+
+    Raises
+    ------
+    PermissionError
+        Which file, its owner and mode, and the ``chown``/``chmod`` that fixes it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    check_private(folder, "the directory of the persist file", NOT_WRITABLE_BY_OTHERS,
+                  allow_root=True)
+    for suffix in _COMPANIONS:
+        check_private(path + suffix, "the persist file", NOT_WRITABLE_BY_OTHERS)
+
+
 class Store:
     """The database of one server: :meth:`load` once, then :meth:`append` and :meth:`commit`.
 
@@ -221,6 +242,9 @@ class Store:
     ------
     ServerError
         The file is not a zproc database, is used by another server, or cannot be opened.
+    PermissionError
+        The file, its WAL or its directory is owned by another user or writable by group
+        or others (see :func:`check_files`).
     """
 
     def __init__(
@@ -245,6 +269,16 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         import sqlite3  # only servers with persist= pay for the import
+
+        check_files(self.path)
+        if os.name == "posix":
+            # SQLite creates the WAL with the mode of the database file: 0600 for both
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600)
+                os.close(fd)
+            except FileExistsError:
+                os.chmod(self.path, 0o600)  # ours (checked): nobody else reads the state
 
         try:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=0,

@@ -54,6 +54,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from ._transport import is_loopback_endpoint
+from ._utils import NOT_WRITABLE_BY_OTHERS, OWNER_ONLY, check_private
 from .exceptions import AuthenticationError
 
 __all__ = [
@@ -201,6 +202,7 @@ def _cert_paths(secret_key: Any, role: str) -> tuple[PathArg, PathArg]:
             f"secret_key {folder!r} is not a directory; a path secret_key names a directory "
             f"of certificates ('zproc keygen DIR' creates one)"
         )
+    check_private(folder, "the certificate directory", NOT_WRITABLE_BY_OTHERS)
     if role == "server":
         return (
             _first(folder, ["server.key_secret"], "server"),
@@ -230,6 +232,9 @@ def _own_keys(secret_key: SecretKey, role: str) -> tuple[bytes, bytes, bytes]:
         own = secrets[role]
         return zmq.curve_public(own), own, zmq.curve_public(secrets[peer])
     certs = dict(zip(("server", "client"), _cert_paths(secret_key, role), strict=True))
+    # another local user must not read our secret key, nor swap the peer's public key
+    check_private(os.fspath(certs[role]), f"the {role}'s secret key file", OWNER_ONLY)
+    check_private(os.fspath(certs[peer]), f"the {peer}'s key file", NOT_WRITABLE_BY_OTHERS)
     public, secret = _load(certs[role], role)
     if secret is None:
         raise ValueError(
@@ -247,6 +252,9 @@ def server_keys(secret_key: SecretKey | None) -> ServerKeys | None:
     TypeError, ValueError
         An unsupported ``secret_key``, or certificates that are missing or lack the
         server's secret key.
+    PermissionError
+        A certificate directory or key file that another user owns or may write, or a
+        secret key file that group or others may read.
     """
     return None if secret_key is None else ServerKeys(*_own_keys(secret_key, "server"))
 
@@ -259,12 +267,22 @@ def client_keys(secret_key: SecretKey | None) -> ClientKeys | None:
     TypeError, ValueError
         An unsupported ``secret_key``, or certificates that are missing or lack the
         client's secret key.
+    PermissionError
+        A certificate directory or key file that another user owns or may write, or a
+        secret key file that group or others may read.
     """
     return None if secret_key is None else ClientKeys(*_own_keys(secret_key, "client"))
 
 
 def create_certificates(folder: PathArg) -> tuple[str, str]:
     """Write a new server and client certificate pair into ``folder`` (created, 0700).
+
+    Raises
+    ------
+    FileExistsError
+        A key file exists already (keys are never overwritten).
+    PermissionError
+        ``folder`` exists, and another user owns it or group or others may write it.
 
     Returns
     -------
@@ -274,6 +292,8 @@ def create_certificates(folder: PathArg) -> tuple[str, str]:
     """
     _check_curve()
     path = os.fspath(folder)
+    # an existing directory must be ours and closed to others: they could swap the keys
+    check_private(path, "the key directory", NOT_WRITABLE_BY_OTHERS)
     os.makedirs(path, mode=0o700, exist_ok=True)
     written = []
     for name in ("server", "client"):

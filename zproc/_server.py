@@ -42,7 +42,7 @@ from . import _protocol as P
 from . import _serialization as S
 from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
-from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
+from ._persist import DEFAULT_COMPACT_AFTER, Store, check_files, check_fsync
 from ._security import (
     Guard,
     SecretKey,
@@ -493,8 +493,18 @@ def _bind_endpoint(sock: zmq.Socket[Any], endpoint: str) -> None:
             f"{endpoint} is in use: a server is probably already running there. Use another "
             f"address, or connect to that server with zproc.State / zproc.Context"
         )
+    ipc = endpoint.startswith("ipc://")
     try:
-        sock.bind(endpoint)
+        # not the umask's mode: only this user may connect (the umask covers the moment
+        # between bind and chmod)
+        umask = os.umask(0o077) if ipc else None
+        try:
+            sock.bind(endpoint)
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        if ipc:
+            os.chmod(endpoint[len("ipc://") :], 0o600)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise AddressInUseError(
@@ -582,6 +592,7 @@ def _persist_options(
         raise ValueError(f"persist={persist!r} is a directory; give a file path")
     if compact_after < 1:
         raise ValueError(f"compact_after must be >= 1, got {compact_after!r}")
+    check_files(path)
     return {"persist": path, "fsync": check_fsync(fsync), "compact_after": compact_after}
 
 
@@ -637,8 +648,9 @@ def start_server(
         .. versionadded:: 1.0
     persist
         Keep the state in this file (an SQLite database: snapshots plus a journal of
-        changes). A server started on an existing file continues its state and its
-        sequence numbers exactly, so clients and watchers carry on. ``None``: memory only.
+        changes; it and its WAL get mode 0600). A server started on an existing file
+        continues its state and its sequence numbers exactly, so clients and watchers
+        carry on. ``None``: memory only.
 
         .. versionadded:: 1.0
     fsync
@@ -667,6 +679,9 @@ def start_server(
         directory does not exist (raised before any process starts).
     TimeoutError
         The server did not report within ``timeout``; it is terminated.
+    PermissionError
+        The ``persist`` file, its WAL or its directory is owned by another user or
+        writable by group or others (the message says which, and the fix).
     ServerError
         The server failed to start for another reason (its traceback is the cause), e.g.
         the ``persist`` file is used by another server or is not a zproc persist file.
