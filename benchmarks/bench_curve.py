@@ -21,11 +21,18 @@ Rows:
 * ``curve.connect``: milliseconds to create a State and answer its first request (the
   CURVE handshake; the key derivation is done once per process and is not included).
   Information only.
+* ``curve.start``: milliseconds for a fresh Python process to import zproc, start a
+  server with a passphrase (the scrypt derivation, N = 2**17, included: once in this
+  process) and answer the first request, against the same without a key. Target: under
+  a second. ``curve.kdf`` is the derivation alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -169,6 +176,44 @@ def bench_connect(addresses: dict[str, Any], *, reps: int) -> list[dict[str, Any
     ]
 
 
+_START = """
+import sys, time
+start = time.perf_counter()
+import zproc
+key = sys.argv[1] or None
+process, address = zproc.start_server(secret_key=key)
+with zproc.State(address, secret_key=key) as state:
+    state["k"] = 1
+print((time.perf_counter() - start) * 1000)
+process.terminate()
+process.join(5)
+"""
+
+
+def _start_once(key: str) -> float:
+    done = subprocess.run([sys.executable, "-c", _START, key], capture_output=True,
+                          text=True, timeout=60, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_start(*, reps: int) -> list[dict[str, Any]]:
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    kdf: list[float] = []
+    for rep in range(reps):
+        for mode in MODES if rep % 2 == 0 else MODES[::-1]:
+            times[mode].append(_start_once(_key(mode) or ""))
+        begin = time.perf_counter()
+        hashlib.scrypt(f"{SECRET}{rep}".encode(), salt=b"bench", n=2**17, r=8, p=1,
+                       dklen=32, maxmem=256 * 1024 * 1024)
+        kdf.append((time.perf_counter() - begin) * 1000)
+    return [
+        row("curve.start", median(times["curve"]), "ms", BASELINE, median(times["plain"]),
+            note="fresh process: import, start_server, first request; target < 1000 ms"),
+        row("curve.kdf", median(kdf), "ms", "scrypt N=2**17 r=8", median(kdf),
+            note="one derivation; information only"),
+    ]
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Run the CURVE benchmarks and return one row per measurement."""
     # many short repetitions, the two modes alternating: a burst of load elsewhere on the
@@ -177,13 +222,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         ops = {"n": 200, "reps": 12, "warmup": 200}
         watch = {"count": 100, "rounds": 4}
         connect = {"reps": 6}
+        start = {"reps": 2}
     else:
         ops = {"n": 300, "reps": 40, "warmup": 1000}
         watch = {"count": 150, "rounds": 12}
         connect = {"reps": 20}
+        start = {"reps": 6}
     with ExitStack() as stack:
         addresses = {mode: stack.enter_context(_server(mode)) for mode in MODES}
         rows = bench_ops(addresses, **ops)
         rows += bench_watch(addresses, **watch)
         rows += bench_connect(addresses, **connect)
+    rows += bench_start(**start)
     return rows

@@ -501,12 +501,13 @@ async def test_namespaces_and_pickling(server: zproc.ServerAddress) -> None:
 
 
 async def test_secret_key(address: zproc.ServerAddress) -> None:
-    proc, addr = zproc.start_server(address, secret_key="async secret")
+    key = "async secret, 16+ characters"
+    proc, addr = zproc.start_server(address, secret_key=key)
     try:
-        async with zproc.AsyncState(addr, secret_key="async secret", request_timeout=20) as s:
+        async with zproc.AsyncState(addr, secret_key=key, request_timeout=20) as s:
             watcher = s.when_change("k", count=1, timeout=10)
             await s.time()
-            with zproc.State(addr, secret_key="async secret") as other:
+            with zproc.State(addr, secret_key=key) as other:
                 await asyncio.to_thread(other.__setitem__, "k", "v")
             assert [snap async for snap in watcher] == [{"k": "v"}]
     finally:

@@ -6,6 +6,7 @@ Real server processes, loopback tcp and ipc.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import multiprocessing
@@ -22,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from zmq.utils import z85
 from conftest import make_address, stop
 
 import zproc
@@ -411,3 +413,51 @@ def test_handshakes_dropped_without_detail_name_the_key(secure: bool) -> None:
     assert isinstance(error, zproc.AuthenticationError)
     expected = "secret_key differs" if secure else "requires a secret_key"
     assert expected in str(error)
+
+
+# -- the passphrase ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("short", ["fifteen chars!!", b"fifteen bytes!!", "sunshine1"])
+def test_passphrases_under_16_characters_are_refused(short: Any) -> None:
+    children = psutil.Process().children()
+    for attempt in (
+        lambda: zproc.start_server(secret_key=short),
+        lambda: zproc.State(make_address("tcp"), secret_key=short),
+        lambda: zproc.ping(make_address("tcp"), secret_key=short),
+    ):
+        with pytest.raises(ValueError, match="use 16 or more") as info:
+            attempt()
+        assert "zproc keygen" in str(info.value)
+        text = short.decode() if isinstance(short, bytes) else short
+        assert text not in str(info.value)  # the passphrase never lands in a message
+    assert psutil.Process().children() == children
+    assert _security.server_keys("sixteen chars!!!") is not None
+    assert _security.server_keys("é" * 16) is not None  # characters, not utf-8 bytes
+
+
+def test_the_kdf_is_scrypt_with_n_2_17() -> None:
+    """The derivation is what the docs say: guessing costs N = 2**17 per try."""
+    assert _security.KDF_N >= 2**17 and _security.KDF_R >= 8
+    master = hashlib.scrypt(SECRET.encode(), salt=b"zproc CURVE keys v2", n=2**17, r=8,
+                            p=1, dklen=32, maxmem=256 * 1024 * 1024)
+    server = hashlib.blake2b(master, digest_size=32, person=b"zproc server").digest()
+    keys = _security.server_keys(SECRET)
+    assert keys is not None and keys.secret == z85.encode(server)
+
+
+def test_cli_refuses_a_short_passphrase(tmp_path: pathlib.Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sunshine1\n")
+    key_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "ZPROC_SECRET_KEY"}
+    for args, extra in (
+        (["--secret-key-file", str(key_file)], {}),
+        ([], {"ZPROC_SECRET_KEY": "sunshine1"}),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "zproc", "ping", *make_address("tcp"), *args],
+            capture_output=True, text=True, timeout=60, env={**env, **extra}, check=False,
+        )
+        assert done.returncode == 2 and "zproc keygen" in done.stderr, done
+        assert "sunshine1" not in done.stderr

@@ -394,7 +394,8 @@ def test_curve_swarm(tmp_path: pathlib.Path) -> None:
         swarm = ctx.create_swarm(2)
         assert swarm.map(square, range(100)) == [x * x for x in range(100)]
         tasks_endpoint = _worker.discover(ctx.server_address, client_keys(SECRET))[0]
-        with zproc.Swarm(ctx.server_address, secret_key="wrong key", request_timeout=3) as bad:
+        wrong = "the wrong swarm passphrase"
+        with zproc.Swarm(ctx.server_address, secret_key=wrong, request_timeout=3) as bad:
             with pytest.raises((zproc.AuthenticationError, zproc.TimeoutError)):
                 bad.info()
         # no key at all: the broker's endpoint refuses the handshake

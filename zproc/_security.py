@@ -15,10 +15,10 @@ before a single message reaches the server loop::
 What a ``secret_key`` may be:
 
 ``str`` or ``bytes``
-    A shared passphrase. Both sides derive from it, deterministically, the server's key
-    pair and the one client key pair the server admits (scrypt, then BLAKE2b with one label
-    per key). Use a long random string: ``python -c "import secrets;
-    print(secrets.token_urlsafe(32))"``.
+    A shared passphrase of at least 16 characters. Both sides derive from it,
+    deterministically, the server's key pair and the one client key pair the server admits
+    (scrypt with N = 2**17, then BLAKE2b with one label per key). Use a long random string:
+    ``python -c "import secrets; print(secrets.token_urlsafe(32))"``.
 :class:`os.PathLike` (e.g. :class:`pathlib.Path`)
     A directory of certificates in :mod:`zmq.auth` format, as written by ``zproc keygen``
     (or :func:`zmq.auth.create_certificates` with the names ``server`` and ``client``).
@@ -84,7 +84,16 @@ ZAP_DOMAIN = b"zproc"
 #: Where libzmq sends ZAP requests (RFC 27); one handler per ZeroMQ context.
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
-_KDF_SALT = b"zproc CURVE keys v1"
+#: The salt of the passphrase KDF: fixed, and versioned with the derivation. A salt of
+#: each deployment's own would have to reach a client before it derives the server key it
+#: pins, which CURVE's handshake has no room for; the cost below and the minimum length
+#: are what stand against guessing instead (see docs/security.rst).
+_KDF_SALT = b"zproc CURVE keys v2"
+#: scrypt's cost: N = 2**17, r = 8 (128 MiB and about half a second, once per process).
+KDF_N = 2**17
+KDF_R = 8
+#: The shortest passphrase accepted, in characters (bytes for a ``bytes`` passphrase).
+MIN_PASSPHRASE = 16
 _SERVER_LABEL = b"zproc server"
 _CLIENT_LABEL = b"zproc client"
 
@@ -133,15 +142,17 @@ def _check_curve() -> None:
 def _derive(secret: bytes) -> tuple[bytes, bytes]:
     """The server's and the client's CURVE secret keys (z85) for a passphrase.
 
-    scrypt makes guessing a weak passphrase from captured traffic expensive; BLAKE2b with
-    a distinct label then gives each key its own 32 bytes. Cached: a process derives once.
+    scrypt makes guessing a passphrase from captured traffic expensive (each guess costs
+    what a start costs: :data:`KDF_N`, :data:`KDF_R`); BLAKE2b with a distinct label then
+    gives each key its own 32 bytes. Cached: a process derives once.
     """
     try:
         master = hashlib.scrypt(
-            secret, salt=_KDF_SALT, n=2**14, r=8, p=1, dklen=32, maxmem=64 * 1024 * 1024
+            secret, salt=_KDF_SALT, n=KDF_N, r=KDF_R, p=1, dklen=32,
+            maxmem=2 * 128 * KDF_R * KDF_N,
         )
     except (AttributeError, ValueError):  # an OpenSSL without scrypt
-        master = hashlib.pbkdf2_hmac("sha256", secret, _KDF_SALT, 200_000)
+        master = hashlib.pbkdf2_hmac("sha256", secret, _KDF_SALT, 1_000_000)
     server = hashlib.blake2b(master, digest_size=32, person=_SERVER_LABEL).digest()
     client = hashlib.blake2b(master, digest_size=32, person=_CLIENT_LABEL).digest()
     return z85.encode(server), z85.encode(client)
@@ -159,6 +170,14 @@ def _passphrase(secret_key: str | bytes) -> bytes:
         secret = bytes(secret_key)
     if not secret:
         raise ValueError("secret_key must not be empty; pass None to run without CURVE")
+    length = len(secret_key)
+    if length < MIN_PASSPHRASE:
+        raise ValueError(
+            f"the secret_key passphrase has {length} characters; use {MIN_PASSPHRASE} or "
+            f"more, random ones (python -c \"import secrets; "
+            f"print(secrets.token_urlsafe(32))\"), or certificate files: 'zproc keygen DIR', "
+            f"then secret_key=pathlib.Path(DIR)"
+        )
     return secret
 
 

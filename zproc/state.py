@@ -131,7 +131,8 @@ class State(StateBase, WatchMethods["StateWatcher"]):
     secret_key
         The server's ``secret_key`` (passphrase, certificate directory or certificate
         pair): requests and events then run CURVE. A key the server does not admit (or a
-        missing one) raises :class:`zproc.AuthenticationError`.
+        missing one) raises :class:`zproc.AuthenticationError`. A pickled State carries
+        it (a passphrase as itself, certificates as their paths) wherever the pickle goes.
 
         .. versionadded:: 1.0
     cache
