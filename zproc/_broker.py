@@ -38,9 +38,9 @@ from ._swarm import CODE_CACHE, WORKER_LIVENESS
 from ._transport import (
     ServerAddress,
     bind_random_tcp,
-    get_context,
     make_private_ipc_dir,
     remove_ipc_dir,
+    server_socket,
 )
 from .exceptions import ProtocolError, TaskError
 
@@ -162,20 +162,22 @@ class Broker:
     """
 
     def __init__(
-        self, address: ServerAddress, keys: ServerKeys | None, ipc_dir: str | None
+        self,
+        address: ServerAddress,
+        keys: ServerKeys | None,
+        ipc_dir: str | None,
+        max_message_size: int,
     ) -> None:
         self.max_tasks = DEFAULT_MAX_TASKS
         self.max_age = DEFAULT_MAX_AGE
-        ctx = get_context()
         self._own_dir: str | None = None
         folder = ipc_dir
         if address.req_rep.startswith("ipc://") and folder is None:
             folder = self._own_dir = make_private_ipc_dir()
-        self.tasks_sock = ctx.socket(zmq.ROUTER)
-        self.workers_sock = ctx.socket(zmq.ROUTER)
+        self.tasks_sock = server_socket(zmq.ROUTER, max_message_size)
+        self.workers_sock = server_socket(zmq.ROUTER, max_message_size)
         try:
             for sock in (self.tasks_sock, self.workers_sock):
-                sock.linger = 0
                 sock.sndhwm = 0
                 sock.rcvhwm = 0
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -60,8 +60,10 @@ from ._transport import (
     normalize_address,
     recv_frames,
     remove_ipc_dir,
+    SUBSCRIPTION_MAX,
     remove_ipc_endpoint,
     send_frames,
+    server_socket,
 )
 from ._store import _OPS, MISSING, Namespace, changed, run_atomic
 from ._utils import mark_server_process
@@ -128,19 +130,9 @@ class Server:
         self.started = time.time()
         self._ipc_dir: str | None = None
         self._created_ipc: list[str] = []
+        self.max_message_size = max_message_size
+        self._make_sockets()
         ctx = get_context()
-        self.router = ctx.socket(zmq.ROUTER)
-        self.pub = ctx.socket(zmq.PUB)
-        for sock in (self.router, self.pub):
-            sock.linger = 0
-        self.router.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-        # A client that reconnects (after its heartbeats gave up on a cut link) keeps its
-        # identity: its new connection replaces the old one, which the server may never
-        # see closed.
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.router.rcvhwm = 0
-        self.router.sndhwm = 0
-        self.pub.sndhwm = 100_000
         self._guard: Guard | None = None
         if keys is not None:  # CURVE on both sockets, checked before they bind
             self._guard = Guard(ctx, keys, self.stats)
@@ -156,6 +148,18 @@ class Server:
             except BaseException:
                 self.close()
                 raise
+
+    def _make_sockets(self) -> None:
+        """The ROUTER (requests) and the PUB (events), with their options."""
+        self.router = server_socket(zmq.ROUTER, self.max_message_size)
+        self.pub = server_socket(zmq.PUB, SUBSCRIPTION_MAX)
+        # A client that reconnects (after its heartbeats gave up on a cut link) keeps its
+        # identity: its new connection replaces the old one, which the server may never
+        # see closed.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.rcvhwm = 0
+        self.router.sndhwm = 0
+        self.pub.sndhwm = 100_000
 
     # binding
     def _bind(self, address: ServerAddress | None) -> ServerAddress:
@@ -191,8 +195,7 @@ class Server:
                     return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
                 for sock in (self.router, self.pub):
                     sock.close(0)
-                ctx = get_context()
-                self.router, self.pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+                self._make_sockets()
         return ServerAddress(bind_random_tcp(self.router), bind_random_tcp(self.pub))
 
     def close(self, linger: int = 0) -> None:
@@ -416,7 +419,8 @@ class Server:
             if broker is not None:
                 broker.close()
             guard = getattr(self, "_guard", None)
-            broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir)
+            broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir,
+                            self.max_message_size)
             self._broker = broker
             exposed = [] if guard is not None else exposed_endpoints(broker.endpoints)
             if exposed:  # only with insecure=True: the constructor refused otherwise
@@ -627,7 +631,8 @@ def start_server(
     history_size
         How many events per namespace the server keeps for clients to replay.
     max_message_size
-        Largest request accepted, in bytes; a peer sending a larger one is disconnected.
+        Largest request (and swarm message) accepted, in bytes; a peer announcing a
+        larger one is disconnected, also before it has authenticated.
     max_namespaces
         Most namespaces the server creates.
     secret_key

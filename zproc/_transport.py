@@ -28,6 +28,7 @@ __all__ = [
     "recv_frames",
     "remove_ipc_endpoint",
     "send_frames",
+    "server_socket",
     "validate_endpoint",
 ]
 
@@ -208,6 +209,31 @@ def get_context() -> zmq.Context[Any]:
             _context = zmq.Context()
             _context_pid = pid
         return _context
+
+
+# -- listening sockets -----------------------------------------------------------------
+
+#: How long a peer may take over its handshake (ZMTP greeting, CURVE) before a listening
+#: socket drops it, in ms; libzmq's default is 30 s, during which a stalled peer holds
+#: what it made the socket buffer.
+HANDSHAKE_IVL_MS = 5_000
+#: Largest message a PUB socket takes in (subscriptions: a topic), in bytes.
+SUBSCRIPTION_MAX = 1024 * 1024
+
+
+def server_socket(kind: int, max_message_size: int) -> zmq.Socket[Any]:
+    """A socket that listens for peers: every server and broker socket is made here.
+
+    It drops a peer whose handshake takes longer than :data:`HANDSHAKE_IVL_MS`, and one
+    that announces a message over ``max_message_size`` bytes (libzmq checks the size
+    declared in a frame's header, also during the handshake, before buffering it).
+    Unsent messages are dropped on close (``linger`` 0); the caller sets the rest.
+    """
+    sock: zmq.Socket[Any] = get_context().socket(kind)
+    sock.linger = 0
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    return sock
 
 
 # -- raw frames ------------------------------------------------------------------------
