@@ -71,6 +71,8 @@ def test_a_public_bind_without_a_key_is_refused_before_anything_listens() -> Non
     _nothing_listens(address)
     with pytest.raises(ValueError, match="insecure=True"):
         zproc.Context(address, start_server=True)
+    with pytest.raises(ValueError, match="applies to a server this Context starts"):
+        zproc.Context(address, start_server=False, insecure=True)
     with pytest.raises(ValueError, match="insecure=True"):
         Server(address)
     _nothing_listens(address)

@@ -87,7 +87,8 @@ class Context:
         .. versionadded:: 1.0
     insecure
         For a server this Context starts: serve a tcp address that other hosts can reach
-        without a ``secret_key`` (refused otherwise; see :func:`zproc.start_server`).
+        without a ``secret_key`` (refused otherwise; see :func:`zproc.start_server`);
+        ``ValueError`` when attaching to a server.
 
         .. versionadded:: 1.0
     start_server
@@ -151,6 +152,11 @@ class Context:
             raise ValueError(
                 "persist= applies to a server this Context starts; this one attaches to "
                 f"{tuple(address or ())!r}: pass persist= to whoever starts that server"
+            )
+        if insecure and not owns_server:
+            raise ValueError(
+                "insecure=True applies to a server this Context starts; this one attaches "
+                f"to {tuple(address or ())!r}: pass insecure=True to whoever starts it"
             )
         self.namespace = namespace
         self.request_timeout = request_timeout
