@@ -16,9 +16,11 @@ from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail
+from .coordination import AsyncLock, AsyncSemaphore, Lock, Semaphore
 from .exceptions import (
     AddressInUseError,
     AuthenticationError,
+    LockLostError,
     ProcessError,
     ProcessExit,
     ProcessWaitError,
@@ -53,10 +55,14 @@ from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
 __all__ = [
     "AddressInUseError",
+    "AsyncLock",
+    "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
     "AuthenticationError",
     "Context",
+    "Lock",
+    "LockLostError",
     "Pipeline",
     "Process",
     "ProcessError",
@@ -64,6 +70,7 @@ __all__ = [
     "ProcessWaitError",
     "ProtocolError",
     "RemoteTraceback",
+    "Semaphore",
     "SequenceTaskResult",
     "ServerAddress",
     "ServerError",

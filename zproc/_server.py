@@ -42,6 +42,7 @@ from . import _protocol as P
 from . import _serialization as S
 from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
+from ._coordsrv import CoordService
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_fsync
 from ._security import Guard, SecretKey, ServerKeys, server_keys, warn_if_exposed
 from ._transport import (
@@ -147,6 +148,9 @@ class Server:
             except BaseException:
                 self.close()
                 raise
+        # fencing tokens grow across the runs of a persist file: each run starts above
+        # every token of the runs before it (2**40 grants per run)
+        self.coord = CoordService(0 if self._store is None else self._store.run_number << 40)
 
     # binding
     def _bind(self, address: ServerAddress | None) -> ServerAddress:
@@ -255,13 +259,16 @@ class Server:
         dirty: list[Namespace] = []
         until = until or (lambda: False)
         store = self._store
-        router.rcvtimeo = 200  # wake up now and then to notice signals and idle work
+        router.rcvtimeo = wake = 200  # wake up now and then to notice signals and idle work
+        coord = self.coord
         while not until():
             try:
                 frames = recv_frames(router)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
+                if coord.active:
+                    wake = self._coord_step(wake)
                 continue
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
@@ -276,6 +283,8 @@ class Server:
             for reply in replies:
                 send_frames(router, reply)
             replies.clear()
+            if coord.active:
+                wake = self._coord_step(wake)
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
@@ -305,6 +314,8 @@ class Server:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
             return self._error(identity, request.request_id, exc)
+        if result is None:  # answered later (a waiting acquire)
+            return None
         ns = self.namespaces.get(request.namespace)
         head = 0 if ns is None else ns.seq
         return [identity, P.reply_header(P.OK, request.request_id, head), result]
@@ -320,8 +331,9 @@ class Server:
         body: bytes,
         dirty: list[Namespace],
         syncs: list[list[bytes]],
-    ) -> bytes:
-        """Run one request and return the encoded result (raises on failure)."""
+    ) -> bytes | None:
+        """Run one request and return the encoded result (raises on failure; None: the
+        reply is sent later)."""
         kind = request.kind
         ns = self.namespace(request.namespace)
         if kind == _CALL:
@@ -375,7 +387,18 @@ class Server:
             return S.dumps(self.meta())
         if kind == P.Kind.SWARM:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
+        if kind == P.Kind.COORD:
+            return self.coord.handle(identity, request, body)
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
+
+    def _coord_step(self, wake: int) -> int:
+        """Coordination's timers, then its replies due; the loop's next sleep (ms)."""
+        timeout = self.coord.tick()
+        for reply in self.coord.take():
+            send_frames(self.router, reply)
+        if timeout != wake:
+            self.router.rcvtimeo = timeout
+        return timeout
 
     def continues(self, run: bytes, seq: int, namespace: str) -> bool:
         """Whether change ``seq`` of ``namespace`` as run ``run`` numbered it is part of

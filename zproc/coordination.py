@@ -1,0 +1,320 @@
+"""Named locks and semaphores shared by processes, held by their owners.
+
+``state.lock(name)`` and ``state.semaphore(name, value)`` return handles to primitives
+kept by the server, in the State's namespace (apart from the dict's keys). Unlike
+``multiprocessing.Manager().Lock()``, a permit has an owner: the process of the handle
+that acquired it. When that process dies (SIGKILL included) the server frees what it
+held, within a second on the server's host; on any host, a holder that stays silent for
+``lease`` seconds (paused, cut off) loses it, and its next ``release()`` raises
+:class:`~zproc.LockLostError`. Each grant carries a fencing token that only grows
+(``lock.token``). Waiters queue in order (FIFO) and sleep until the server tells them.
+
+:class:`Lock` and :class:`Semaphore` are the handles of a :class:`~zproc.State`;
+:class:`AsyncLock` and :class:`AsyncSemaphore` those of an :class:`~zproc.AsyncState`.
+A handle pickles as its State, name and settings: unpickled (in a child process, a
+swarm task) it is a fresh handle that holds nothing. After ``fork``, a handle inherited
+by the child holds nothing there either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from typing import Any
+
+from . import _coordwire as W
+from . import _protocol as P
+from . import _serialization as S
+from ._leases import keeper, session
+
+__all__ = ["AsyncLock", "AsyncSemaphore", "Lock", "Semaphore"]
+
+#: The default lease of a holder, in seconds.
+DEFAULT_LEASE = 10.0
+#: How much longer than its timeout a waiting acquire waits for the server's answer.
+GRACE = 5.0
+#: How long giving up a wait (cancel) or releasing at close may take, in seconds.
+CANCEL_WAIT = 5.0
+
+_COORD = int(P.Kind.COORD)
+_ACQUIRE, _RELEASE, _CANCEL = int(W.CoordOp.ACQUIRE), int(W.CoordOp.RELEASE), int(W.CoordOp.CANCEL)
+_handles = itertools.count(1)
+
+
+class _Permits:
+    """What sync and async handles share: settings, local bookkeeping, request bodies."""
+
+    _kind = W.LOCK
+
+    def __init__(self, state: Any, name: str, value: int = 1, *,
+                 lease: float = DEFAULT_LEASE) -> None:
+        self._state = state
+        self._name = W.check_name(name)
+        self._value = W.check_value(value)
+        if self._kind == W.LOCK and value != 1:
+            raise ValueError(f"a lock has one permit (value=1), got {value!r}; use a semaphore")
+        self._lease = W.check_lease(lease)
+        self._pid = os.getpid()
+        self._handle = next(_handles)
+        self._seq = 0
+        self._held: list[tuple[int, int]] = []  # (seq, token) of the grants held, oldest first
+        handles = state.__dict__.setdefault("_coord_handles", weakref.WeakSet())
+        handles.add(self)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def lease(self) -> float:
+        return self._lease
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token of the latest grant this handle holds (None: holds nothing).
+        Tokens only grow, also across restarts of a server with ``persist=``."""
+        held = self._mine()
+        return held[-1][1] if held else None
+
+    def _mine(self) -> list[tuple[int, int]]:
+        if self._pid != os.getpid():  # forked: this process holds nothing
+            self._pid, self._held, self._handle = os.getpid(), [], next(_handles)
+        return self._held
+
+    def _declare_body(self) -> bytes:
+        return P.encode(W.DeclareRequest(self._name, self._kind, self._value))
+
+    def _acquire_body(
+        self, blocking: bool, timeout: float | None
+    ) -> tuple[int, bytes, float | None]:
+        """``(seq, body, client-side wait limit)`` of an acquire; bad arguments raise."""
+        if blocking:
+            limit = W.check_timeout(timeout)
+        elif timeout is not None:
+            raise ValueError("can't specify a timeout for a non-blocking acquire")
+        else:
+            limit = 0.0
+        self._mine()
+        state = self._state
+        keeper(state.server_address, state._keys, state._ns, self._lease)
+        self._seq += 1
+        body = P.encode(W.AcquireRequest(
+            self._name, self._kind, self._value, self._handle, self._seq, limit, self._lease,
+            session(),
+        ))
+        return self._seq, body, None if limit is None else limit + GRACE
+
+    def _granted(self, seq: int, reply: Any) -> bool:
+        granted, token = reply
+        if granted:
+            self._held.append((seq, token))
+        return bool(granted)
+
+    def _release_body(self) -> bytes:
+        held = self._mine()
+        if not held:
+            if self._kind == W.LOCK:
+                raise RuntimeError(
+                    f"release of the lock {self._name!r}, which this handle does not hold"
+                )
+            raise ValueError(
+                f"the semaphore {self._name!r} was released more often than this handle "
+                f"acquired it"
+            )
+        seq, _ = held.pop(0)
+        return self._grant_body(seq)
+
+    def _grant_body(self, seq: int) -> bytes:
+        return P.encode(W.ReleaseRequest(self._name, self._handle, seq, session().session))
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self._state, self._name, self._value, self._lease))
+
+    def __repr__(self) -> str:
+        value = "" if self._kind == W.LOCK else f", value={self._value}"
+        held = "held" if self._held and self._pid == os.getpid() else "not held"
+        return f"<zproc.{type(self).__name__} {self._name!r}{value} ({held} by this handle)>"
+
+
+def _rebuild(cls: type[_Permits], state: Any, name: str, value: int, lease: float) -> Any:
+    return cls(state, name, value, lease=lease)
+
+
+def _held_handles(state: Any) -> list[int]:
+    """The handles of ``state`` that hold something in this process."""
+    handles = state.__dict__.get("_coord_handles", ())
+    return [h._handle for h in list(handles) if h._pid == os.getpid() and h._held]
+
+
+def _bye_body(state: Any) -> bytes | None:
+    """The BYE that frees what the handles of ``state`` hold (None: they hold nothing)."""
+    handles = _held_handles(state)
+    if not handles:
+        return None
+    for handle in list(state.__dict__.get("_coord_handles", ())):
+        handle._held = []
+    return P.encode(W.ByeRequest(session().session, handles))
+
+
+def release_all(state: Any, conn: Any) -> None:
+    """At ``state.close()``: free at once what its handles hold (best effort: the lease and
+    the server's watch on this process do it otherwise)."""
+    body = _bye_body(state)
+    if body is not None and conn is not None and conn.pid == os.getpid():
+        try:
+            conn.request(_COORD, int(W.CoordOp.BYE), body, state._ns, CANCEL_WAIT)
+        except Exception:
+            pass
+
+
+async def arelease_all(state: Any, conn: Any) -> None:
+    """:func:`release_all` for an AsyncState."""
+    body = _bye_body(state)
+    if body is not None and conn is not None and conn.pid == os.getpid():
+        try:
+            await conn.arequest(_COORD, int(W.CoordOp.BYE), body, state._ns, CANCEL_WAIT)
+        except Exception:
+            pass
+
+
+# -- State's handles -----------------------------------------------------------------------
+
+
+class _SyncPermits(_Permits):
+    def _request(self, op: int, body: bytes, timeout: float | None) -> Any:
+        return self._state._connection().request(_COORD, op, body, self._state._ns, timeout)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take a permit; wait for one (at most ``timeout`` seconds; None or -1: no limit)
+        unless ``blocking`` is False. Return whether it was taken."""
+        seq, body, limit = self._acquire_body(blocking, timeout)
+        conn = self._state._connection()
+        rid = conn.send(_COORD, _ACQUIRE, body, self._state._ns)
+        try:
+            return self._granted(seq, conn.result(rid, limit))
+        except BaseException:  # given up (KeyboardInterrupt...): the permit must not stay
+            try:
+                self._request(_CANCEL, self._grant_body(seq), CANCEL_WAIT)
+            except Exception:
+                pass  # the server is gone, or the lease frees it
+            raise
+
+    def release(self) -> None:
+        """Give back a permit this handle holds (LockLostError: it was taken away)."""
+        self._request(_RELEASE, self._release_body(), self._state.request_timeout)
+
+    def __enter__(self) -> Any:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+class Lock(_SyncPermits):
+    """A named lock of a :class:`~zproc.State` (``state.lock(name)``): see
+    :mod:`zproc.coordination`. Not reentrant."""
+
+    def locked(self) -> bool:
+        """Whether any handle (of any process) holds the lock now."""
+        return bool(self._request(int(W.CoordOp.LOCKED), S.dumps(self._name),
+                                  self._state.request_timeout))
+
+
+class Semaphore(_SyncPermits):
+    """A named semaphore of ``value`` permits (``state.semaphore(name, value)``), bounded
+    per handle: a handle releases at most what it acquired."""
+
+    _kind = W.SEMAPHORE
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+class CoordinationMethods:
+    """The factories of :class:`~zproc.State` (mixed in)."""
+
+    def lock(self, name: str, *, lease: float = DEFAULT_LEASE) -> Lock:
+        """The named lock ``name`` of this namespace (created on first use).
+
+        ``lease``: seconds a holder may stay silent before it loses the lock (a live
+        process renews it on its own). ValueError if ``name`` is of another kind."""
+        handle = Lock(self, name, lease=lease)
+        handle._request(int(W.CoordOp.DECLARE), handle._declare_body(), None)
+        return handle
+
+    def semaphore(self, name: str, value: int = 1, *, lease: float = DEFAULT_LEASE) -> Semaphore:
+        """The named semaphore ``name`` with ``value`` permits (created on first use).
+        ValueError if it exists with another value or ``name`` is of another kind."""
+        handle = Semaphore(self, name, value, lease=lease)
+        handle._request(int(W.CoordOp.DECLARE), handle._declare_body(), None)
+        return handle
+
+
+# -- AsyncState's handles ------------------------------------------------------------------
+
+
+class _AsyncPermits(_Permits):
+    async def _request(self, op: int, body: bytes, timeout: float | None) -> Any:
+        conn = self._state._connection()
+        return await conn.arequest(_COORD, op, body, self._state._ns, timeout)
+
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As :meth:`Lock.acquire`; a cancelled wait takes no permit."""
+        seq, body, limit = self._acquire_body(blocking, timeout)
+        conn = self._state._connection()
+        rid = conn.send(_COORD, _ACQUIRE, body, self._state._ns)
+        try:
+            return self._granted(seq, await conn.aresult(rid, limit))
+        except BaseException:
+            try:
+                await self._request(_CANCEL, self._grant_body(seq), CANCEL_WAIT)
+            except Exception:
+                pass
+            raise
+
+    async def release(self) -> None:
+        await self._request(_RELEASE, self._release_body(), self._state.request_timeout)
+
+    async def __aenter__(self) -> Any:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.release()
+
+
+class AsyncLock(_AsyncPermits):
+    """The :class:`Lock` of an :class:`~zproc.AsyncState` (``astate.lock(name)``):
+    ``await lock.acquire()``, ``async with lock:``."""
+
+    async def locked(self) -> bool:
+        return bool(await self._request(int(W.CoordOp.LOCKED), S.dumps(self._name),
+                                        self._state.request_timeout))
+
+
+class AsyncSemaphore(_AsyncPermits):
+    """The :class:`Semaphore` of an :class:`~zproc.AsyncState`."""
+
+    _kind = W.SEMAPHORE
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+class AsyncCoordinationMethods:
+    """The factories of :class:`~zproc.AsyncState` (mixed in). They make no round trip:
+    a name of another kind (or another value) raises at the first ``acquire``."""
+
+    def lock(self, name: str, *, lease: float = DEFAULT_LEASE) -> AsyncLock:
+        """The named lock ``name`` of this namespace, as :meth:`State.lock`."""
+        return AsyncLock(self, name, lease=lease)
+
+    def semaphore(self, name: str, value: int = 1, *,
+                  lease: float = DEFAULT_LEASE) -> AsyncSemaphore:
+        """The named semaphore ``name``, as :meth:`State.semaphore`."""
+        return AsyncSemaphore(self, name, value, lease=lease)
+
