@@ -36,6 +36,7 @@ class CoordService:
         self.core = Coordinator(token_base)
         self.host = host_id()
         self._pid_due = self._due = 0.0
+        self._deadline: float | None = None  # the earliest deadline of a waiting acquire
 
     @property
     def active(self) -> bool:
@@ -50,6 +51,8 @@ class CoordService:
             if result is None:
                 if req.timeout is not None:
                     self._due = min(self._due, now + req.timeout)
+                    if self._deadline is None or now + req.timeout < self._deadline:
+                        self._deadline = now + req.timeout
                 return None
             return S.dumps(result)
         if op == W.CoordOp.RELEASE or op == W.CoordOp.CANCEL:
@@ -82,16 +85,26 @@ class CoordService:
         in ms."""
         now = time.monotonic()
         if now < self._due:
-            return max(1, min(IDLE_WAKE_MS, int((self._due - now) * 1000) + 1))
+            return self._wait(now)
         if now >= self._pid_due:
             self._pid_due = now + PID_CHECK
             for session, owner in list(self.core.owners.items()):
                 if owner.places and owner.who.host == self.host and not _alive(owner.who):
                     self.core.drop(session)
         self.core.tick(now)
-        deadline = self.core.next_deadline()
-        self._due = now + LEASE_CHECK if deadline is None else min(now + LEASE_CHECK, deadline)
-        return max(1, int((self._due - now) * 1000) + 1)
+        self._deadline = self.core.next_deadline()
+        self._due = now + LEASE_CHECK
+        if self._deadline is not None:
+            self._due = min(self._due, self._deadline)
+        return self._wait(now)
+
+    def _wait(self, now: float) -> int:
+        """The loop's next sleep: until the next deadline of a wait, or the idle wake-up
+        (the socket option changes only while timed waits are pending)."""
+        deadline = self._deadline
+        if deadline is None or deadline - now >= IDLE_WAKE_MS / 1000:
+            return IDLE_WAKE_MS
+        return max(1, int((deadline - now) * 1000) + 1)
 
 
 def _alive(who: W.Session) -> bool:

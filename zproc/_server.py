@@ -279,12 +279,12 @@ class Server:
                 frames = recv_frames(router)
             if store is not None:  # durable before anyone hears of it (fsync="always")
                 store.commit(self.namespaces)
+            if coord.active:  # grants first: a hand-off's latency is what a waiter feels
+                wake = self._coord_step(wake)
             # replies first: a writer hears "done" no later than anyone watching it
             for reply in replies:
                 send_frames(router, reply)
             replies.clear()
-            if coord.active:
-                wake = self._coord_step(wake)
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])

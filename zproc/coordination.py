@@ -55,8 +55,10 @@ class _Permits:
         if self._kind == W.LOCK and value != 1:
             raise ValueError(f"a lock has one permit (value=1), got {value!r}; use a semaphore")
         self._lease = W.check_lease(lease)
-        self._pid = os.getpid()
-        self._handle = next(_handles)
+        self._pid = -1  # set (with the session) on first use in a process: see _mine
+        self._handle = 0
+        self._who: tuple[Any, ...] = ()
+        self._keeper: Any = None
         self._seq = 0
         self._held: list[tuple[int, int]] = []  # (seq, token) of the grants held, oldest first
         handles = state.__dict__.setdefault("_coord_handles", weakref.WeakSet())
@@ -78,8 +80,9 @@ class _Permits:
         return held[-1][1] if held else None
 
     def _mine(self) -> list[tuple[int, int]]:
-        if self._pid != os.getpid():  # forked: this process holds nothing
+        if self._pid != os.getpid():  # first use, or forked: this process holds nothing
             self._pid, self._held, self._handle = os.getpid(), [], next(_handles)
+            self._who = tuple(session())  # a plain tuple on the wire
         return self._held
 
     def _declare_body(self) -> bytes:
@@ -96,13 +99,13 @@ class _Permits:
         else:
             limit = 0.0
         self._mine()
-        state = self._state
-        keeper(state.server_address, state._keys, state._ns, self._lease)
+        found = self._keeper
+        if found is None or not found.alive:
+            state = self._state
+            self._keeper = keeper(state.server_address, state._keys, state._ns, self._lease)
         self._seq += 1
-        body = P.encode(W.AcquireRequest(
-            self._name, self._kind, self._value, self._handle, self._seq, limit, self._lease,
-            session(),
-        ))
+        body = S.dumps((self._name, self._kind, self._value, self._handle, self._seq, limit,
+                        self._lease, self._who))
         return self._seq, body, None if limit is None else limit + GRACE
 
     def _granted(self, seq: int, reply: Any) -> bool:
@@ -126,7 +129,7 @@ class _Permits:
         return self._grant_body(seq)
 
     def _grant_body(self, seq: int) -> bytes:
-        return P.encode(W.ReleaseRequest(self._name, self._handle, seq, session().session))
+        return S.dumps((self._name, self._handle, seq, self._who[0]))
 
     def __reduce__(self) -> Any:
         return (_rebuild, (type(self), self._state, self._name, self._value, self._lease))
