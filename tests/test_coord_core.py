@@ -144,3 +144,22 @@ def test_malformed_bodies_are_rejected() -> None:
         W.parse(W.AcquireRequest, S.dumps(tuple(bad)))
     with pytest.raises(ValueError, match=">= 0"):
         W.parse(W.AcquireRequest, S.dumps(tuple(bad._replace(name="a", timeout=-2))))
+
+
+def test_an_event_wakes_every_waiter_and_stays_set() -> None:
+    core = Coordinator()
+    assert acq(core, 1, "e", kind=W.EVENT, timeout=0) == (False, 0)
+    assert acq(core, 1, "e", kind=W.EVENT) is None
+    assert acq(core, 2, "e", kind=W.EVENT, timeout=5.0) is None
+    assert not core.is_set("ns", "e")
+    core.set_event("ns", "e", True)
+    assert sorted(core.out) == [(("reply", 1, 1), (True, 0)), (("reply", 2, 1), (True, 0))]
+    assert core.is_set("ns", "e") and acq(core, 3, "e", kind=W.EVENT) == (True, 0)
+    core.set_event("ns", "e", False)
+    assert not core.is_set("ns", "e")
+    core.out.clear()
+    assert acq(core, 3, "e", kind=W.EVENT, timeout=1.0, seq=2) is None
+    core.tick(2.0)
+    assert core.out == [(("reply", 3, 2), (False, 0))]
+    with pytest.raises(ValueError, match="is an event"):
+        acq(core, 1, "e")

@@ -325,3 +325,70 @@ def test_async_lock_and_a_cancelled_wait(server: zproc.ServerAddress, state: zpr
         assert state.semaphore("as-s", 2).acquire(blocking=False)
 
     asyncio.run(main())
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def wait_event(address: zproc.ServerAddress, conn: Any) -> None:
+    with zproc.State(address) as st:
+        event = st.event("go")
+        conn.send("waiting")
+        conn.send(event.wait(timeout=30))
+
+
+def test_an_event_wakes_waiters_in_other_processes(
+    server: zproc.ServerAddress, state: zproc.State
+) -> None:
+    event = state.event("go")
+    assert isinstance(event, zproc.Event) and not event.is_set()
+    assert event.wait(timeout=0.2) is False
+    pipes, procs = [], []
+    try:
+        for _ in range(3):
+            here, there = multiprocessing.Pipe()
+            procs.append(spawn(wait_event, server, there))
+            pipes.append(here)
+        for here in pipes:
+            assert here.poll(20) and here.recv() == "waiting"
+        time.sleep(0.3)
+        assert not any(here.poll(0) for here in pipes)  # they wait
+        event.set()
+        for here in pipes:
+            assert here.poll(20) and here.recv() is True
+        assert event.is_set() and event.wait(timeout=-1)
+        event.clear()
+        assert not event.is_set()
+        assert "go" not in state
+        with pytest.raises(ValueError, match="is an event"):
+            state.lock("go")
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def test_context_event_and_async_event(server: zproc.ServerAddress) -> None:
+    ctx = zproc.Context(server, start_server=False)
+    try:
+        event = ctx.event("ae")
+
+        async def main() -> None:
+            async with zproc.AsyncState(server) as ast:
+                aev = ast.event("ae")
+                assert isinstance(aev, zproc.AsyncEvent) and not await aev.is_set()
+                assert not await aev.wait(timeout=0.1)
+                waiting = asyncio.ensure_future(aev.wait())
+                await asyncio.sleep(0.2)
+                waiting.cancel()  # a cancelled wait is forgotten by the server
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                waiter = asyncio.ensure_future(aev.wait(timeout=20))
+                await asyncio.sleep(0.2)
+                await asyncio.to_thread(event.set)
+                assert await waiter is True
+                await aev.clear()
+                assert not event.is_set()
+
+        asyncio.run(main())
+    finally:
+        ctx.close()

@@ -16,7 +16,7 @@ from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail
-from .coordination import AsyncLock, AsyncSemaphore, Lock, Semaphore
+from .coordination import AsyncEvent, AsyncLock, AsyncSemaphore, Event, Lock, Semaphore
 from .exceptions import (
     AddressInUseError,
     AuthenticationError,
@@ -55,12 +55,14 @@ from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
 __all__ = [
     "AddressInUseError",
+    "AsyncEvent",
     "AsyncLock",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
     "AuthenticationError",
     "Context",
+    "Event",
     "Lock",
     "LockLostError",
     "Pipeline",

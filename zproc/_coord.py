@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from ._coordwire import AcquireRequest, ByeRequest, ReleaseRequest, Session
+from ._coordwire import EVENT, AcquireRequest, ByeRequest, ReleaseRequest, Session
 from .exceptions import LockLostError
 
 __all__ = ["Coordinator"]
@@ -46,14 +46,15 @@ class _Waiter:
 
 
 class Permits:
-    """One named lock or semaphore."""
+    """One named lock or semaphore, or an event (``flag``: set; waiters wait for it)."""
 
-    __slots__ = ("kind", "value", "grants", "waiters")
+    __slots__ = ("kind", "value", "grants", "waiters", "flag")
 
     def __init__(self, kind: str, value: int) -> None:
         self.kind, self.value = kind, value
         self.grants: dict[Key, _Grant] = {}
         self.waiters: deque[_Waiter] = deque()
+        self.flag = False
 
     @property
     def free(self) -> int:
@@ -89,8 +90,8 @@ class Coordinator:
             permits = table[name] = Permits(kind, value)
         elif permits.kind != kind:
             raise ValueError(
-                f"{name!r} is a {permits.kind} in namespace {namespace!r}; a {kind} needs "
-                f"another name"
+                f"{name!r} is {_an(permits.kind)} in namespace {namespace!r}; {_an(kind)} "
+                f"needs another name"
             )
         elif permits.value != value:
             raise ValueError(
@@ -106,10 +107,12 @@ class Coordinator:
         permits = self.declare(namespace, req.name, req.kind, req.value)
         owner = self._owner(req.who, now)
         key = (req.who.session, req.handle, req.seq)
-        grant = permits.grants.get(key)
-        if grant is not None:  # the same acquire twice: it holds already
-            return True, grant.token
-        if permits.free > 0 and not permits.waiters:
+        if permits.kind == EVENT:  # an event's wait
+            if permits.flag:
+                return True, 0
+        elif key in permits.grants:  # the same acquire twice: it holds already
+            return True, permits.grants[key].token
+        elif permits.free > 0 and not permits.waiters:
             owner.places.add((namespace, req.name))
             return True, self._grant(permits, key, req.lease)
         if req.timeout == 0:
@@ -162,6 +165,17 @@ class Coordinator:
         self._clear(owner, lambda key: handles is None or key[1] in handles)
         if handles is None:
             del self.owners[req.session]
+
+    def set_event(self, namespace: str, name: str, flag: bool) -> None:
+        """Set (waking every waiter) or clear the event ``name``."""
+        event = self.declare(namespace, name, EVENT, 1)
+        event.flag = flag
+        if flag:
+            self.out.extend((waiter.reply_to, (True, 0)) for waiter in event.waiters)
+            event.waiters.clear()
+
+    def is_set(self, namespace: str, name: str) -> bool:
+        return self.declare(namespace, name, EVENT, 1).flag
 
     def locked(self, namespace: str, name: str) -> bool:
         permits = self.tables.get(namespace, {}).get(name)
@@ -251,3 +265,7 @@ class Coordinator:
             ):
                 owner.places.discard(place)
 
+
+
+def _an(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind

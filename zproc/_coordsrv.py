@@ -67,6 +67,11 @@ class CoordService:
         if op == W.CoordOp.BYE:
             core.bye(W.parse(W.ByeRequest, body))
             return S.dumps(None)
+        if op == W.CoordOp.SET or op == W.CoordOp.CLEAR:
+            core.set_event(ns, W.parse(W.DeclareRequest, body).name, op == W.CoordOp.SET)
+            return S.dumps(None)
+        if op == W.CoordOp.IS_SET:
+            return S.dumps(core.is_set(ns, W.parse(W.DeclareRequest, body).name))
         if op == W.CoordOp.LOCKED:
             return S.dumps(core.locked(ns, W.parse(str, body)))
         raise ValueError(f"unknown coordination operation {op}")

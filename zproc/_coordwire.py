@@ -20,6 +20,12 @@ session; a grant is named by the handle and the handle's acquire number (``seq``
     BYE        ByeRequest            reply: None; drops the handles' grants and waits
                                      (every handle of the session when ``handles`` is None)
     LOCKED     name (str)            reply: whether any permit of that name is held
+    SET        DeclareRequest        reply: None; sets the event, answers its waiters
+    CLEAR      DeclareRequest        reply: None
+    IS_SET     DeclareRequest        reply: whether the event is set
+
+An event's ``wait`` is an ACQUIRE of the event (granted when it is set: token 0), given up
+with CANCEL; an event holds nothing.
 """
 
 from __future__ import annotations
@@ -42,12 +48,16 @@ class CoordOp(enum.IntEnum):
     HEARTBEAT = 5
     BYE = 6
     LOCKED = 7
+    SET = 8
+    CLEAR = 9
+    IS_SET = 10
 
 
 #: The kinds of named primitives (a name is of one kind in its namespace).
 LOCK = "lock"
 SEMAPHORE = "semaphore"
-KINDS = (LOCK, SEMAPHORE)
+EVENT = "event"
+KINDS = (LOCK, SEMAPHORE, EVENT)
 
 
 class Session(NamedTuple):

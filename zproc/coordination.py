@@ -1,16 +1,19 @@
-"""Named locks and semaphores shared by processes, held by their owners.
+"""Named locks, semaphores and events shared by processes; locks held by their owners.
 
-``state.lock(name)`` and ``state.semaphore(name, value)`` return handles to primitives
+``state.lock(name)``, ``state.semaphore(name, value)`` and ``state.event(name)`` return
+handles to primitives
 kept by the server, in the State's namespace (apart from the dict's keys). Unlike
 ``multiprocessing.Manager().Lock()``, a permit has an owner: the process of the handle
 that acquired it. When that process dies (SIGKILL included) the server frees what it
 held, within a second on the server's host; on any host, a holder that stays silent for
 ``lease`` seconds (paused, cut off) loses it, and its next ``release()`` raises
 :class:`~zproc.LockLostError`. Each grant carries a fencing token that only grows
-(``lock.token``). Waiters queue in order (FIFO) and sleep until the server tells them.
+(``lock.token``). Waiters queue in order (FIFO) and sleep until the server tells them;
+setting an event wakes all of its waiters.
 
-:class:`Lock` and :class:`Semaphore` are the handles of a :class:`~zproc.State`;
-:class:`AsyncLock` and :class:`AsyncSemaphore` those of an :class:`~zproc.AsyncState`.
+:class:`Lock`, :class:`Semaphore` and :class:`Event` are the handles of a
+:class:`~zproc.State`; :class:`AsyncLock`, :class:`AsyncSemaphore` and :class:`AsyncEvent`
+those of an :class:`~zproc.AsyncState`.
 A handle pickles as its State, name and settings: unpickled (in a child process, a
 swarm task) it is a fresh handle that holds nothing. After ``fork``, a handle inherited
 by the child holds nothing there either.
@@ -21,14 +24,14 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _coordwire as W
 from . import _protocol as P
 from . import _serialization as S
 from ._leases import keeper, session
 
-__all__ = ["AsyncLock", "AsyncSemaphore", "Lock", "Semaphore"]
+__all__ = ["AsyncEvent", "AsyncLock", "AsyncSemaphore", "Event", "Lock", "Semaphore"]
 
 #: The default lease of a holder, in seconds.
 DEFAULT_LEASE = 10.0
@@ -39,6 +42,8 @@ CANCEL_WAIT = 5.0
 
 _COORD = int(P.Kind.COORD)
 _ACQUIRE, _RELEASE, _CANCEL = int(W.CoordOp.ACQUIRE), int(W.CoordOp.RELEASE), int(W.CoordOp.CANCEL)
+_DECLARE, _LOCKED = int(W.CoordOp.DECLARE), int(W.CoordOp.LOCKED)
+_SET, _CLEAR, _IS_SET = int(W.CoordOp.SET), int(W.CoordOp.CLEAR), int(W.CoordOp.IS_SET)
 _handles = itertools.count(1)
 
 
@@ -184,24 +189,30 @@ async def arelease_all(state: Any, conn: Any) -> None:
 # -- State's handles -----------------------------------------------------------------------
 
 
-class _SyncPermits(_Permits):
-    def _request(self, op: int, body: bytes, timeout: float | None) -> Any:
+class _SyncHandle(_Permits):
+    def _request(self, op: int, body: bytes, timeout: float | None = None) -> Any:
         return self._state._connection().request(_COORD, op, body, self._state._ns, timeout)
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take a permit; wait for one (at most ``timeout`` seconds; None or -1: no limit)
-        unless ``blocking`` is False. Return whether it was taken."""
+    def _wait(self, blocking: bool, timeout: float | None) -> tuple[int, Any]:
+        """Send an ACQUIRE and wait for its answer: ``(seq, (granted, token))``."""
         seq, body, limit = self._acquire_body(blocking, timeout)
         conn = self._state._connection()
         rid = conn.send(_COORD, _ACQUIRE, body, self._state._ns)
         try:
-            return self._granted(seq, conn.result(rid, limit))
+            return seq, conn.result(rid, limit)
         except BaseException:  # given up (KeyboardInterrupt...): the permit must not stay
             try:
                 self._request(_CANCEL, self._grant_body(seq), CANCEL_WAIT)
             except Exception:
                 pass  # the server is gone, or the lease frees it
             raise
+
+
+class _SyncPermits(_SyncHandle):
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take a permit; wait for one (at most ``timeout`` seconds; None or -1: no limit)
+        unless ``blocking`` is False. Return whether it was taken."""
+        return self._granted(*self._wait(blocking, timeout))
 
     def release(self) -> None:
         """Give back a permit this handle holds (LockLostError: it was taken away)."""
@@ -221,8 +232,7 @@ class Lock(_SyncPermits):
 
     def locked(self) -> bool:
         """Whether any handle (of any process) holds the lock now."""
-        return bool(self._request(int(W.CoordOp.LOCKED), S.dumps(self._name),
-                                  self._state.request_timeout))
+        return bool(self._request(_LOCKED, S.dumps(self._name), self._state.request_timeout))
 
 
 class Semaphore(_SyncPermits):
@@ -236,6 +246,28 @@ class Semaphore(_SyncPermits):
         return self._value
 
 
+class Event(_SyncHandle):
+    """A named event (``state.event(name)``), as :class:`threading.Event`: a flag that
+    processes set, clear and wait for."""
+
+    _kind = W.EVENT
+
+    def set(self) -> None:
+        """Set the flag: every waiter wakes up."""
+        self._request(_SET, self._declare_body(), self._state.request_timeout)
+
+    def clear(self) -> None:
+        self._request(_CLEAR, self._declare_body(), self._state.request_timeout)
+
+    def is_set(self) -> bool:
+        return bool(self._request(_IS_SET, self._declare_body(), self._state.request_timeout))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is set (at most ``timeout`` seconds; None or -1: no limit);
+        return whether it is."""
+        return bool(self._wait(True, timeout)[1][0])
+
+
 class CoordinationMethods:
     """The factories of :class:`~zproc.State` (mixed in)."""
 
@@ -244,39 +276,55 @@ class CoordinationMethods:
 
         ``lease``: seconds a holder may stay silent before it loses the lock (a live
         process renews it on its own). ValueError if ``name`` is of another kind."""
-        handle = Lock(self, name, lease=lease)
-        handle._request(int(W.CoordOp.DECLARE), handle._declare_body(), None)
-        return handle
+        return _declared(Lock(self, name, lease=lease))
 
     def semaphore(self, name: str, value: int = 1, *, lease: float = DEFAULT_LEASE) -> Semaphore:
         """The named semaphore ``name`` with ``value`` permits (created on first use).
         ValueError if it exists with another value or ``name`` is of another kind."""
-        handle = Semaphore(self, name, value, lease=lease)
-        handle._request(int(W.CoordOp.DECLARE), handle._declare_body(), None)
-        return handle
+        return _declared(Semaphore(self, name, value, lease=lease))
+
+    def event(self, name: str, *, lease: float = DEFAULT_LEASE) -> Event:
+        """The named event ``name`` of this namespace (created on first use, not set).
+        ValueError if ``name`` is of another kind."""
+        return _declared(Event(self, name, lease=lease))
+
+
+_H = TypeVar("_H", bound=_SyncHandle)
+
+
+def _declared(handle: _H) -> _H:
+    """``handle`` once the server has its primitive (created, or checked: kind, value)."""
+    handle._request(_DECLARE, handle._declare_body(), handle._state.request_timeout)
+    return handle
 
 
 # -- AsyncState's handles ------------------------------------------------------------------
 
 
-class _AsyncPermits(_Permits):
-    async def _request(self, op: int, body: bytes, timeout: float | None) -> Any:
+class _AsyncHandle(_Permits):
+    async def _request(self, op: int, body: bytes, timeout: float | None = None) -> Any:
         conn = self._state._connection()
         return await conn.arequest(_COORD, op, body, self._state._ns, timeout)
 
-    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """As :meth:`Lock.acquire`; a cancelled wait takes no permit."""
+    async def _wait(self, blocking: bool, timeout: float | None) -> tuple[int, Any]:
+        """As the sync ``_wait``; a cancelled wait takes nothing."""
         seq, body, limit = self._acquire_body(blocking, timeout)
         conn = self._state._connection()
         rid = conn.send(_COORD, _ACQUIRE, body, self._state._ns)
         try:
-            return self._granted(seq, await conn.aresult(rid, limit))
+            return seq, await conn.aresult(rid, limit)
         except BaseException:
             try:
                 await self._request(_CANCEL, self._grant_body(seq), CANCEL_WAIT)
             except Exception:
                 pass
             raise
+
+
+class _AsyncPermits(_AsyncHandle):
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As :meth:`Lock.acquire`; a cancelled wait takes no permit."""
+        return self._granted(*await self._wait(blocking, timeout))
 
     async def release(self) -> None:
         await self._request(_RELEASE, self._release_body(), self._state.request_timeout)
@@ -294,7 +342,7 @@ class AsyncLock(_AsyncPermits):
     ``await lock.acquire()``, ``async with lock:``."""
 
     async def locked(self) -> bool:
-        return bool(await self._request(int(W.CoordOp.LOCKED), S.dumps(self._name),
+        return bool(await self._request(_LOCKED, S.dumps(self._name),
                                         self._state.request_timeout))
 
 
@@ -308,16 +356,38 @@ class AsyncSemaphore(_AsyncPermits):
         return self._value
 
 
+class AsyncEvent(_AsyncHandle):
+    """The :class:`Event` of an :class:`~zproc.AsyncState`: ``await ev.wait()``."""
+
+    _kind = W.EVENT
+
+    async def set(self) -> None:
+        await self._request(_SET, self._declare_body(), self._state.request_timeout)
+
+    async def clear(self) -> None:
+        await self._request(_CLEAR, self._declare_body(), self._state.request_timeout)
+
+    async def is_set(self) -> bool:
+        return bool(await self._request(_IS_SET, self._declare_body(),
+                                        self._state.request_timeout))
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        return bool((await self._wait(True, timeout))[1][0])
+
+
 class AsyncCoordinationMethods:
     """The factories of :class:`~zproc.AsyncState` (mixed in). They make no round trip:
-    a name of another kind (or another value) raises at the first ``acquire``."""
+    a name of another kind (or another value) raises at the first use."""
 
     def lock(self, name: str, *, lease: float = DEFAULT_LEASE) -> AsyncLock:
-        """The named lock ``name`` of this namespace, as :meth:`State.lock`."""
+        """The named lock ``name`` of this namespace, as ``State.lock``."""
         return AsyncLock(self, name, lease=lease)
 
     def semaphore(self, name: str, value: int = 1, *,
                   lease: float = DEFAULT_LEASE) -> AsyncSemaphore:
-        """The named semaphore ``name``, as :meth:`State.semaphore`."""
+        """The named semaphore ``name``, as ``State.semaphore``."""
         return AsyncSemaphore(self, name, value, lease=lease)
 
+    def event(self, name: str, *, lease: float = DEFAULT_LEASE) -> AsyncEvent:
+        """The named event ``name``, as ``State.event``."""
+        return AsyncEvent(self, name, lease=lease)
