@@ -163,3 +163,34 @@ def test_an_event_wakes_every_waiter_and_stays_set() -> None:
     assert core.out == [(("reply", 3, 2), (False, 0))]
     with pytest.raises(ValueError, match="is an event"):
         acq(core, 1, "e")
+
+
+def test_a_barrier_round_gives_distinct_indices_and_a_dead_party_breaks_it() -> None:
+    core = Coordinator()
+    assert acq(core, 1, "b", kind=W.BARRIER, value=3) is None
+    assert acq(core, 2, "b", kind=W.BARRIER, value=3) is None
+    assert core.barrier_info("ns", "b", 3) == (2, False)
+    assert acq(core, 3, "b", kind=W.BARRIER, value=3) == (True, 2)
+    assert sorted(core.out) == [(("reply", 1, 1), (True, 0)), (("reply", 2, 1), (True, 1))]
+    core.out.clear()
+    acq(core, 1, "b", kind=W.BARRIER, value=3, seq=2)
+    acq(core, 2, "b", kind=W.BARRIER, value=3, seq=2)
+    core.drop(who(2).session)  # a waiting party died
+    assert core.out == [(("reply", 1, 2), (False, -1))]
+    assert core.barrier_info("ns", "b", 3) == (0, True)
+    assert acq(core, 3, "b", kind=W.BARRIER, value=3, seq=2) == (False, -1)  # stays broken
+    with pytest.raises(ValueError, match="parties 3, not 4"):
+        acq(core, 4, "b", kind=W.BARRIER, value=4)
+
+
+def test_a_barrier_wait_that_times_out_or_is_cancelled_breaks_it() -> None:
+    core = Coordinator()
+    acq(core, 1, "t", kind=W.BARRIER, value=3)
+    acq(core, 2, "t", kind=W.BARRIER, value=3, timeout=1.0)
+    core.tick(1.5)
+    assert sorted(core.out) == [(("reply", 1, 1), (False, -1)), (("reply", 2, 1), (False, 0))]
+    core.out.clear()
+    acq(core, 1, "c", kind=W.BARRIER, value=2)
+    rel(core, 1, "c", cancel=True)
+    assert core.barrier_info("ns", "c", 2) == (0, True)
+    assert acq(core, 1, "z", kind=W.BARRIER, value=2, timeout=0) == (False, -1)

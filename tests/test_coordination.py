@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -392,3 +393,81 @@ def test_context_event_and_async_event(server: zproc.ServerAddress) -> None:
         asyncio.run(main())
     finally:
         ctx.close()
+
+
+# -- barriers --------------------------------------------------------------------------
+
+
+def party(address: zproc.ServerAddress, conn: Any) -> None:
+    with zproc.State(address) as st:
+        barrier = st.barrier("round", 3)
+        conn.send("ready")
+        try:
+            conn.send(barrier.wait(timeout=30))
+        except threading.BrokenBarrierError:
+            conn.send("broken")
+
+
+def test_a_barrier_across_processes_and_a_dead_party(
+    server: zproc.ServerAddress, state: zproc.State
+) -> None:
+    barrier = state.barrier("round", 3)
+    assert isinstance(barrier, zproc.Barrier) and barrier.parties == 3
+    procs, pipes = [], []
+    try:
+        for _ in range(2):
+            here, there = multiprocessing.Pipe()
+            procs.append(spawn(party, server, there))
+            pipes.append(here)
+            assert here.poll(20) and here.recv() == "ready"
+        index = barrier.wait(timeout=30)
+        got = [here.recv() for here in pipes if here.poll(20)]
+        assert sorted([index, *got]) == [0, 1, 2]
+        # a second round: one party is killed while the others wait
+        for n in range(2):
+            procs[n].join(20)
+            here, there = multiprocessing.Pipe()
+            procs[n] = spawn(party, server, there)
+            pipes[n] = here
+            assert here.poll(20) and here.recv() == "ready"
+        deadline = time.monotonic() + 20
+        while barrier.n_waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert barrier.n_waiting == 2 and not barrier.broken
+        os.kill(procs[0].pid, signal.SIGKILL)
+        assert pipes[1].poll(10) and pipes[1].recv() == "broken"
+        assert barrier.broken
+        with pytest.raises(threading.BrokenBarrierError):
+            barrier.wait(timeout=5)
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def test_barrier_timeout_abort_and_bad_parties(server: zproc.ServerAddress,
+                                               state: zproc.State) -> None:
+    with pytest.raises(ValueError, match="parties must be >= 1"):
+        state.barrier("b0", 0)
+    b = state.barrier("b1", 2)
+    with pytest.raises(threading.BrokenBarrierError):
+        b.wait(timeout=0.2)  # the other party never came: broken
+    with pytest.raises(ValueError, match="parties 2, not 3"):
+        state.barrier("b1", 3)
+    c = state.barrier("b2", 2)
+    c.abort()
+    assert c.broken
+    with pytest.raises(threading.BrokenBarrierError):
+        c.wait()
+
+    async def main() -> None:
+        async with zproc.AsyncState(server) as ast:
+            ab = ast.barrier("b3", 2)
+            assert isinstance(ab, zproc.AsyncBarrier) and ab.parties == 2
+            other = state.barrier("b3", 2)
+            got = await asyncio.gather(ab.wait(timeout=20), asyncio.to_thread(other.wait, 20))
+            assert sorted(got) == [0, 1]
+            assert await ab.n_waiting() == 0 and not await ab.broken()
+            await ab.abort()
+            assert await ab.broken()
+
+    asyncio.run(main())

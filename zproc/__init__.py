@@ -16,7 +16,16 @@ from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail
-from .coordination import AsyncEvent, AsyncLock, AsyncSemaphore, Event, Lock, Semaphore
+from .coordination import (
+    AsyncBarrier,
+    AsyncEvent,
+    AsyncLock,
+    AsyncSemaphore,
+    Barrier,
+    Event,
+    Lock,
+    Semaphore,
+)
 from .exceptions import (
     AddressInUseError,
     AuthenticationError,
@@ -55,12 +64,14 @@ from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
 __all__ = [
     "AddressInUseError",
+    "AsyncBarrier",
     "AsyncEvent",
     "AsyncLock",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
     "AuthenticationError",
+    "Barrier",
     "Context",
     "Event",
     "Lock",

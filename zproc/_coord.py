@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from ._coordwire import EVENT, AcquireRequest, ByeRequest, ReleaseRequest, Session
+from ._coordwire import BARRIER, EVENT, AcquireRequest, ByeRequest, ReleaseRequest, Session
 from .exceptions import LockLostError
 
 __all__ = ["Coordinator"]
@@ -46,7 +46,9 @@ class _Waiter:
 
 
 class Permits:
-    """One named lock or semaphore, or an event (``flag``: set; waiters wait for it)."""
+    """One named lock or semaphore (``value`` permits), an event (``flag``: set; waiters
+    wait for it) or a barrier (``value`` parties; ``waiters``: the parties that arrived;
+    ``flag``: broken)."""
 
     __slots__ = ("kind", "value", "grants", "waiters", "flag")
 
@@ -94,9 +96,10 @@ class Coordinator:
                 f"needs another name"
             )
         elif permits.value != value:
+            label = "parties" if kind == BARRIER else "value"
             raise ValueError(
-                f"the semaphore {name!r} has value {permits.value}, not {value}: ask for it "
-                f"with value={permits.value}, or use another name"
+                f"the {kind} {name!r} has {label} {permits.value}, not {value}: ask for it "
+                f"with {label}={permits.value}, or use another name"
             )
         return permits
 
@@ -110,6 +113,18 @@ class Coordinator:
         if permits.kind == EVENT:  # an event's wait
             if permits.flag:
                 return True, 0
+        elif permits.kind == BARRIER:  # a party arrives: (True, index) or (False, -1) broken
+            if permits.flag:
+                return False, -1
+            if len(permits.waiters) + 1 == permits.value:  # the last one: the round ends
+                self.out.extend(
+                    (waiter.reply_to, (True, index)) for index, waiter in enumerate(permits.waiters)
+                )
+                permits.waiters.clear()
+                return True, permits.value - 1
+            if req.timeout == 0:
+                self.abort(permits)
+                return False, -1
         elif key in permits.grants:  # the same acquire twice: it holds already
             return True, permits.grants[key].token
         elif permits.free > 0 and not permits.waiters:
@@ -138,6 +153,8 @@ class Coordinator:
                 for waiter in permits.waiters:
                     if waiter.key == key:
                         permits.waiters.remove(waiter)
+                        if permits.kind == BARRIER:  # a party gave up: the others too
+                            self.abort(permits)
                         return
         if not cancel:
             kind = "lock" if permits is None else permits.kind
@@ -176,6 +193,17 @@ class Coordinator:
 
     def is_set(self, namespace: str, name: str) -> bool:
         return self.declare(namespace, name, EVENT, 1).flag
+
+    def abort(self, barrier: Permits) -> None:
+        """Break a barrier: its waiting parties and all later ones hear (False, -1)."""
+        barrier.flag = True
+        self.out.extend((waiter.reply_to, (False, -1)) for waiter in barrier.waiters)
+        barrier.waiters.clear()
+
+    def barrier_info(self, namespace: str, name: str, parties: int) -> tuple[int, bool]:
+        """``(parties waiting, broken)``."""
+        barrier = self.declare(namespace, name, BARRIER, parties)
+        return len(barrier.waiters), barrier.flag
 
     def locked(self, namespace: str, name: str) -> bool:
         permits = self.tables.get(namespace, {}).get(name)
@@ -240,7 +268,7 @@ class Coordinator:
         silent = 0.0 if now is None else now - owner.seen
         for place in list(owner.places):
             permits = self.tables[place[0]][place[1]]
-            freed = False
+            freed = gone = False
             for key, grant in list(permits.grants.items()):
                 if key[0] == session and (
                     grant.lease < silent if which is None else which(key)
@@ -253,13 +281,18 @@ class Coordinator:
                 if which is not None:
                     if which(waiter.key):
                         permits.waiters.remove(waiter)
+                        gone = True
                 elif waiter.lease < silent:
                     permits.waiters.remove(waiter)
+                    gone = True
                 elif waiter.deadline is not None and now is not None and now >= waiter.deadline:
                     permits.waiters.remove(waiter)
                     self.out.append((waiter.reply_to, (False, 0)))
+                    gone = True
             if freed:
                 self._wake(permits)
+            if gone and permits.kind == BARRIER:  # a party died or gave up: broken for all
+                self.abort(permits)
             if not any(k[0] == session for k in permits.grants) and not any(
                 w.key[0] == session for w in permits.waiters
             ):

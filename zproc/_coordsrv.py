@@ -72,6 +72,13 @@ class CoordService:
             return S.dumps(None)
         if op == W.CoordOp.IS_SET:
             return S.dumps(core.is_set(ns, W.parse(W.DeclareRequest, body).name))
+        if op == W.CoordOp.ABORT:
+            req = W.parse(W.DeclareRequest, body)
+            core.abort(core.declare(ns, req.name, W.BARRIER, req.value))
+            return S.dumps(None)
+        if op == W.CoordOp.BARRIER:
+            req = W.parse(W.DeclareRequest, body)
+            return S.dumps(core.barrier_info(ns, req.name, req.value))
         if op == W.CoordOp.LOCKED:
             return S.dumps(core.locked(ns, W.parse(str, body)))
         raise ValueError(f"unknown coordination operation {op}")

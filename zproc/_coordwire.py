@@ -23,9 +23,14 @@ session; a grant is named by the handle and the handle's acquire number (``seq``
     SET        DeclareRequest        reply: None; sets the event, answers its waiters
     CLEAR      DeclareRequest        reply: None
     IS_SET     DeclareRequest        reply: whether the event is set
+    ABORT      DeclareRequest        reply: None; breaks the barrier
+    BARRIER    DeclareRequest        reply: (parties waiting, broken)
 
 An event's ``wait`` is an ACQUIRE of the event (granted when it is set: token 0), given up
-with CANCEL; an event holds nothing.
+with CANCEL; an event holds nothing. A barrier's ``wait`` is an ACQUIRE of the barrier
+(``value``: its parties), answered ``(True, index)`` when the last party arrives and
+``(False, -1)`` when the barrier is broken (a wait timed out or was given up, a waiting
+party died or fell silent, ``abort()``); a broken barrier stays broken.
 """
 
 from __future__ import annotations
@@ -51,13 +56,16 @@ class CoordOp(enum.IntEnum):
     SET = 8
     CLEAR = 9
     IS_SET = 10
+    ABORT = 11
+    BARRIER = 12
 
 
 #: The kinds of named primitives (a name is of one kind in its namespace).
 LOCK = "lock"
 SEMAPHORE = "semaphore"
 EVENT = "event"
-KINDS = (LOCK, SEMAPHORE, EVENT)
+BARRIER = "barrier"
+KINDS = (LOCK, SEMAPHORE, EVENT, BARRIER)
 
 
 class Session(NamedTuple):

@@ -29,7 +29,7 @@ from ._pool import Pool, worker_main
 from ._security import SecretKey
 from ._server import start_server
 from ._transport import ServerAddress, normalize_address
-from .coordination import Event, Lock, Semaphore
+from .coordination import Barrier, Event, Lock, Semaphore
 from .exceptions import ZProcError
 from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
 from .state import State, ping
@@ -365,6 +365,10 @@ class Context:
     def event(self, name: str, **kwargs: Any) -> Event:
         """``ctx.state.event(name, ...)``: see :meth:`State.event`."""
         return self.state.event(name, **kwargs)
+
+    def barrier(self, name: str, parties: int, **kwargs: Any) -> Barrier:
+        """``ctx.state.barrier(name, parties, ...)``: see :meth:`State.barrier`."""
+        return self.state.barrier(name, parties, **kwargs)
 
     def create_state(self, value: Any = None, *, namespace: str | None = None) -> State:
         """A new State for this Context's server, optionally updated with ``value``."""

@@ -1,7 +1,7 @@
-"""Named locks, semaphores and events shared by processes; locks held by their owners.
+"""Named locks, semaphores, events and barriers shared by processes, owned by processes.
 
-``state.lock(name)``, ``state.semaphore(name, value)`` and ``state.event(name)`` return
-handles to primitives
+``state.lock(name)``, ``state.semaphore(name, value)``, ``state.event(name)`` and
+``state.barrier(name, parties)`` return handles to primitives
 kept by the server, in the State's namespace (apart from the dict's keys). Unlike
 ``multiprocessing.Manager().Lock()``, a permit has an owner: the process of the handle
 that acquired it. When that process dies (SIGKILL included) the server frees what it
@@ -11,9 +11,9 @@ held, within a second on the server's host; on any host, a holder that stays sil
 (``lock.token``). Waiters queue in order (FIFO) and sleep until the server tells them;
 setting an event wakes all of its waiters.
 
-:class:`Lock`, :class:`Semaphore` and :class:`Event` are the handles of a
-:class:`~zproc.State`; :class:`AsyncLock`, :class:`AsyncSemaphore` and :class:`AsyncEvent`
-those of an :class:`~zproc.AsyncState`.
+:class:`Lock`, :class:`Semaphore`, :class:`Event` and :class:`Barrier` are the handles of
+a :class:`~zproc.State`; :class:`AsyncLock`, :class:`AsyncSemaphore`, :class:`AsyncEvent`
+and :class:`AsyncBarrier` those of an :class:`~zproc.AsyncState`.
 A handle pickles as its State, name and settings: unpickled (in a child process, a
 swarm task) it is a fresh handle that holds nothing. After ``fork``, a handle inherited
 by the child holds nothing there either.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import weakref
 from typing import Any, TypeVar
 
@@ -31,7 +32,10 @@ from . import _protocol as P
 from . import _serialization as S
 from ._leases import keeper, session
 
-__all__ = ["AsyncEvent", "AsyncLock", "AsyncSemaphore", "Event", "Lock", "Semaphore"]
+__all__ = [
+    "AsyncBarrier", "AsyncEvent", "AsyncLock", "AsyncSemaphore", "Barrier", "Event", "Lock",
+    "Semaphore",
+]
 
 #: The default lease of a holder, in seconds.
 DEFAULT_LEASE = 10.0
@@ -44,6 +48,7 @@ _COORD = int(P.Kind.COORD)
 _ACQUIRE, _RELEASE, _CANCEL = int(W.CoordOp.ACQUIRE), int(W.CoordOp.RELEASE), int(W.CoordOp.CANCEL)
 _DECLARE, _LOCKED = int(W.CoordOp.DECLARE), int(W.CoordOp.LOCKED)
 _SET, _CLEAR, _IS_SET = int(W.CoordOp.SET), int(W.CoordOp.CLEAR), int(W.CoordOp.IS_SET)
+_ABORT, _BARRIER = int(W.CoordOp.ABORT), int(W.CoordOp.BARRIER)
 _handles = itertools.count(1)
 
 
@@ -135,6 +140,16 @@ class _Permits:
 
     def _grant_body(self, seq: int) -> bytes:
         return S.dumps((self._name, self._handle, seq, self._who[0]))
+
+    def _passed(self, reply: Any) -> int:
+        """A barrier's index, from the answer to its wait (BrokenBarrierError: broken)."""
+        passed, index = reply
+        if not passed:
+            raise threading.BrokenBarrierError(
+                f"the barrier {self._name!r} is broken: a party timed out, gave up, died or "
+                f"called abort(); use another name for a new barrier"
+            )
+        return int(index)
 
     def __reduce__(self) -> Any:
         return (_rebuild, (type(self), self._state, self._name, self._value, self._lease))
@@ -268,6 +283,36 @@ class Event(_SyncHandle):
         return bool(self._wait(True, timeout)[1][0])
 
 
+class Barrier(_SyncHandle):
+    """A named barrier for ``parties`` processes (``state.barrier(name, parties)``), as
+    :class:`threading.Barrier`; a party that dies, falls silent or gives up breaks it."""
+
+    _kind = W.BARRIER
+
+    @property
+    def parties(self) -> int:
+        return self._value
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until ``parties`` handles wait; return this one's index (0 .. parties-1,
+        distinct in a round). A timeout breaks the barrier: BrokenBarrierError, here and
+        in every other waiter."""
+        return self._passed(self._wait(True, timeout)[1])
+
+    def abort(self) -> None:
+        """Break the barrier: every waiter, and every later wait, gets BrokenBarrierError."""
+        self._request(_ABORT, self._declare_body(), self._state.request_timeout)
+
+    @property
+    def n_waiting(self) -> int:
+        """How many parties wait now."""
+        return int(self._request(_BARRIER, self._declare_body(), self._state.request_timeout)[0])
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._request(_BARRIER, self._declare_body(), self._state.request_timeout)[1])
+
+
 class CoordinationMethods:
     """The factories of :class:`~zproc.State` (mixed in)."""
 
@@ -287,6 +332,11 @@ class CoordinationMethods:
         """The named event ``name`` of this namespace (created on first use, not set).
         ValueError if ``name`` is of another kind."""
         return _declared(Event(self, name, lease=lease))
+
+    def barrier(self, name: str, parties: int, *, lease: float = DEFAULT_LEASE) -> Barrier:
+        """The named barrier ``name`` for ``parties`` processes (created on first use).
+        ValueError if it exists with other parties or ``name`` is of another kind."""
+        return _declared(Barrier(self, name, W.check_value(parties, "parties"), lease=lease))
 
 
 _H = TypeVar("_H", bound=_SyncHandle)
@@ -375,6 +425,31 @@ class AsyncEvent(_AsyncHandle):
         return bool((await self._wait(True, timeout))[1][0])
 
 
+class AsyncBarrier(_AsyncHandle):
+    """The :class:`Barrier` of an :class:`~zproc.AsyncState`: ``await b.wait()``; the
+    state's queries are coroutines: ``await b.n_waiting()``, ``await b.broken()``."""
+
+    _kind = W.BARRIER
+
+    @property
+    def parties(self) -> int:
+        return self._value
+
+    async def wait(self, timeout: float | None = None) -> int:
+        return self._passed((await self._wait(True, timeout))[1])
+
+    async def abort(self) -> None:
+        await self._request(_ABORT, self._declare_body(), self._state.request_timeout)
+
+    async def n_waiting(self) -> int:
+        info = await self._request(_BARRIER, self._declare_body(), self._state.request_timeout)
+        return int(info[0])
+
+    async def broken(self) -> bool:
+        info = await self._request(_BARRIER, self._declare_body(), self._state.request_timeout)
+        return bool(info[1])
+
+
 class AsyncCoordinationMethods:
     """The factories of :class:`~zproc.AsyncState` (mixed in). They make no round trip:
     a name of another kind (or another value) raises at the first use."""
@@ -391,3 +466,8 @@ class AsyncCoordinationMethods:
     def event(self, name: str, *, lease: float = DEFAULT_LEASE) -> AsyncEvent:
         """The named event ``name``, as ``State.event``."""
         return AsyncEvent(self, name, lease=lease)
+
+    def barrier(self, name: str, parties: int, *,
+                lease: float = DEFAULT_LEASE) -> AsyncBarrier:
+        """The named barrier ``name``, as ``State.barrier``."""
+        return AsyncBarrier(self, name, W.check_value(parties, "parties"), lease=lease)
