@@ -32,7 +32,8 @@ _lock = threading.RLock()
 _session: tuple[int, W.Session] | None = None
 _keepers: dict[tuple[int, str], Keeper] = {}
 #: How long a keeper waits for the answer to its BYE at exit, in seconds.
-BYE_WAIT = 1.0
+BYE_WAIT = 0.5
+_exit_hook: list[int] = []  # the pid that registered it
 
 
 def session() -> W.Session:
@@ -63,6 +64,11 @@ def keeper(address: ServerAddress, keys: ClientKeys | None, namespace: bytes,
                 for stale in [k for k in _keepers if k[0] != pid]:
                     del _keepers[stale]  # inherited through fork: their threads are gone
                 found = _keepers[key] = Keeper(address, keys, namespace, session().session)
+                if _exit_hook != [pid]:
+                    # registered now, so that it runs before the exit hooks of the Contexts
+                    # made earlier (which stop their servers)
+                    _exit_hook[:] = [pid]
+                    atexit.register(_say_bye)
     found.need(lease)
     return found
 
@@ -129,7 +135,6 @@ class Keeper:
             sock.close(0)
 
 
-@atexit.register
 def _say_bye() -> None:
     pid = os.getpid()
     for (owner, _), found in list(_keepers.items()):
