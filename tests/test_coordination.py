@@ -162,10 +162,10 @@ def test_a_paused_holder_loses_its_lease_and_hears_of_it(
 def test_a_live_holder_keeps_its_lock_past_its_lease(
     server: zproc.ServerAddress, state: zproc.State
 ) -> None:
-    proc, conn, token = start_holder(server, "live", lease=1.0)
+    proc, conn, token = start_holder(server, "live", lease=1.5)
     lock = state.lock("live")
     try:
-        assert not lock.acquire(timeout=3)  # three leases: the heartbeats renew it
+        assert not lock.acquire(timeout=4.5)  # three leases: the heartbeats renew it
         conn.send("release")
         assert conn.poll(20) and conn.recv() == "released"
         assert lock.acquire(timeout=5)
@@ -189,12 +189,17 @@ def test_close_releases_at_once(server: zproc.ServerAddress, state: zproc.State)
 
 
 def wait_turn(address: zproc.ServerAddress, n: int, conn: Any) -> None:
-    with zproc.State(address) as st:
-        lock = st.lock("fifo")
-        conn.send("waiting")
-        assert lock.acquire(timeout=60)
-        zproc.append(st, "order", (n, lock.token))
-        lock.release()
+    async def main() -> None:
+        async with zproc.AsyncState(address) as st:
+            lock = st.lock("fifo")
+            acquired = asyncio.ensure_future(lock.acquire(timeout=60))
+            await asyncio.sleep(0)  # the acquire request is on its way
+            conn.send("waiting")
+            assert await acquired
+            await zproc.append(st, "order", (n, lock.token))
+            await lock.release()
+
+    asyncio.run(main())
 
 
 def test_waiters_get_the_lock_in_arrival_order(
@@ -209,7 +214,7 @@ def test_waiters_get_the_lock_in_arrival_order(
             here, there = multiprocessing.Pipe()
             procs.append(spawn(wait_turn, server, n, there))
             assert here.poll(20) and here.recv() == "waiting"
-            time.sleep(0.3)  # its acquire reaches the server before the next one's
+            time.sleep(0.1)  # its acquire reaches the server before the next one's
         lock.release()
         for proc in procs:
             proc.join(30)
