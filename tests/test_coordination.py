@@ -254,7 +254,10 @@ def test_tokens_grow_across_a_persist_restart(tmp_path: Any, ipc_address: Any) -
 # -- pickled handles -------------------------------------------------------------------
 
 
-def use_pickled(lock: zproc.Lock, conn: Any) -> None:
+def use_pickled(lock: zproc.Lock | bytes, conn: Any) -> None:
+    if isinstance(lock, bytes):
+        lock = pickle.loads(lock)
+    assert isinstance(lock, zproc.Lock)
     assert lock.token is None  # a fresh handle: holds nothing
     try:
         lock.release()
@@ -267,14 +270,16 @@ def use_pickled(lock: zproc.Lock, conn: Any) -> None:
     lock.release()
 
 
-def test_a_pickled_handle_is_a_fresh_handle_in_the_child(state: zproc.State) -> None:
+@pytest.mark.parametrize("how", ["pickled", "inherited"])
+def test_a_handle_in_a_child_is_a_fresh_handle(state: zproc.State, how: str) -> None:
     lock = state.lock("pk", lease=5.0)
     assert lock.acquire()
     copy = pickle.loads(pickle.dumps(lock))
     assert copy.name == "pk" and copy.lease == 5.0 and copy.token is None
     assert not copy.acquire(blocking=False)
     here, there = multiprocessing.Pipe()
-    proc = spawn(use_pickled, lock, there)
+    # pickled: unpickled in the child; inherited: the parent's object, through fork
+    proc = spawn(use_pickled, pickle.dumps(lock) if how == "pickled" else lock, there)
     try:
         time.sleep(0.3)
         token = lock.token
