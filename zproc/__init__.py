@@ -16,9 +16,20 @@ from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail
+from .coordination import (
+    AsyncBarrier,
+    AsyncEvent,
+    AsyncLock,
+    AsyncSemaphore,
+    Barrier,
+    Event,
+    Lock,
+    Semaphore,
+)
 from .exceptions import (
     AddressInUseError,
     AuthenticationError,
+    LockLostError,
     ProcessError,
     ProcessExit,
     ProcessWaitError,
@@ -53,10 +64,18 @@ from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
 __all__ = [
     "AddressInUseError",
+    "AsyncBarrier",
+    "AsyncEvent",
+    "AsyncLock",
+    "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
     "AuthenticationError",
+    "Barrier",
     "Context",
+    "Event",
+    "Lock",
+    "LockLostError",
     "Pipeline",
     "Process",
     "ProcessError",
@@ -64,6 +83,7 @@ __all__ = [
     "ProcessWaitError",
     "ProtocolError",
     "RemoteTraceback",
+    "Semaphore",
     "SequenceTaskResult",
     "ServerAddress",
     "ServerError",

@@ -47,6 +47,7 @@ from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, 
 from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
 from ._stream import _get_copy, _level_watch, _update_of, _watch_start
 from ._utils import in_server_process
+from .coordination import AsyncCoordinationMethods, arelease_all
 from .exceptions import TimeoutError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
@@ -54,7 +55,7 @@ __all__ = ["AsyncState", "AsyncStateWatcher"]
 T = TypeVar("T")
 
 
-class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
+class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordinationMethods):
     """A :class:`State` for asyncio: every dict operation and watcher is awaited.
 
     The parameters are those of :class:`State`. Create it inside a coroutine (it
@@ -203,6 +204,7 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"]):
         self._closed = True
         self._drop_stream(self._stream, closed_error())
         conn, self._conn = self._conn, None
+        await arelease_all(self, conn)
         if conn is not None:
             await conn.aclose()
 

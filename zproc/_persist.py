@@ -422,6 +422,9 @@ class Store:
         finally:
             if relaxed:
                 db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+        #: This run's number in the file: grows by one per run (the newest row is never
+        #: deleted, so SQLite never reuses an id).
+        self.run_number = int(db.execute("SELECT MAX(id) FROM runs").fetchone()[0])
         return [
             (bytes(run_token), {str(k): int(v) for k, v in json.loads(run_heads).items()})
             for run_token, run_heads in db.execute("SELECT token, heads FROM runs ORDER BY id")

@@ -151,6 +151,7 @@ class Kind(enum.IntEnum):
     SYNC = 8  # body: token bytes (raw). reply: None; publishes a sync marker
     TIME = 9  # body: empty. reply: the server's time.time()
     SWARM = 10  # body: settings dict (may be empty). reply: the broker's endpoints
+    COORD = 11  # method: a CoordOp. body: its record (zproc._coordwire). reply: there too
     PIPELINE = 16  # body: list of pickled (method, args). reply: [(status, body), ...]
 
 

@@ -42,6 +42,7 @@ from . import _protocol as P
 from . import _serialization as S
 from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
+from ._coordsrv import CoordService
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_files, check_fsync
 from ._security import (
     Guard,
@@ -148,6 +149,9 @@ class Server:
             except BaseException:
                 self.close()
                 raise
+        # fencing tokens grow across the runs of a persist file: each run starts above
+        # every token of the runs before it (2**40 grants per run)
+        self.coord = CoordService(0 if self._store is None else self._store.run_number << 40)
 
     def _make_sockets(self) -> None:
         """The ROUTER (requests) and the PUB (events), with their options."""
@@ -267,13 +271,16 @@ class Server:
         dirty: list[Namespace] = []
         until = until or (lambda: False)
         store = self._store
-        router.rcvtimeo = 200  # wake up now and then to notice signals and idle work
+        router.rcvtimeo = wake = 200  # wake up now and then to notice signals and idle work
+        coord = self.coord
         while not until():
             try:
                 frames = recv_frames(router)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
+                if coord.active:
+                    wake = self._coord_step(wake)
                 continue
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
@@ -284,6 +291,8 @@ class Server:
                 frames = recv_frames(router)
             if store is not None:  # durable before anyone hears of it (fsync="always")
                 store.commit(self.namespaces)
+            if coord.active:  # grants first: a hand-off's latency is what a waiter feels
+                wake = self._coord_step(wake)
             # replies first: a writer hears "done" no later than anyone watching it
             for reply in replies:
                 send_frames(router, reply)
@@ -317,6 +326,8 @@ class Server:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
             return self._error(identity, request.request_id, exc)
+        if result is None:  # answered later (a waiting acquire)
+            return None
         ns = self.namespaces.get(request.namespace)
         head = 0 if ns is None else ns.seq
         return [identity, P.reply_header(P.OK, request.request_id, head), result]
@@ -332,8 +343,9 @@ class Server:
         body: bytes,
         dirty: list[Namespace],
         syncs: list[list[bytes]],
-    ) -> bytes:
-        """Run one request and return the encoded result (raises on failure)."""
+    ) -> bytes | None:
+        """Run one request and return the encoded result (raises on failure; None: the
+        reply is sent later)."""
         kind = request.kind
         ns = self.namespace(request.namespace)
         if kind == _CALL:
@@ -387,7 +399,18 @@ class Server:
             return S.dumps(self.meta())
         if kind == P.Kind.SWARM:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
+        if kind == P.Kind.COORD:
+            return self.coord.handle(identity, request, body)
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
+
+    def _coord_step(self, wake: int) -> int:
+        """Coordination's timers, then its replies due; the loop's next sleep (ms)."""
+        timeout = self.coord.tick()
+        for reply in self.coord.take():
+            send_frames(self.router, reply)
+        if timeout != wake:
+            self.router.rcvtimeo = timeout
+        return timeout
 
     def continues(self, run: bytes, seq: int, namespace: str) -> bool:
         """Whether change ``seq`` of ``namespace`` as run ``run`` numbered it is part of

@@ -23,6 +23,7 @@ __all__ = [
     "bind_random_tcp",
     "create_ipc_address",
     "get_context",
+    "host_id",
     "make_private_ipc_dir",
     "normalize_address",
     "recv_frames",
@@ -260,3 +261,13 @@ def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     while _get_option(sock, _RCVMORE):
         frames.append(_recv_frame(sock))
     return frames
+
+
+def host_id() -> str:
+    """This host's id: its name and, on Linux, its boot id (a reboot reuses pids)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{_socket.gethostname()}/{boot}"

@@ -14,6 +14,8 @@ The hierarchy::
     │   └── ProcessWaitError        wait() on a child that failed, died or was stopped
     ├── TaskError                   a swarm task's chunk was lost on every attempt, or its
     │                               results are gone (forgotten, expired)
+    ├── LockLostError               a lock or semaphore permit was taken away from its
+    │                               holder (lease expired, server restarted) before release
     └── SignalException             a signal converted into an exception (``signum``)
     ProcessExit (BaseException)     raise in a child to exit with ``exitcode``
 
@@ -30,6 +32,7 @@ from typing import Any
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
+    "LockLostError",
     "ProcessError",
     "ProcessExit",
     "ProcessWaitError",
@@ -73,6 +76,16 @@ class ServerUnavailableError(ServerError, ConnectionError):
 
 class AuthenticationError(ZProcError):
     """The server rejected this client's keys (wrong or missing ``secret_key``)."""
+
+
+class LockLostError(ZProcError):
+    """A lock or semaphore permit this handle held was taken away before ``release()``.
+
+    The holder fell silent for longer than its lease (it was paused, cut off from the
+    server, or too busy to renew it), or the server restarted. Another process may have
+    held it since: whatever the holder wrote while it believed it held the lock must be
+    checked, e.g. against the fencing token (``lock.token``).
+    """
 
 
 class ProtocolError(ZProcError):

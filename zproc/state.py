@@ -44,6 +44,7 @@ from ._api import (
     ping,
 )
 from ._async import AsyncState
+from .coordination import CoordinationMethods, release_all
 from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Connection, Stream
 from ._pipeline import DEFAULT_PIPELINE_OPS, Pipeline
 from ._security import SecretKey
@@ -106,7 +107,7 @@ _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Metho
 # -- State -------------------------------------------------------------------------------
 
 
-class State(StateBase, WatchMethods["StateWatcher"]):
+class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
     """A dict-like proxy to the dict held by a zproc server.
 
     Parameters
@@ -371,6 +372,7 @@ class State(StateBase, WatchMethods["StateWatcher"]):
             return
         self._closed = True
         self._reset_stream()
+        release_all(self, self._conn)
         if self._conn is not None:
             self._conn.close()
 
