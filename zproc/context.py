@@ -29,7 +29,7 @@ from ._pool import Pool, worker_main
 from ._security import SecretKey
 from ._server import start_server
 from ._transport import ServerAddress, normalize_address
-from .coordination import Barrier, Event, Lock, Semaphore
+from .coordination import ContextCoordination
 from .exceptions import ZProcError
 from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
 from .state import State, ping
@@ -63,7 +63,7 @@ class ContextStatus(enum.Enum):
     CLOSED = "closed"
 
 
-class Context:
+class Context(ContextCoordination):
     """A server (started here or attached to), a State for it, and the processes made here.
 
     Parameters
@@ -371,22 +371,6 @@ class Context:
     def secret_key(self) -> SecretKey | None:
         """The ``secret_key`` of this Context's server and States (read-only)."""
         return self._secret_key
-
-    def lock(self, name: str, **kwargs: Any) -> Lock:
-        """``ctx.state.lock(name, ...)``: see :meth:`State.lock`."""
-        return self.state.lock(name, **kwargs)
-
-    def semaphore(self, name: str, value: int = 1, **kwargs: Any) -> Semaphore:
-        """``ctx.state.semaphore(name, value, ...)``: see :meth:`State.semaphore`."""
-        return self.state.semaphore(name, value, **kwargs)
-
-    def event(self, name: str, **kwargs: Any) -> Event:
-        """``ctx.state.event(name, ...)``: see :meth:`State.event`."""
-        return self.state.event(name, **kwargs)
-
-    def barrier(self, name: str, parties: int, **kwargs: Any) -> Barrier:
-        """``ctx.state.barrier(name, parties, ...)``: see :meth:`State.barrier`."""
-        return self.state.barrier(name, parties, **kwargs)
 
     def create_state(self, value: Any = None, *, namespace: str | None = None) -> State:
         """A new State for this Context's server, optionally updated with ``value``."""

@@ -25,7 +25,7 @@ import itertools
 import os
 import threading
 import weakref
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _coordwire as W
 from . import _protocol as P
@@ -337,6 +337,32 @@ class CoordinationMethods:
         """The named barrier ``name`` for ``parties`` processes (created on first use).
         ValueError if it exists with other parties or ``name`` is of another kind."""
         return _declared(Barrier(self, name, W.check_value(parties, "parties"), lease=lease))
+
+
+class _HasState(Protocol):
+    @property
+    def state(self) -> CoordinationMethods: ...
+
+
+class ContextCoordination:
+    """The factories of :class:`~zproc.Context` (mixed in): ``ctx.lock(...)`` is
+    ``ctx.state.lock(...)``, and so on."""
+
+    def lock(self: _HasState, name: str, **kwargs: Any) -> Lock:
+        """``ctx.state.lock(name, ...)``: see :meth:`State.lock`."""
+        return self.state.lock(name, **kwargs)
+
+    def semaphore(self: _HasState, name: str, value: int = 1, **kwargs: Any) -> Semaphore:
+        """``ctx.state.semaphore(name, value, ...)``: see :meth:`State.semaphore`."""
+        return self.state.semaphore(name, value, **kwargs)
+
+    def event(self: _HasState, name: str, **kwargs: Any) -> Event:
+        """``ctx.state.event(name, ...)``: see :meth:`State.event`."""
+        return self.state.event(name, **kwargs)
+
+    def barrier(self: _HasState, name: str, parties: int, **kwargs: Any) -> Barrier:
+        """``ctx.state.barrier(name, parties, ...)``: see :meth:`State.barrier`."""
+        return self.state.barrier(name, parties, **kwargs)
 
 
 _H = TypeVar("_H", bound=_SyncHandle)
