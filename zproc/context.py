@@ -28,7 +28,7 @@ from ._handlers import watch_loop
 from ._pool import Pool, worker_main
 from ._security import SecretKey
 from ._server import start_server
-from ._transport import ServerAddress, normalize_address
+from ._transport import ServerAddress, normalize_address, remove_ipc_dir, remove_ipc_endpoint
 from .exceptions import ZProcError
 from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
 from .state import State, ping
@@ -161,6 +161,7 @@ class Context:
         self._tasks: dict[int, Iterator[Any]] = {}
         self._task_ids = itertools.count(1)
         self.server_process: Any = None
+        self._random_address = address is None  # the server makes its own ipc directory
         if owns_server:
             options = {} if persist is None else {"persist": persist, "fsync": fsync}
             self.server_process, address = _start(
@@ -265,6 +266,16 @@ class Context:
                 proc.join(5)
         else:
             proc.join(0)
+        if not proc.is_alive():
+            self._remove_server_files()
+
+    def _remove_server_files(self) -> None:
+        """Remove the ipc files of this Context's ended server (a killed one leaves them)."""
+        for endpoint in self.server_address:
+            if self._random_address and endpoint.startswith("ipc://"):
+                remove_ipc_dir(os.path.dirname(endpoint[len("ipc://") :]))
+            else:
+                remove_ipc_endpoint(endpoint)
 
     def close(self) -> None:
         """Stop this Context's processes and the server it started; close its State.
