@@ -7,6 +7,7 @@ orphans of this test, so every test also kills whatever it saw and is still runn
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -215,3 +216,25 @@ def test_exit_after_the_server_was_killed_removes_the_ipc_directory(owners: Owne
     assert proc.wait(30) == 0
     assert not os.path.exists(ipc_dir(info["address"]))
 
+
+def test_an_unclosed_state_of_a_dead_server_is_collected_without_waiting() -> None:
+    server, address = zproc.start_server()
+    state = zproc.State(address, request_timeout=30)
+    state["k"] = 1
+    watcher = zproc.State(address, request_timeout=30)
+    watcher.get_when_available("k", timeout=10)  # opens its event stream
+    server.kill()
+    server.join(10)
+    try:
+        with pytest.warns(ResourceWarning, match=r"unclosed State for .*rr"):
+            started = time.monotonic()
+            del state, watcher
+            gc.collect()
+            took = time.monotonic() - started
+        assert took < 0.5, f"collecting two unclosed States took {took:.2f} s"
+    finally:
+        for endpoint in address:
+            path = endpoint[len("ipc://") :]
+            if os.path.exists(path):
+                os.unlink(path)
+        os.rmdir(os.path.dirname(address[0][len("ipc://") :]))
