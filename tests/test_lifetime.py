@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import psutil
 import pytest
 
 import zproc
+from zproc._proctree import exit_with_owner
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and ipc")
 
@@ -215,6 +217,25 @@ def test_exit_after_the_server_was_killed_removes_the_ipc_directory(owners: Owne
     assert info["left"]  # the killed server left its socket file
     assert proc.wait(30) == 0
     assert not os.path.exists(ipc_dir(info["address"]))
+
+
+
+def _orphan_at_birth(owner_pid: int) -> None:
+    exit_with_owner((owner_pid, True), signal.SIGTERM)
+    time.sleep(30)
+
+
+def test_an_owner_that_died_before_the_child_was_set_up_ends_it_at_once() -> None:
+    gone = multiprocessing.Process(target=time.sleep, args=(0,))
+    gone.start()
+    gone.join(10)
+    child = multiprocessing.Process(target=_orphan_at_birth, args=(gone.pid,))
+    child.start()
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM
 
 
 def test_an_unclosed_state_of_a_dead_server_is_collected_without_waiting() -> None:
