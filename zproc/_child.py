@@ -22,7 +22,12 @@ from typing import Any, NamedTuple
 
 from . import _pipes as W
 from . import _serialization as S
-from ._proctree import exception_to_signal, signal_name, signal_to_exception
+from ._proctree import (
+    exception_to_signal,
+    exit_with_owner,
+    signal_name,
+    signal_to_exception,
+)
 from ._transport import ServerAddress
 from .exceptions import ProcessExit, SignalException
 
@@ -67,10 +72,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def child_main(payload: Any, writer: multiprocessing.connection.Connection) -> None:
-    """Entry point of a child process: run the spec, write the result frame, exit."""
+def child_main(
+    payload: Any,
+    writer: multiprocessing.connection.Connection,
+    owner: tuple[int, bool] | None = None,
+) -> None:
+    """Entry point of a child process: run the spec, write the result frame, exit.
+
+    ``owner`` (an :func:`~zproc._proctree.owner_token`): the child is killed when that
+    process ends, however it ends.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if owner is not None:
+        exit_with_owner(owner, signal.SIGKILL)
     try:
         spec = payload if isinstance(payload, ChildSpec) else S.loads(payload)
     except BaseException as exc:

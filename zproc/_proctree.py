@@ -6,9 +6,12 @@ descriptors (with psutil for the trees), so that every layer above can use them.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -27,7 +30,9 @@ __all__ = [
     "descendants_of",
     "end_processes",
     "exception_to_signal",
+    "exit_with_owner",
     "open_pidfd",
+    "owner_token",
     "poll_fds",
     "send_signal",
     "signal_name",
@@ -203,3 +208,61 @@ def open_pidfd(pid: int) -> int | None:
 
 #: Without a pidfd, how often waits look at the child's exit status (seconds).
 EXIT_POLL = 0.05
+
+
+# -- ending with the owner ---------------------------------------------------------------
+
+
+#: Without ``PR_SET_PDEATHSIG``, how often a child looks whether its owner still runs (s).
+OWNER_POLL = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def owner_token() -> tuple[int, bool]:
+    """What a child started now needs to end with this process: ``(pid, from_main)``.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the
+    process; so only a child started from the main thread may rely on it, the others watch
+    the owner's pid instead.
+    """
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_owner(owner: psutil.Process, sig: int) -> None:
+    while _running(owner):
+        time.sleep(OWNER_POLL)
+    os.kill(os.getpid(), sig)
+
+
+def exit_with_owner(owner: tuple[int, bool], sig: signal.Signals | int) -> None:
+    """Have ``sig`` sent to this process once its owner (from :func:`owner_token`) ends.
+
+    On Linux, for a child its owner started from the main thread, the kernel sends it
+    (``PR_SET_PDEATHSIG``); elsewhere a daemon thread polls the owner every
+    :data:`OWNER_POLL` seconds. An owner that is gone already (it died before this was
+    set up) gets ``sig`` sent at once.
+    """
+    pid, from_main = owner
+    if from_main and _set_pdeathsig(int(sig)) and os.getppid() == pid:
+        return  # the parent is still there after prctl: the kernel takes it from here
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        os.kill(os.getpid(), sig)
+        return
+    if not _running(process):
+        os.kill(os.getpid(), sig)
+        return
+    threading.Thread(
+        target=_watch_owner, args=(process, int(sig)), name="zproc-owner", daemon=True
+    ).start()

@@ -43,6 +43,7 @@ from . import _serialization as S
 from ._protocol import parse_call_request, parse_request, parse_routed
 from ._broker import Broker
 from ._coordsrv import CoordService
+from ._proctree import exit_with_owner, owner_token
 from ._persist import DEFAULT_COMPACT_AFTER, Store, check_files, check_fsync
 from ._security import (
     Guard,
@@ -568,11 +569,14 @@ def serve(
     address: ServerAddress | None,
     report: Any,
     options: dict[str, Any] | None = None,
+    owner: tuple[int, bool] | None = None,
 ) -> None:
     """Entry point of a server process: bind, report through ``report`` (a Connection), serve.
 
     Exits quietly on SIGINT and SIGTERM after closing its sockets and removing the ipc
-    files it created.
+    files it created. ``owner`` (an :func:`~zproc._proctree.owner_token`): also once that
+    process ends, however it ends; ``None`` (``zproc serve``): the server outlives its
+    starter.
     """
     stop: list[int] = []
 
@@ -581,6 +585,10 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if owner is not None:
+        exit_with_owner(owner, signal.SIGTERM)
+        if stop:
+            return  # the owner died before it could hear from us
     server: Server | None = None
     try:
         try:
@@ -639,7 +647,13 @@ def start_server(
 ) -> tuple[Any, ServerAddress]:
     """Start a state server in a new process and return ``(process, address)``.
 
-    Returns only once the server has bound both sockets.
+    Returns only once the server has bound both sockets. The server ends with the process
+    that started it, however that one ends (even by ``SIGKILL``), and removes its ipc
+    files; a server meant to outlive its starter is what ``zproc serve`` is for (see
+    :ref:`lifetimes`).
+
+    .. versionchanged:: 1.0
+       The server ends with its starter.
 
     Parameters
     ----------
@@ -731,7 +745,9 @@ def start_server(
         options.update(_persist_options(persist, fsync, compact_after))
     receiver, sender = multiprocessing.Pipe(duplex=False)
     factory: Callable[..., Any] = backend
-    process: Any = factory(target=serve, args=(address, sender, options), name="zproc-server")
+    process: Any = factory(
+        target=serve, args=(address, sender, options, owner_token()), name="zproc-server"
+    )
     process.start()
     sender.close()
     try:

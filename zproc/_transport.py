@@ -28,6 +28,7 @@ __all__ = [
     "normalize_address",
     "recv_frames",
     "remove_ipc_endpoint",
+    "remove_server_files",
     "send_frames",
     "server_socket",
     "validate_endpoint",
@@ -271,3 +272,13 @@ def host_id() -> str:
     except OSError:
         boot = ""
     return f"{_socket.gethostname()}/{boot}"
+
+
+def remove_server_files(address: ServerAddress, *, whole_dir: bool) -> None:
+    """Remove the ipc files of an ended server at ``address`` (a killed server leaves
+    them); ``whole_dir``: the server made the directory of its ipc endpoints itself."""
+    for endpoint in address:
+        if whole_dir and endpoint.startswith("ipc://"):
+            remove_ipc_dir(os.path.dirname(endpoint[len("ipc://") :]))
+        else:
+            remove_ipc_endpoint(endpoint)

@@ -28,7 +28,7 @@ from ._handlers import watch_loop
 from ._pool import Pool, worker_main
 from ._security import SecretKey
 from ._server import start_server
-from ._transport import ServerAddress, normalize_address
+from ._transport import ServerAddress, normalize_address, remove_server_files
 from .coordination import ContextCoordination
 from .exceptions import ZProcError
 from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
@@ -174,6 +174,7 @@ class Context(ContextCoordination):
         self._tasks: dict[int, Iterator[Any]] = {}
         self._task_ids = itertools.count(1)
         self.server_process: Any = None
+        self._random_address = address is None  # the server makes its own ipc directory
         if owns_server:
             options: dict[str, Any] = {"insecure": insecure}
             if persist is not None:
@@ -284,6 +285,9 @@ class Context(ContextCoordination):
                 proc.join(5)
         else:
             proc.join(0)
+        if not proc.is_alive():
+            # a killed server leaves its ipc files (its own directory, for a random address)
+            remove_server_files(self.server_address, whole_dir=self._random_address)
 
     def close(self) -> None:
         """Stop this Context's processes and the server it started; close its State.

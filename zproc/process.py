@@ -53,6 +53,7 @@ from ._proctree import (
     end_processes,
     exception_to_signal,
     open_pidfd,
+    owner_token,
     poll_fds,
     send_signal,
     signal_name,
@@ -337,7 +338,7 @@ class Process:
         try:
             child = self.backend(
                 target=child_main,
-                args=(payload, writer),
+                args=(payload, writer, owner_token()),
                 name=f"zproc:{target_name(self.target)}",
             )
             if forking and _FORK_WARNS:
