@@ -16,10 +16,19 @@ import pytest
 import zproc
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host``, never the same one twice in a test run (two
+    calls in a row may otherwise get the same port: an address would then use it twice)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 def make_address(kind: str) -> zproc.ServerAddress:

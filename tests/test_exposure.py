@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 import pytest
-from conftest import make_address, stop
+from conftest import free_tcp_port, make_address, stop
 
 import zproc
 from zproc._server import Server
@@ -34,15 +34,9 @@ def _local_ip() -> str:
     return ip
 
 
-def _free_port(ip: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((ip, 0))
-        return int(sock.getsockname()[1])
-
-
 def _public_address() -> ServerAddress:
     ip = _local_ip()
-    return ServerAddress(f"tcp://{ip}:{_free_port(ip)}", f"tcp://{ip}:{_free_port(ip)}")
+    return ServerAddress(f"tcp://{ip}:{free_tcp_port(ip)}", f"tcp://{ip}:{free_tcp_port(ip)}")
 
 
 def _nothing_listens(address: ServerAddress) -> None:

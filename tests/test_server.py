@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import free_tcp_port
 import zmq
 
 import zproc
@@ -188,9 +189,7 @@ def _other_endpoint(address: zproc.ServerAddress) -> str:
 
 
 def _free_tcp() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 def test_tcp_port_taken_by_another_program() -> None:
