@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kill9, stop
+from conftest import kill9, make_address, stop
 
 import zproc
 from zproc import _protocol as P
@@ -99,11 +99,7 @@ def test_blocked_watcher_raises_when_the_server_is_killed(
 def test_a_frozen_server_is_found_out_by_heartbeats() -> None:
     """SIGSTOP: the sockets stay open but nothing answers (like an unreachable host). The
     heartbeats drop the connection (1 s interval + liveness), then liveness runs out."""
-    from conftest import free_tcp_port
-
-    address = zproc.ServerAddress(
-        f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
-    )
+    address = make_address("tcp")
     proc, _ = zproc.start_server(address)
     try:
         with zproc.State(address, liveness=1.0) as state:
@@ -125,11 +121,7 @@ def test_a_write_in_flight_across_a_pause_has_an_unknown_outcome() -> None:
     """A 5 s SIGSTOP: the heartbeats drop the connection (liveness 3 s), the server comes
     back before liveness runs out. The client cannot tell a pause from a restart: the
     message says what it knows."""
-    from conftest import free_tcp_port
-
-    address = zproc.ServerAddress(
-        f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
-    )
+    address = make_address("tcp")
     proc, _ = zproc.start_server(address)
     try:
         with zproc.State(address, liveness=3.0) as state:
