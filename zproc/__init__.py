@@ -12,7 +12,7 @@ import logging as _logging
 from ._version import __version__
 
 from ._async import AsyncState, AsyncStateWatcher
-from ._server import start_server
+from ._launch import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail

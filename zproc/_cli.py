@@ -38,7 +38,8 @@ from typing import Any
 from . import _serialization as S
 from ._persist import FSYNC_POLICIES
 from ._security import CLI_FIX, create_certificates, refuse_exposed, server_keys, warn_exposed
-from ._server import Server, serve
+from ._launch import serve
+from ._server import Server
 from ._worker import run_workers
 from ._transport import ServerAddress, normalize_address
 from ._utils import OWNER_ONLY, check_private

@@ -27,7 +27,7 @@ from ._chunks import as_args, as_kwargs, map_inputs, map_length
 from ._handlers import watch_loop
 from ._pool import Pool, worker_main
 from ._security import SecretKey
-from ._server import start_server
+from ._launch import start_server
 from ._transport import ServerAddress, normalize_address, remove_server_files
 from .coordination import ContextCoordination
 from .exceptions import ZProcError
