@@ -59,6 +59,7 @@ from .state import (
     decrease,
     increase,
     ping,
+    stats,
 )
 from .swarm import SequenceTaskResult, SimpleTaskResult, Swarm
 
@@ -111,6 +112,7 @@ __all__ = [
     "send_signal",
     "signal_to_exception",
     "start_server",
+    "stats",
 ]
 
 # Silent by default: server events, rejected peers and retries go to the "zproc" logger;

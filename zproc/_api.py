@@ -43,7 +43,7 @@ from ._stream import (
 from ._transport import ServerAddress, normalize_address
 from .exceptions import TimeoutError
 
-__all__ = ["StateBase", "WatchMethods", "WatcherBase", "ping"]
+__all__ = ["StateBase", "WatchMethods", "WatcherBase", "ping", "stats"]
 
 #: Events kept in a State's local log before the oldest are coalesced.
 DEFAULT_MAX_BACKLOG = 100_000
@@ -316,24 +316,54 @@ def ping(
     :class:`zproc.AuthenticationError` when the server rejects ``secret_key`` (a wrong
     one, or none where the server requires one).
     """
+    payload = _ping_payload(payload, timeout)
+    echoed, pid = _ask(server_address, P.Kind.PING, payload, timeout, secret_key, "a ping")
+    return int(pid) if echoed == payload else None
+
+
+def stats(
+    server_address: Iterable[str],
+    *,
+    timeout: float | None = 5.0,
+    secret_key: SecretKey | None = None,
+) -> dict[str, Any]:
+    """The figures of the server at ``server_address``, as a dict (see :ref:`stats`).
+
+    Any process may ask, also one that holds no State. Raises like :func:`ping`.
+
+    .. versionadded:: 1.0
+    """
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    figures = _ask(server_address, P.Kind.STATS, b"", timeout, secret_key, "a stats request")
+    return dict(figures)
+
+
+def _ask(
+    server_address: Iterable[str],
+    kind: int,
+    body: bytes,
+    timeout: float | None,
+    secret_key: SecretKey | None,
+    what: str,
+) -> Any:
+    """One request on a connection of its own (no State needed); its decoded reply."""
     address = normalize_address(server_address)
     keys = client_keys(secret_key)
-    payload = _ping_payload(payload, timeout)
     conn = Connection(address, connect_timeout=None, keys=keys)
     try:
-        echoed, pid = conn.request(P.Kind.PING, 0, payload, b"default", timeout)
+        return conn.request(kind, 0, body, b"default", timeout)
     except TimeoutError:
         hint = conn.security_hint() or (
             "" if keys else " A server with a secret_key does not answer without it."
         )
         raise TimeoutError(
-            f"no zproc server answered a ping at {address.req_rep} within {timeout} s; check "
-            f"that a server was started there (zproc.start_server) and the address is "
-            f"right.{hint}"
+            f"no zproc server answered {what} at {address.req_rep} within {timeout} s; "
+            f"check that a server was started there (zproc.start_server) and the address "
+            f"is right.{hint}"
         ) from None
     finally:
         conn.close()
-    return int(pid) if echoed == payload else None
 
 
 def _ping_payload(payload: bytes | None, timeout: float | None) -> bytes:

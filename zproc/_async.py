@@ -310,6 +310,10 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
         """The server's clock (``time.time()`` in the server process)."""
         return float(await self._request(P.Kind.TIME, 0, b""))
 
+    async def stats(self) -> dict[str, Any]:
+        """The server's figures (pid, uptime, requests, slow log...): see :ref:`stats`."""
+        return dict(await self._request(P.Kind.STATS, 0, b""))
+
     async def atomic(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(dict, *args, **kwargs)`` on the server, atomically (see
         :func:`zproc.atomic`); ``fn`` may be plain or already wrapped by it."""

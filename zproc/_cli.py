@@ -3,10 +3,11 @@
 ::
 
     zproc serve REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F | --insecure]
-                [--persist PATH [--fsync P]]
+                [--persist PATH [--fsync P]] [--metrics HOST:PORT] [--slow-log-ms MS] [-v]
     zproc ping  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--timeout S]
     zproc dump  REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--namespace NS] [--json]
     zproc watch REQ_ENDPOINT PUB_ENDPOINT [KEY ...] [--secret-key-file F] [--count N]
+    zproc stats REQ_ENDPOINT PUB_ENDPOINT [--secret-key-file F] [--json] [--watch S]
     zproc keygen DIRECTORY
     zproc worker REQ_ENDPOINT PUB_ENDPOINT [--count N] [--secret-key-file F]
 
@@ -17,7 +18,7 @@ from the environment variable ``ZPROC_SECRET_KEY`` (a passphrase), else there is
 Exit status: 0 success, 1 failure (no server, rejected key, timeout...), 2 bad usage.
 ``zproc serve`` runs until SIGINT or SIGTERM, then closes its sockets and ends by that
 signal, as Unix servers do (status 130 or 143 in a shell). Messages go to stderr; data
-(``dump``, ``watch``, ``ping``) to stdout.
+(``dump``, ``watch``, ``ping``, ``stats``) to stdout.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from . import _serialization as S
 from ._persist import FSYNC_POLICIES
 from ._security import CLI_FIX, create_certificates, refuse_exposed, server_keys, warn_exposed
 from ._launch import serve
+from ._metrics import load_prometheus, parse_listen
 from ._server import Server
 from ._worker import run_workers
 from ._transport import ServerAddress, normalize_address
 from ._utils import OWNER_ONLY, check_private
 from ._version import __version__
 from .exceptions import ZProcError
-from .state import State, ping
+from .state import State, ping, stats
 
 __all__ = ["main"]
 
@@ -106,6 +108,14 @@ def read_secret_key(path: str | None) -> Any:
     return first
 
 
+def _listen(text: str) -> tuple[str, int]:
+    """``--metrics HOST:PORT``."""
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _fsync_policy(text: str) -> str:
     """``--fsync``: a policy name, with ``-`` or ``_`` for the space of "every second"."""
     return text.replace("-", " ").replace("_", " ")
@@ -148,7 +158,26 @@ def _parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true",
         help="serve a non-loopback tcp address without a secret key (trusted networks only)",
     )
+    serve.add_argument(
+        "--metrics", type=_listen, default=None, metavar="HOST:PORT",
+        help='serve Prometheus metrics at http://HOST:PORT/metrics (pip install '
+        '"zproc[metrics]")',
+    )
+    serve.add_argument(
+        "--slow-log-ms", type=float, default=None, metavar="MS",
+        help="log requests that take at least MS milliseconds (default 100)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log every rejection")
+
+    stats = commands.add_parser("stats", help="print the server's figures")
+    stats.add_argument("endpoints", nargs="+", metavar="ADDRESS")
+    common(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON (one line per reading)")
+    stats.add_argument("--watch", type=float, default=None, metavar="S",
+                       help="read again every S seconds until Ctrl-C")
+    stats.add_argument("--count", type=int, default=None, metavar="N",
+                       help="with --watch: stop after N readings")
+    stats.add_argument("--timeout", type=float, default=5.0, metavar="S")
 
     ping = commands.add_parser("ping", help="check that a server answers; print its pid")
     ping.add_argument("endpoints", nargs="+", metavar="ADDRESS")
@@ -242,6 +271,17 @@ def _serve(args: argparse.Namespace) -> int:
         options["fsync"] = args.fsync or "always"
     elif args.fsync is not None:
         raise UsageError("--fsync needs --persist PATH (without it nothing is written)")
+    if args.slow_log_ms is not None:
+        if not args.slow_log_ms > 0:
+            raise UsageError(f"--slow-log-ms must be > 0, got {args.slow_log_ms}")
+        options["slow_log_ms"] = args.slow_log_ms
+    if args.metrics is not None:
+        try:
+            load_prometheus()
+        except ImportError as exc:
+            _error(f"--metrics: {exc}")
+            return EXIT_FAILURE
+        options["metrics"] = args.metrics
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -369,9 +409,83 @@ def _worker(args: argparse.Namespace) -> int:
     return run_workers(address, count, secret_key, report)  # ends on SIGINT/SIGTERM
 
 
+def _stats(args: argparse.Namespace) -> int:
+    address = _address(args.endpoints)
+    if args.watch is not None and not args.watch > 0:
+        raise UsageError(f"--watch must be > 0 seconds, got {args.watch}")
+    if args.count is not None and (args.count < 1 or args.watch is None):
+        raise UsageError("--count needs --watch and must be >= 1")
+    secret_key = read_secret_key(args.secret_key_file)
+    in_place = args.watch is not None and not args.json and sys.stdout.isatty()
+    readings = 0
+    while True:
+        figures = stats(address, timeout=args.timeout, secret_key=secret_key)
+        if args.json:
+            print(json.dumps(figures, sort_keys=True, default=repr,
+                             indent=None if args.watch else 2), flush=True)
+        else:
+            text = format_stats(figures)
+            print(("\x1b[H\x1b[2J" if in_place else "") + text, flush=True)
+        readings += 1
+        if args.watch is None or (args.count is not None and readings >= args.count):
+            return EXIT_OK
+        time.sleep(args.watch)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def format_stats(f: dict[str, Any]) -> str:
+    """The figures of ``zproc.stats()`` as a table for a terminal."""
+    req, ev = f["requests"], f["events"]
+    rates = "  ".join(f"{window} {rate:.0f}" for window, rate in req["per_second"].items())
+    kinds = "  ".join(f"{kind} {count}" for kind, count in req["by_kind"].items())
+    lines = [
+        f"zproc server {f['pid']} (zproc {f['version']}) at {f['address'][0]}",
+        f"uptime        {f['uptime']:.0f} s   clients {f['clients']}   "
+        f"memory {_size(f['memory']['rss'])}",
+        f"requests      {req['total']} ({req['errors']} errors)   per second: {rates}",
+        f"  by kind     {kinds or '-'}",
+        f"events        {ev['published']} published   {ev['replays']} replays "
+        f"(largest {ev['largest_replay']} events, {ev['resets']} clients fell behind)",
+        f"bytes         in {_size(f['bytes']['in'])}   out {_size(f['bytes']['out'])}",
+    ]
+    persistence = f["persistence"]
+    if persistence is None:
+        lines.append("persistence   off (memory only)")
+    else:
+        snapshot = persistence["last_snapshot"]
+        when = "none this run" if snapshot is None else time.strftime(
+            "%H:%M:%S", time.localtime(snapshot))
+        lines.append(
+            f"persistence   {persistence['path']} ({_size(persistence['file_bytes'])}, "
+            f"{persistence['journal_rows']} journal rows, last snapshot {when})"
+        )
+    swarm = f["swarm"]
+    if swarm is not None:
+        lines.append(f"swarm         {swarm['workers']} workers   {swarm['running']} chunks "
+                     f"running   {swarm['queued']} queued")
+    coord = f["coordination"]
+    lines.append(f"coordination  {coord['primitives']} primitives   {coord['held']} held   "
+                 f"{coord['waiters']} waiting")
+    lines.append(f"namespaces    {len(f['namespaces'])}")
+    for name, ns in list(f["namespaces"].items())[:20]:
+        lines.append(f"  {name!r:<20} {ns['keys']} keys   seq {ns['seq']}")
+    lines.append("slow log      (the slowest requests of the last 60 s)")
+    for entry in f["slow_log"]:
+        lines.append(f"  {entry['duration'] * 1000:9.3f} ms  {entry['kind']:<10} "
+                     f"{entry['namespace']!r:<20} client {entry['client']}")
+    return "\n".join(lines)
+
+
 COMMANDS = {
     "serve": _serve, "ping": _ping, "dump": _dump, "watch": _watch, "keygen": _keygen,
-    "worker": _worker,
+    "worker": _worker, "stats": _stats,
 }
 
 

@@ -17,12 +17,14 @@ from typing import Any
 
 from . import _serialization as S
 from ._persist import DEFAULT_COMPACT_AFTER, check_files, check_fsync
+from ._metrics import MetricsServer
 from ._proctree import exit_with_owner, owner_token
 from ._security import SecretKey, refuse_exposed, server_keys, warn_exposed
 from ._server import (
     DEFAULT_HISTORY,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_NAMESPACES,
+    DEFAULT_SLOW_LOG_MS,
     SHUTDOWN_LINGER_MS,
     Server,
 )
@@ -31,7 +33,7 @@ from .exceptions import ServerError, TimeoutError
 
 __all__ = ["serve", "start_server"]
 
-log = logging.getLogger("zproc")
+log = logging.getLogger("zproc.server")
 
 
 def _flush(timeout: float) -> None:
@@ -68,22 +70,38 @@ def serve(
         exit_with_owner(owner, signal.SIGTERM)
         if stop:
             return  # the owner died before it could hear from us
+    options = dict(options or {})
+    listen = options.pop("metrics", None)  # (host, port): zproc serve --metrics
     server: Server | None = None
+    metrics: MetricsServer | None = None
     try:
         try:
-            server = Server(address, **(options or {}))
+            server = Server(address, **options)
+            if listen is not None:
+                metrics = MetricsServer(server.report, *listen)
         except BaseException as exc:
+            log.error("zproc server %d could not start at %s: %s", os.getpid(),
+                      " ".join(address) if address else "a random address", exc)
             report.send(("error", S.dumps_exception(exc)))
             report.close()
             return
         report.send(("ok", tuple(server.address)))
         report.close()
-        log.info("zproc server %d serving at %s", os.getpid(), server.address)
+        log.info(
+            "zproc server %d serving at %s %s (%s; persist %s)%s", os.getpid(),
+            *server.address, "CURVE on" if options.get("keys") else "no secret key",
+            options.get("persist") or "off",
+            "" if metrics is None else f"; metrics at http://{metrics.url}/metrics",
+        )
         server.serve(until=lambda: bool(stop))
     finally:
+        if metrics is not None:
+            metrics.close()
         if server is not None:
             server.close(linger=SHUTDOWN_LINGER_MS)
             _flush(SHUTDOWN_LINGER_MS / 1000 + 0.5)
+            log.info("zproc server %d stopped%s", os.getpid(),
+                     f" by signal {stop[0]}" if stop else "")
     if stop:
         signal.signal(stop[0], signal.SIG_DFL)
         os.kill(os.getpid(), stop[0])
@@ -110,6 +128,12 @@ def _persist_options(
     return {"persist": path, "fsync": check_fsync(fsync), "compact_after": compact_after}
 
 
+def _slow_log_ms(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"slow_log_ms must be a number of milliseconds > 0, got {value!r}")
+    return float(value)
+
+
 def start_server(
     server_address: Iterable[str] | None = None,
     *,
@@ -123,6 +147,7 @@ def start_server(
     fsync: str = "always",
     compact_after: int = DEFAULT_COMPACT_AFTER,
     insecure: bool = False,
+    slow_log_ms: float = DEFAULT_SLOW_LOG_MS,
 ) -> tuple[Any, ServerAddress]:
     """Start a state server in a new process and return ``(process, address)``.
 
@@ -189,6 +214,12 @@ def start_server(
 
         .. versionadded:: 1.0
 
+    slow_log_ms
+        Requests that take at least this long (in milliseconds) to handle are logged as
+        warnings by the ``zproc.server`` logger; see :doc:`production`.
+
+        .. versionadded:: 1.0
+
     Raises
     ------
     AddressInUseError
@@ -219,6 +250,7 @@ def start_server(
         "max_namespaces": max_namespaces,
         "keys": server_keys(secret_key),
         "insecure": insecure,
+        "slow_log_ms": _slow_log_ms(slow_log_ms),
     }
     if persist is not None:
         options.update(_persist_options(persist, fsync, compact_after))

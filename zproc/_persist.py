@@ -264,6 +264,7 @@ class Store:
         self._pending: list[tuple[str, int, bytes, bytes | None]] = []
         self._open_since: float | None = None  # monotonic time the open transaction began
         self._unsnapshotted = 0  # journal rows after the snapshots, in the file and queued
+        self.last_snapshot: float | None = None  # time.time() of this run's last snapshot
         self._snapshots: dict[str, int] = {}  # namespace -> seq of its snapshot
         self._db = self._open()
 
@@ -519,8 +520,14 @@ class Store:
             [(name, seq - self.keep) for name, seq, _ in snapshots],
         )
         self._commit()
+        self.last_snapshot = time.time()
         for name, seq, _ in snapshots:
             self._snapshots[name] = seq
+
+    @property
+    def journal_rows(self) -> int:
+        """Journal rows after the last snapshot (a start decodes them)."""
+        return self._unsnapshotted
 
     def close(self, namespaces: Mapping[str, NamespaceLike] | None = None) -> None:
         """Commit what is queued and close the database. Idempotent."""

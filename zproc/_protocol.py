@@ -152,6 +152,7 @@ class Kind(enum.IntEnum):
     TIME = 9  # body: empty. reply: the server's time.time()
     SWARM = 10  # body: settings dict (may be empty). reply: the broker's endpoints
     COORD = 11  # method: a CoordOp. body: its record (zproc._coordwire). reply: there too
+    STATS = 12  # body: empty. reply: dict of the server's figures (see State.stats)
     PIPELINE = 16  # body: list of pickled (method, args). reply: [(status, body), ...]
 
 
@@ -315,7 +316,7 @@ _KINDS = frozenset(int(k) for k in Kind)
 _METHODS = frozenset(int(m) for m in Method)
 _READ_KINDS = frozenset(
     int(k) for k in (Kind.PING, Kind.META, Kind.HEAD, Kind.SNAPSHOT, Kind.FETCH, Kind.SYNC,
-                     Kind.TIME, Kind.SWARM, SwarmKind.RESULTS, SwarmKind.INFO)
+                     Kind.TIME, Kind.SWARM, Kind.STATS, SwarmKind.RESULTS, SwarmKind.INFO)
 )
 _READ_METHODS = frozenset(
     int(m) for m in (Method.GETITEM, Method.CONTAINS, Method.LEN, Method.KEYS, Method.EQ,

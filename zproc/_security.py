@@ -73,7 +73,7 @@ __all__ = [
     "warn_exposed",
 ]
 
-log = logging.getLogger("zproc")
+log = logging.getLogger("zproc.server")
 
 PathArg = Union[str, "os.PathLike[str]"]
 #: What ``secret_key=`` accepts (see the module docstring).
@@ -446,6 +446,10 @@ def _failure_reason(event: int, value: int) -> str:
     return "the peer closed the connection during the handshake"
 
 
+#: A refused peer is logged as a warning at most once in this many seconds.
+PEER_LOG_INTERVAL = 60.0
+
+
 def _noteworthy(count: int) -> bool:
     """True for the 1st, 10th, 100th... occurrence: those are logged as warnings."""
     while count % 10 == 0:
@@ -492,6 +496,7 @@ class Guard:
         self.stats = stats
         stats.setdefault("rejected", 0)
         self._client_key = z85.decode(keys.client_public)
+        self._warned: dict[bytes, float] = {}  # peer -> when its refusal was last a warning
         self._monitors: list[tuple[str, str]] = []
         self._sockets: list[zmq.Socket[Any]] = []
         self._stop = threading.Event()
@@ -603,7 +608,7 @@ class Guard:
         if len(self._denied) > 1024:
             self._denied.clear()
         printable = z85.encode(key).decode() if len(key) == 32 else "malformed"
-        (log.warning if _noteworthy(count) else log.debug)(
+        (log.warning if self._loud(address) else log.debug)(
             "zproc server %d: refused a client from %s with CURVE key %s (attempt %d): its "
             "secret_key differs from the server's",
             os.getpid(),
@@ -611,6 +616,18 @@ class Guard:
             printable,
             count,
         )
+
+    def _loud(self, peer: bytes) -> bool:
+        """True once per peer (its IP address) per PEER_LOG_INTERVAL: logged as a warning;
+        the other refusals go to the debug level (``zproc serve -v``)."""
+        now = time.monotonic()
+        warned = self._warned
+        if now - warned.get(peer, -PEER_LOG_INTERVAL) < PEER_LOG_INTERVAL:
+            return False
+        if len(warned) > 1024:
+            warned.clear()
+        warned[peer] = now
+        return True
 
     def _on_monitor(self, mon: zmq.Socket[Any], name: str) -> None:
         try:

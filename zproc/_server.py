@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import zmq
 
 from . import _protocol as P
@@ -60,6 +61,7 @@ from ._transport import (
     send_frames,
     server_socket,
 )
+from ._stats import Meter, coordination_figures
 from ._store import _OPS, MISSING, Namespace, changed, run_atomic
 from ._utils import mark_server_process
 from ._version import __version__
@@ -67,7 +69,7 @@ from .exceptions import AddressInUseError, ProtocolError
 
 __all__ = ["Server"]
 
-log = logging.getLogger("zproc")
+log = logging.getLogger("zproc.server")
 
 #: Requests handled before the queued events are published and the replies sent.
 MAX_BATCH = 256
@@ -79,6 +81,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 SHUTDOWN_LINGER_MS = 500
 #: Most namespaces one server holds (each costs a dict and a history).
 DEFAULT_MAX_NAMESPACES = 10_000
+#: Requests that take longer than this (ms) are logged.
+DEFAULT_SLOW_LOG_MS = 100.0
 
 _CALL = int(P.Kind.CALL)
 _SETITEM = int(P.Method.SETITEM)
@@ -102,6 +106,8 @@ class Server:
         fsync: str = "always",
         compact_after: int = DEFAULT_COMPACT_AFTER,
         insecure: bool = False,
+        slow_log_ms: float = DEFAULT_SLOW_LOG_MS,
+        collect_stats: bool = True,
     ) -> None:
         self._store: Store | None = None
         # refused before any socket exists: nothing listens beyond this machine unguarded
@@ -113,8 +119,12 @@ class Server:
         self.history_size = history_size
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
-        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0}
+        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0,
+                      "replays": 0, "replayed": 0, "resets": 0, "largest_replay": 0}
         self.started = time.time()
+        #: the figures of :meth:`report`; counted in the loop unless ``collect_stats=False``
+        self.meter = Meter(slow_log_ms / 1000, _log_slow)
+        self.collect_stats = collect_stats
         self._ipc_dir: str | None = None
         self._created_ipc: list[str] = []
         self.max_message_size = max_message_size
@@ -259,6 +269,8 @@ class Server:
         store = self._store
         router.rcvtimeo = wake = 200  # wake up now and then to notice signals and idle work
         coord = self.coord
+        meter = self.meter
+        note = meter.note if self.collect_stats else None
         while not until():
             try:
                 frames = recv_frames(router)
@@ -267,9 +279,14 @@ class Server:
                     store.idle(self.namespaces)
                 if coord.active:
                     wake = self._coord_step(wake)
+                meter.begin()
                 continue
+            if note is not None:
+                meter.begin()
             for _ in range(MAX_BATCH):
                 reply = self.handle(frames, dirty, syncs)
+                if note is not None:
+                    note(frames)
                 if reply is not None:
                     replies.append(reply)
                 if not get(router, events) & poll_in:  # type: ignore[operator]
@@ -280,14 +297,18 @@ class Server:
             if coord.active:  # grants first: a hand-off's latency is what a waiter feels
                 wake = self._coord_step(wake)
             # replies first: a writer hears "done" no later than anyone watching it
+            sent = 0
             for reply in replies:
                 send_frames(router, reply)
+                sent += len(reply[-1])
             replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
+                sent += sum(map(len, ns.outbox))
                 ns.outbox = []
+            meter.bytes_out += sent
             dirty.clear()
             for marker in syncs:
                 send_frames(pub, marker)
@@ -371,6 +392,7 @@ class Server:
                 events = ns.replay_after(after)
                 snapshot = dict(ns.data) if want_snapshot or events is None else None
                 fetched = P.FetchReply(ns.seq, snapshot, events, self.run_token, True)
+                self._count_replay(ns, identity, after, events, want_snapshot)
             return P.encode(fetched)
         if kind == P.Kind.SNAPSHOT:
             return P.encode(P.SnapshotReply(ns.seq, dict(ns.data)))
@@ -383,6 +405,8 @@ class Server:
             return S.dumps(time.time())
         if kind == P.Kind.META:
             return S.dumps(self.meta())
+        if kind == P.Kind.STATS:
+            return S.dumps(self.report())
         if kind == P.Kind.SWARM:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
         if kind == P.Kind.COORD:
@@ -409,6 +433,28 @@ class Server:
                 # that run's changes reached its successor up to the head it started from
                 return seq <= lineage[index + 1][1].get(namespace, 0)
         return False
+
+    def _count_replay(
+        self, ns: Namespace, identity: bytes, after: int, events: list[P.Event] | None,
+        want_snapshot: bool,
+    ) -> None:
+        stats = self.stats
+        stats["replays"] += 1
+        if events:
+            stats["replayed"] += len(events)
+            stats["largest_replay"] = max(stats["largest_replay"], len(events))
+        elif events is None and not want_snapshot:
+            stats["resets"] += 1
+            log.info(
+                "zproc server %d: client %s fell behind in namespace %r by %d changes, more "
+                "than the history holds (history_size=%d); it gets the whole namespace as "
+                "one combined change", os.getpid(), identity.hex(), ns.name, ns.seq - after,
+                self.history_size,
+            )
+
+    def report(self) -> dict[str, Any]:
+        """The figures of ``State.stats()`` (documented there)."""
+        return server_report(self, self._store, getattr(self, "_broker", None))
 
     def meta(self) -> P.Meta:
         return {
@@ -545,3 +591,88 @@ def _ipc_in_use(path: str) -> bool:
         return False
     finally:
         probe.close()
+
+
+def _log_slow(kind: str, namespace: str, duration: float, client: str) -> None:
+    log.warning(
+        "zproc server %d: slow request: %s in namespace %r took %.1f ms (client %s)",
+        os.getpid(), kind, namespace, duration * 1000, client,
+    )
+
+
+def server_report(server: Server, store: Store | None, broker: Broker | None) -> dict[str, Any]:
+    """The figures of ``State.stats()``; read from the loop's thread or another one (the
+    metrics endpoint), so every collection is copied before it is walked."""
+    meter, stats = server.meter, dict(server.stats)
+    now = meter.clock()
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "protocol": P.PROTOCOL_VERSION,
+        "address": tuple(server.address),
+        "started": server.started,
+        "uptime": now - meter.started,
+        "clients": meter.clients(now),
+        "requests": {
+            "total": meter.total,
+            "by_kind": meter.by_kind(),
+            "per_second": meter.rates(now),
+            "errors": stats["errors"],
+            "dropped": stats["dropped"],
+        },
+        "namespaces": {
+            name: {"keys": len(ns.data), "seq": ns.seq, "history": len(ns.history)}
+            for name, ns in sorted(list(server.namespaces.items()))
+        },
+        "slow_log": meter.slow_log(now),
+        "events": {
+            "published": stats["events"],
+            "replays": stats["replays"],
+            "replayed": stats["replayed"],
+            "largest_replay": stats["largest_replay"],
+            "resets": stats["resets"],
+        },
+        "bytes": {"in": meter.bytes_in, "out": meter.bytes_out},
+        "memory": {"rss": psutil.Process().memory_info().rss},
+        "rejected_handshakes": stats["rejected"],
+        "persistence": None if store is None else _persistence(store),
+        "swarm": None if broker is None else _swarm_figures(broker),
+        "coordination": coordination_figures(server.coord.core),
+    }
+
+
+def _persistence(store: Store) -> dict[str, Any]:
+    size = 0
+    for path in (store.path, store.path + "-wal"):
+        try:
+            size += os.path.getsize(path)
+        except OSError:
+            pass
+    return {
+        "path": store.path,
+        "fsync": store.fsync,
+        "file_bytes": size,
+        "journal_rows": store.journal_rows,
+        "last_snapshot": store.last_snapshot,
+    }
+
+
+def _swarm_figures(broker: Broker) -> dict[str, int]:
+    """Read from the server's thread while the broker's thread runs: copies, and a retry
+    if a collection changed under the copy."""
+    for _ in range(5):
+        try:
+            workers = list(broker.workers.values())
+            queue = list(broker.queue)
+            tasks = len(broker.tasks)
+            break
+        except RuntimeError:  # changed size during the copy
+            continue
+    else:
+        workers, queue, tasks = [], [], 0
+    return {
+        "workers": len(workers),
+        "running": sum(1 for w in workers if w.held),
+        "queued": sum(1 for _, chunk in queue if chunk.status is None),
+        "tasks": tasks,
+    }

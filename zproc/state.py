@@ -42,6 +42,7 @@ from ._api import (
     _check_namespace,
     _update_argument,
     ping,
+    stats,
 )
 from ._async import AsyncState
 from .coordination import CoordinationMethods, release_all
@@ -83,6 +84,7 @@ __all__ = [
     "decrease",
     "increase",
     "ping",
+    "stats",
 ]
 
 if TYPE_CHECKING:
@@ -522,6 +524,10 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
     def time(self) -> float:
         """The server's clock (``time.time()`` in the server process)."""
         return float(self._request(P.Kind.TIME, 0, b""))
+
+    def stats(self) -> dict[str, Any]:
+        """The server's figures (pid, uptime, requests, slow log...): see :ref:`stats`."""
+        return dict(self._request(P.Kind.STATS, 0, b""))
 
     def _atomic(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         return self._request(P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs))  # type: ignore[no-any-return]
