@@ -453,7 +453,8 @@ class Server:
             )
 
     def report(self) -> dict[str, Any]:
-        """The figures of ``State.stats()`` (documented there)."""
+        """The figures of ``State.stats()`` (their keys: docs/production.rst, "The server's
+        figures")."""
         return server_report(self, self._store, getattr(self, "_broker", None))
 
     def meta(self) -> P.Meta:
