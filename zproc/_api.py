@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from . import _protocol as P
@@ -198,7 +198,7 @@ class WatcherBase:
     def _exhausted(self) -> bool:
         return self.count is not None and self._yielded >= self.count
 
-    def _qualifies(self, stream: _StreamCore, head: int, me: bytes) -> Qualifies:
+    def _qualifies(self, stream: _StreamCore, head: int, me: Container[bytes]) -> Qualifies:
         """Place the cursor for the next item (a live watcher: at ``head``); its test."""
         cursor = self._cursor
         if self.live:

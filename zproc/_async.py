@@ -193,8 +193,8 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
             return stream, await stream.catch_up()
         return stream, stream.head
 
-    def _me(self) -> bytes:
-        return self._connection().identity
+    def _me(self) -> tuple[bytes]:
+        return (self._connection().identity,)
 
     async def close(self) -> None:
         """Close the sockets. Idempotent; later use raises :class:`ZProcError`, and

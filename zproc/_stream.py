@@ -24,7 +24,9 @@ import inspect
 import os
 import time
 import weakref
-from collections.abc import Callable, Generator, Hashable, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable, Container, Generator, Hashable, Iterable, Iterator, Mapping,
+)
 from typing import Any, NamedTuple, TypeVar
 
 from . import _protocol as P
@@ -595,13 +597,15 @@ _SnapTest = Callable[[dict[Any, Any]], Any]
 _EvTest = Callable[[_Ev, dict[Any, Any]], Any]
 
 
-def _foreign_test(me: bytes) -> Qualifies:
-    """Qualifies every event not caused by the State with identity ``me``."""
-    return lambda ev, _cursor: ev.origin != me
+def _foreign_test(me: Container[bytes]) -> Qualifies:
+    """Qualifies every event not caused by the State whose identities are ``me`` (one
+    per thread that used it)."""
+    return lambda ev, _cursor: ev.origin not in me
 
 
 def _change_watch(
-    stream: _StreamCore, head: int, me: bytes, keys: tuple[Hashable, ...], exclude: bool,
+    stream: _StreamCore, head: int, me: Container[bytes], keys: tuple[Hashable, ...],
+    exclude: bool,
     live: bool,
 ) -> tuple[Qualifies, _Cursor]:
     """The event test and the starting cursor of ``get_when_change``."""
@@ -609,7 +613,7 @@ def _change_watch(
     whole = not keys or exclude
 
     def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
-        if ev.origin == me:
+        if ev.origin in me:
             return False
         if not keyset:
             return True
@@ -637,7 +641,7 @@ def _change_result(
 
 
 def _level_watch(
-    stream: _StreamCore, test: _SnapTest, live: bool, me: bytes
+    stream: _StreamCore, test: _SnapTest, live: bool, me: Container[bytes]
 ) -> tuple[Qualifies, _Cursor]:
     """The event test and cursor of a level-triggered wait whose first check failed."""
     cursor = _Cursor(stream.seq, dict(stream.replica))
@@ -646,7 +650,7 @@ def _level_watch(
         stream.buffer.seq = max(stream.buffer.seq, stream.seq)
 
     def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-        return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
+        return ev.origin not in me and bool(test(cur.snap))  # type: ignore[arg-type]
 
     return qualifies, cursor
 
@@ -750,11 +754,22 @@ def _watch_start(stream: _StreamCore, start_time: float | None) -> int:
     return start
 
 
-def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: bytes) -> Qualifies:
+def _moved_cursor(old: _StreamCore, new: _StreamCore, cursor: _Cursor) -> _Cursor:
+    """A watcher's cursor on ``new``, the stream that replaces ``old`` for it (iterated in
+    another thread, or after fork or a namespace change): at the same position if ``new``
+    still holds the events after it, else at ``new``'s end."""
+    base = new.log[0].seq - 1 if new.log else new.seq
+    same = old.namespace == new.namespace and old.run == new.run
+    if same and base <= cursor.seq <= new.seq:
+        return _Cursor(cursor.seq)
+    return _Cursor(new.seq)
+
+
+def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: Container[bytes]) -> Qualifies:
     """An iterator watcher's event test: another State's change that passes ``test``."""
 
     def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-        if ev.origin == me:
+        if ev.origin in me:
             return False
         if cur.snap is None:  # invalidated by coalescing
             cur.snap = stream.snapshot_at(cur.seq)
