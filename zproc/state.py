@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable, Container, Hashable, Iterable, Iterator, Mapping, MutableMapping,
+)
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _protocol as P
@@ -110,7 +112,8 @@ _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Metho
 
 
 class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
-    """A dict-like proxy to the dict held by a zproc server.
+    """A dict-like proxy to the dict held by a zproc server, registered as a
+    :class:`collections.abc.MutableMapping`.
 
     Parameters
     ----------
@@ -361,22 +364,44 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         return iter(self._call(P.Method.KEYS))
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, State):
-            return self.copy() == other.copy()
-        if self._cache:
-            result: Any = dict.__eq__(self._replica(), other)
-        else:
-            result = self._call(P.Method.EQ, other)
-        return result if result is NotImplemented else bool(result)
+        """Equal to any mapping with the same items (one round trip; none with
+        ``cache=True``)."""
+        return self._compare(other, P.Method.EQ, dict.__eq__)  # type: ignore[no-any-return]
 
     def __ne__(self, other: object) -> bool:
+        return self._compare(other, P.Method.NE, dict.__ne__)  # type: ignore[no-any-return]
+
+    def _compare(self, other: object, method: int, op: Callable[[Any, Any], Any]) -> Any:
         if isinstance(other, State):
-            return self.copy() != other.copy()
-        if self._cache:
-            result: Any = dict.__ne__(self._replica(), other)
-        else:
-            result = self._call(P.Method.NE, other)
+            return op(self.copy(), other.copy())
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if not isinstance(other, dict):
+            other = dict(other)
+        result = op(self._replica(), other) if self._cache else self._call(method, other)
         return result if result is NotImplemented else bool(result)
+
+    def __or__(self, other: Any) -> dict[Any, Any]:
+        """``state | mapping``: a plain dict of one snapshot of the state, updated with
+        ``mapping`` (the state is unchanged)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        merged = self.copy()
+        merged.update(other.copy() if isinstance(other, State) else other)
+        return merged
+
+    def __ror__(self, other: Any) -> dict[Any, Any]:
+        """``mapping | state``: a plain dict of ``mapping`` updated with one snapshot."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        merged = dict(other)
+        merged.update(self.copy())
+        return merged
+
+    def __ior__(self, other: Any) -> State:
+        """``state |= other``: :meth:`update` (one atomic round trip, one event)."""
+        self.update(other)
+        return self
 
     __hash__ = object.__hash__
 
@@ -412,15 +437,16 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         return self._call(P.Method.COPY)  # type: ignore[no-any-return]
 
     def keys(self) -> Any:
-        """``dict_keys`` of one snapshot."""
+        """``dict_keys`` of one snapshot of the state, taken in one round trip (later
+        changes do not show in it)."""
         return self.copy().keys()
 
     def values(self) -> Any:
-        """``dict_values`` of one snapshot."""
+        """``dict_values`` of one snapshot, taken in one round trip."""
         return self.copy().values()
 
     def items(self) -> Any:
-        """``dict_items`` of one snapshot."""
+        """``dict_items`` of one snapshot, taken in one round trip."""
         return self.copy().items()
 
     def set(self, value: Mapping[Any, Any]) -> None:
@@ -557,6 +583,9 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         cursor = _Cursor(stream.head) if live else stream.buffer
         ev = stream.find(_foreign_test(self._me()), cursor, deadline, fresh=live)
         return _update_of(stream, _found(ev, "get_raw_update", timeout))
+
+
+MutableMapping.register(State)  # (registered: its own methods stay as they are)
 
 
 class StateWatcher(WatcherBase, Iterator[Any]):
