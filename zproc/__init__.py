@@ -12,6 +12,7 @@ import logging as _logging
 from ._version import __version__
 
 from ._async import AsyncState, AsyncStateWatcher
+from ._pipeline import AsyncPipeline
 from ._server import start_server
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
@@ -67,6 +68,7 @@ __all__ = [
     "AsyncBarrier",
     "AsyncEvent",
     "AsyncLock",
+    "AsyncPipeline",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",

@@ -439,10 +439,13 @@ class AsyncConnection(Connection):
                 if len(frames) != 2:
                     continue
                 try:
-                    status, got = P.parse_reply(frames[0])
+                    status, got, head = P.parse_reply_head(frames[0])
                 except ProtocolError as exc:
                     self._fail_waiters(exc)
                     continue
+                heads = self.heads
+                if head > heads[0]:
+                    heads[0] = head
                 waiter = self._waiters.pop(got, None)
                 if waiter is not None:
                     if not waiter.done():
@@ -592,6 +595,10 @@ class Stream(_StreamIO):
         """Bring the replica at least to the server's current head; return that head."""
         return drive(self._catch_up())
 
+    def refresh(self, seen: int, check: bool, wait: float) -> None:
+        """Make the replica current for a cached read (see ``_StreamCore._refresh``)."""
+        drive(self._refresh(seen, check, wait))
+
     def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
              consume: bool = False, fresh: bool = True) -> _Ev | None:
         """Advance ``cursor`` to the next event that qualifies, blocking for new events
@@ -677,6 +684,10 @@ class AsyncStream(_StreamIO):
     async def catch_up(self) -> int:
         """Bring the replica at least to the server's current head; return that head."""
         return await adrive(self._catch_up())
+
+    async def refresh(self, seen: int, check: bool, wait: float) -> None:
+        """Make the replica current for a cached read (see ``_StreamCore._refresh``)."""
+        await adrive(self._refresh(seen, check, wait))
 
     async def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
                    consume: bool = False, fresh: bool = True) -> _Ev | None:

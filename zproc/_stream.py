@@ -24,9 +24,7 @@ import inspect
 import os
 import time
 import weakref
-from collections.abc import (
-    Callable, Container, Generator, Hashable, Iterable, Iterator, Mapping,
-)
+from collections.abc import Callable, Container, Generator, Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 from . import _protocol as P
@@ -449,6 +447,24 @@ class _StreamCore:
             yield self.replay, ()
         return head
 
+    def _refresh(self, seen: int, check: bool, wait: float) -> _Steps[None]:
+        """Make the replica current for a cached read: apply the queued events (``check``:
+        after asking the server's head, which replays what was dropped), then wait up to
+        ``wait`` s for those up to head ``seen``, else fetch them."""
+        if check:
+            yield from self._catch_up()
+        else:
+            yield self.drain, ()
+        deadline = time.monotonic() + wait
+        while self.seq < seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not (yield self._io_poll, (remaining,)):
+                head = yield from self._catch_up()  # slow events: fetch them instead
+                if self.seq < seen:  # the server lacks changes it acknowledged
+                    self._lost(head)
+                return
+            yield self.drain, ()
+
     def _wait_more(self, deadline: float | None) -> _Steps[bool]:
         """Wait until new events are in the log (True) or the deadline passes (False)."""
         before = self.seq
@@ -752,17 +768,6 @@ def _watch_start(stream: _StreamCore, start_time: float | None) -> int:
                 break
             start = ev.seq
     return start
-
-
-def _moved_cursor(old: _StreamCore, new: _StreamCore, cursor: _Cursor) -> _Cursor:
-    """A watcher's cursor on ``new``, the stream that replaces ``old`` for it (iterated in
-    another thread, or after fork or a namespace change): at the same position if ``new``
-    still holds the events after it, else at ``new``'s end."""
-    base = new.log[0].seq - 1 if new.log else new.seq
-    same = old.namespace == new.namespace and old.run == new.run
-    if same and base <= cursor.seq <= new.seq:
-        return _Cursor(cursor.seq)
-    return _Cursor(new.seq)
 
 
 def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: Container[bytes]) -> Qualifies:

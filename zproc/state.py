@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import _protocol as P
 from . import _serialization as S
 from ._api import (
+    CACHE_CHECK,
+    CACHE_POLL,
+    CACHE_WAIT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
     StateBase,
@@ -66,7 +69,6 @@ from ._stream import (
     _found,
     _get_copy,
     _level_watch,
-    _moved_cursor,
     _none_test,
     _not_equal_test,
     _not_none_test,
@@ -96,15 +98,6 @@ T = TypeVar("T")
 
 #: How long a new State waits for the server to acknowledge its registration.
 REGISTER_WAIT = 1.0
-#: With ``cache=True``: a read applies the events queued for the replica at most this
-#: often (seconds) ...
-CACHE_POLL = 0.001
-#: ... and confirms with the server (one round trip) at least this often that no event
-#: was lost on the way.
-CACHE_CHECK = 1.0
-#: How long a cached read waits for the events of writes it must see before it fetches
-#: them from the server instead.
-CACHE_WAIT = 0.05
 # plain ints for the hot paths (an enum member lookup costs more than the comparison)
 _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
 
@@ -180,8 +173,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         cache: bool = False,
     ) -> None:
         super().__init__(server_address, namespace, request_timeout, connect_timeout,
-                         max_backlog, rcvhwm, secret_key, liveness)
-        self._cache = bool(cache)
+                         max_backlog, rcvhwm, secret_key, liveness, cache)
         self._channels = channels = Channels()
         self._local = channels.local  # (the hot paths read it directly)
         self._heads = channels.heads
@@ -254,21 +246,10 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
             stream = self._watching(catch_up=False)
             channel = self._channel()
             now = time.monotonic()
-            if now >= channel.cache_check_due:  # HEAD: replays what a full queue dropped
-                stream.catch_up()
+            check = now >= channel.cache_check_due  # HEAD: replays what a full queue dropped
+            stream.refresh(self._heads[0], check, CACHE_WAIT)
+            if check:
                 channel.cache_check_due = now + CACHE_CHECK
-            else:
-                stream.drain()
-            seen = self._heads[0]
-            deadline = time.monotonic() + CACHE_WAIT
-            while stream.seq < seen:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not stream.sub.poll(remaining * 1000):
-                    head = stream.catch_up()  # slow events: fetch them instead
-                    if stream.seq < seen:  # the server lacks changes it acknowledged
-                        stream._lost(head)
-                    break
-                stream.drain()
         except ServerUnavailableError:
             if self._stream is None:
                 self._heads[0] = 0  # a replaced server: start again from its state
@@ -312,12 +293,6 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         release_all(self, conn)
         for channel in channels:
             channel.close()
-
-    def _settings(self) -> dict[str, Any]:
-        settings = super()._settings()
-        settings["cache"] = self._cache
-        settings["liveness"] = settings.pop("liveness")  # (kept last)
-        return settings
 
     def _watcher(self, test: _EvTest, **options: Any) -> StateWatcher:
         return StateWatcher(self, test, **options)
@@ -617,9 +592,8 @@ class StateWatcher(WatcherBase, Iterator[Any]):
         deadline = _deadline(self.timeout, "StateWatcher")
         stream = self.state._watching(catch_up=self.live)
         if stream is not self._stream:  # another thread, or a new stream (fork, namespace)
-            self._cursor = _moved_cursor(self._stream, stream, self._cursor)
+            self._move_to(self._stream, stream)
             self._stream = stream
-            stream.cursors.add(self._cursor)
         qualifies = self._qualifies(stream, stream.head, self.state._me())
         return self._item(stream.find(qualifies, self._cursor, deadline, fresh=self.live))
 
