@@ -13,6 +13,7 @@ from ._version import __version__
 
 from ._async import AsyncState, AsyncStateWatcher
 from ._launch import start_server
+from ._pipeline import AsyncPipeline
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
 from .context import Context, TaskDetail
@@ -68,6 +69,7 @@ __all__ = [
     "AsyncBarrier",
     "AsyncEvent",
     "AsyncLock",
+    "AsyncPipeline",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",

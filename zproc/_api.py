@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from . import _protocol as P
@@ -48,6 +48,15 @@ __all__ = ["StateBase", "WatchMethods", "WatcherBase", "ping", "stats"]
 #: Events kept in a State's local log before the oldest are coalesced.
 DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_RCVHWM = 10_000
+#: With ``cache=True``: a read applies the events queued for the replica at most this
+#: often (seconds) ...
+CACHE_POLL = 0.001
+#: ... and confirms with the server (one round trip) at least this often that no event
+#: was lost on the way.
+CACHE_CHECK = 1.0
+#: How long a cached read waits for the events of writes it must see before it fetches
+#: them from the server instead.
+CACHE_WAIT = 0.05
 
 W = TypeVar("W")
 _S = TypeVar("_S", bound="StateBase")
@@ -68,8 +77,11 @@ class StateBase:
         rcvhwm: int,
         secret_key: SecretKey | None,
         liveness: float,
+        cache: bool = False,
     ) -> None:
         self._address = normalize_address(server_address)
+        #: Reads from the replica (``cache=True``; see :class:`zproc.State`).
+        self._cache = bool(cache)
         if not liveness > 0:
             raise ValueError(f"liveness must be > 0 seconds, got {liveness!r}")
         self._liveness = liveness
@@ -119,6 +131,7 @@ class StateBase:
             "request_timeout": self.request_timeout,
             "connect_timeout": self._connect_timeout,
             "secret_key": self._secret_key,
+            "cache": self._cache,
             "liveness": self._liveness,
         }
 
@@ -198,7 +211,7 @@ class WatcherBase:
     def _exhausted(self) -> bool:
         return self.count is not None and self._yielded >= self.count
 
-    def _qualifies(self, stream: _StreamCore, head: int, me: bytes) -> Qualifies:
+    def _qualifies(self, stream: _StreamCore, head: int, me: Container[bytes]) -> Qualifies:
         """Place the cursor for the next item (a live watcher: at ``head``); its test."""
         cursor = self._cursor
         if self.live:
@@ -212,6 +225,16 @@ class WatcherBase:
         ev = _found(ev, type(self).__name__, self.timeout)
         self._yielded += 1
         return _watch_item(ev, self._cursor, self._raw)
+
+    def _move_to(self, old: _StreamCore, new: _StreamCore) -> None:
+        """Place the cursor on ``new``, the stream that replaces ``old`` for this watcher
+        (iterated in another thread, or after fork or a namespace change): at the same
+        position if ``new`` still holds the events after it, else at ``new``'s end."""
+        base = new.log[0].seq - 1 if new.log else new.seq
+        seq = self._cursor.seq
+        same = old.namespace == new.namespace and old.run == new.run
+        self._cursor = _Cursor(seq if same and base <= seq <= new.seq else new.seq)
+        new.cursors.add(self._cursor)
 
     def _current(self, stream: _StreamCore) -> dict[Any, Any]:
         cursor = self._cursor

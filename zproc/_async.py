@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -25,6 +26,9 @@ from typing import Any, TypeVar
 from . import _protocol as P
 from . import _serialization as S
 from ._api import (
+    CACHE_CHECK,
+    CACHE_POLL,
+    CACHE_WAIT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
     StateBase,
@@ -33,6 +37,7 @@ from ._api import (
     _ping_payload,
     _update_argument,
 )
+from ._pipeline import DEFAULT_PIPELINE_OPS, AsyncPipeline
 from ._client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIVENESS,
@@ -42,13 +47,14 @@ from ._client import (
     running,
 )
 from ._security import SecretKey
-from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest, _found, _SnapTest
+from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest
+from ._stream import _found, _SnapTest
 from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, _not_none_test
 from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
 from ._stream import _get_copy, _level_watch, _update_of, _watch_start
 from ._utils import in_server_process
 from .coordination import AsyncCoordinationMethods, arelease_all
-from .exceptions import TimeoutError
+from .exceptions import ServerUnavailableError, TimeoutError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
 
@@ -69,6 +75,10 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
     task cancellation) leaves the others in step. ``namespace`` is fixed: use
     :meth:`fork` for another one.
 
+    ``cache=True`` serves ``getitem``, ``get``, ``contains``, ``len``, ``copy``, ``keys``,
+    ``values`` and ``items`` from the local replica, with the guarantees of a State's
+    cache; :meth:`pipeline` buffers writes as :meth:`State.pipeline` does.
+
     .. versionadded:: 1.0
     """
 
@@ -78,9 +88,11 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         max_backlog: int = DEFAULT_MAX_BACKLOG, rcvhwm: int = DEFAULT_RCVHWM,
         secret_key: SecretKey | None = None, liveness: float = DEFAULT_LIVENESS,
+        cache: bool = False,
     ) -> None:
         super().__init__(server_address, namespace, request_timeout, connect_timeout,
-                         max_backlog, rcvhwm, secret_key, liveness)
+                         max_backlog, rcvhwm, secret_key, liveness, cache)
+        self._cache_due = self._cache_check_due = 0.0
         self._conn: AsyncConnection | None = None
         self._stream: AsyncStream | None = None
         self._stream_lock = asyncio.Lock()
@@ -147,6 +159,35 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
     async def _call(self, method: int, *args: Any) -> Any:
         return await self._request(P.Kind.CALL, method, S.dumps(args))
 
+    def _send_early(self, kind: int, body: bytes) -> tuple[AsyncConnection, int]:
+        """Send a request now (its reply is awaited later, with ``aresult``)."""
+        conn = self._connection()
+        return conn, conn.send(kind, 0, body, self._ns)
+
+    async def _replica(self) -> dict[Any, Any]:
+        """The local replica, current enough for a cached read (``cache=True``): as
+        ``State._replica``, awaiting the event stream when it must."""
+        stream, conn = self._stream, self._conn
+        if (
+            stream is None
+            or conn is None
+            or stream.seq < conn.head
+            or time.monotonic() >= self._cache_due
+        ):
+            try:
+                stream, _ = await self._watching(catch_up=False)
+                now = time.monotonic()
+                check = now >= self._cache_check_due
+                await stream.refresh(self._connection().head, check, CACHE_WAIT)
+                if check:
+                    self._cache_check_due = now + CACHE_CHECK
+            except ServerUnavailableError:
+                if self._stream is None and self._conn is not None:
+                    self._conn.head = 0  # a replaced server: start again from its state
+                raise
+            self._cache_due = time.monotonic() + CACHE_POLL
+        return stream.replica
+
     async def _start_seq(self, conn: AsyncConnection) -> tuple[int, bytes]:
         """Where the buffer starts: the registration's head and the run that numbered it."""
         if self._start_seq_value is not None:
@@ -193,8 +234,8 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
             return stream, await stream.catch_up()
         return stream, stream.head
 
-    def _me(self) -> bytes:
-        return self._connection().identity
+    def _me(self) -> tuple[bytes]:
+        return (self._connection().identity,)
 
     async def close(self) -> None:
         """Close the sockets. Idempotent; later use raises :class:`ZProcError`, and
@@ -237,6 +278,8 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
 
     async def getitem(self, key: Hashable) -> Any:
         """``state[key]``: the value (a copy); ``KeyError`` if missing."""
+        if self._cache:
+            return _copy((await self._replica())[key])
         return await self._call(P.Method.GETITEM, key)
 
     async def setitem(self, key: Hashable, value: Any) -> None:
@@ -249,13 +292,19 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
 
     async def contains(self, key: Hashable) -> bool:
         """``key in state``."""
+        if self._cache:
+            return key in await self._replica()
         return bool(await self._call(P.Method.CONTAINS, key))
 
     async def len(self) -> int:
         """``len(state)``."""
+        if self._cache:
+            return len(await self._replica())
         return int(await self._call(P.Method.LEN))
 
     async def get(self, key: Hashable, default: Any = None) -> Any:
+        if self._cache:
+            return _copy((await self._replica()).get(key, default))
         return await self._call(P.Method.GET, key, default)
 
     async def pop(self, key: Hashable, *default: Any) -> Any:
@@ -278,6 +327,8 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
 
     async def copy(self) -> dict[Any, Any]:
         """A deep copy of the whole state, as a plain dict (one round trip)."""
+        if self._cache:
+            return S.loads(S.dumps(await self._replica()))  # type: ignore[no-any-return]
         return await self._call(P.Method.COPY)  # type: ignore[no-any-return]
 
     async def keys(self) -> Any:
@@ -295,6 +346,11 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
     async def set(self, value: Mapping[Any, Any]) -> None:
         """Replace the whole dict with ``value``, atomically (one event)."""
         await self._call(P.Method.SET, dict(value))
+
+    def pipeline(self, max_ops: int = DEFAULT_PIPELINE_OPS) -> AsyncPipeline:
+        """Buffer writes and send them in batches: ``async with state.pipeline() as p:
+        p[k] = v; ...`` (see :class:`AsyncPipeline`)."""
+        return AsyncPipeline(self, max_ops)
 
     # -- server helpers -------------------------------------------------------------------
 

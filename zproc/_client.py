@@ -83,6 +83,7 @@ class Connection:
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
         liveness: float = DEFAULT_LIVENESS,
         keys: ClientKeys | None = None,
+        heads: list[int] | None = None,
     ) -> None:
         self.address = address
         self.keys = keys
@@ -97,8 +98,9 @@ class Connection:
         self._expected: dict[int, tuple[int, tuple[bytes, bytes] | None]] = {}
         self._lapsed: tuple[int, tuple[int, tuple[bytes, bytes] | None]] | None = None
         self.drops = 0  # connections lost so far
-        #: The highest namespace head any reply has reported (see ``_protocol``).
-        self.head = 0
+        #: ``[the highest namespace head any reply has reported]`` (see ``_protocol``),
+        #: a box that the connections of one State's threads share.
+        self.heads = [0] if heads is None else heads
         sock = self._new_socket(zmq.DEALER)
         sock.linger = 0
         # Never block in send: while no server takes them, requests queue here and each
@@ -121,6 +123,15 @@ class Connection:
         self.ever_connected = False
         self.since = time.monotonic()
         self.closed = False
+
+    @property
+    def head(self) -> int:
+        """The highest namespace head any reply has reported."""
+        return self.heads[0]
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.heads[0] = value
 
     def _new_socket(self, kind: int) -> Any:
         """A socket of this process's ZeroMQ context (the asyncio flavour makes asyncio
@@ -184,8 +195,9 @@ class Connection:
                 if len(frames) != 2:
                     continue
                 status, got, head = P.parse_reply_head(frames[0])
-                if head > self.head:
-                    self.head = head
+                heads = self.heads
+                if head > heads[0]:
+                    heads[0] = head
                 if got == rid:
                     self._expected.pop(rid, None)
                     return _decode(status, frames[1])
@@ -346,8 +358,21 @@ class AsyncConnection(Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         super().__init__(*args, **kwargs)
         self.sock.rcvtimeo = -1  # the reader waits on the event loop, not in recv
+
+    def _check_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind this connection to ``loop`` on first use; refuse any other loop."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = loop
+            return
+        raise ZProcError(
+            "this AsyncState is used by another event loop than the one it first ran in "
+            "(an asyncio socket belongs to one loop, and so does an AsyncState): create "
+            "an AsyncState in each event loop, or use a zproc.State, which any thread may "
+            "share"
+        )
 
     def _new_socket(self, kind: int) -> Any:
         # Same context as the sync sockets, so the monitor socket stays a sync one.
@@ -377,6 +402,8 @@ class AsyncConnection(Connection):
             self._expected.pop(rid, None)
             return _decode(*early)
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._check_loop(loop)
         waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self._waiters[rid] = waiter
         self._start_reader()
@@ -412,10 +439,13 @@ class AsyncConnection(Connection):
                 if len(frames) != 2:
                     continue
                 try:
-                    status, got = P.parse_reply(frames[0])
+                    status, got, head = P.parse_reply_head(frames[0])
                 except ProtocolError as exc:
                     self._fail_waiters(exc)
                     continue
+                heads = self.heads
+                if head > heads[0]:
+                    heads[0] = head
                 waiter = self._waiters.pop(got, None)
                 if waiter is not None:
                     if not waiter.done():
@@ -565,6 +595,10 @@ class Stream(_StreamIO):
         """Bring the replica at least to the server's current head; return that head."""
         return drive(self._catch_up())
 
+    def refresh(self, seen: int, check: bool, wait: float) -> None:
+        """Make the replica current for a cached read (see ``_StreamCore._refresh``)."""
+        drive(self._refresh(seen, check, wait))
+
     def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
              consume: bool = False, fresh: bool = True) -> _Ev | None:
         """Advance ``cursor`` to the next event that qualifies, blocking for new events
@@ -650,6 +684,10 @@ class AsyncStream(_StreamIO):
     async def catch_up(self) -> int:
         """Bring the replica at least to the server's current head; return that head."""
         return await adrive(self._catch_up())
+
+    async def refresh(self, seen: int, check: bool, wait: float) -> None:
+        """Make the replica current for a cached read (see ``_StreamCore._refresh``)."""
+        await adrive(self._refresh(seen, check, wait))
 
     async def find(self, qualifies: Qualifies, cursor: _Cursor, deadline: float | None,
                    consume: bool = False, fresh: bool = True) -> _Ev | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol
 
 from . import _protocol as P
@@ -10,7 +10,7 @@ from . import _serialization as S
 from ._api import _update_argument
 from .exceptions import ProtocolError
 
-__all__ = ["Pipeline"]
+__all__ = ["AsyncPipeline", "Pipeline"]
 
 #: Operations a pipeline buffers before it sends them.
 DEFAULT_PIPELINE_OPS = 1000
@@ -20,6 +20,15 @@ class Requester(Protocol):
     """What a pipeline sends its batches through (a :class:`zproc.State`)."""
 
     def _request(self, kind: int, method: int, body: bytes) -> Any: ...
+
+
+class EarlySender(Protocol):
+    """What an asyncio pipeline sends its batches through (a :class:`zproc.AsyncState`)."""
+
+    request_timeout: float | None
+
+    def _send_early(self, kind: int, body: bytes) -> tuple[Any, int]:
+        """Send a request now; return its connection and request id."""
 
 
 class Pipeline:
@@ -61,15 +70,23 @@ class Pipeline:
         if len(self._ops) >= self.max_ops:
             self._send()
 
-    def _send(self) -> None:
+    def _take(self) -> tuple[list[bytes], list[str]]:
+        """The buffered operations and their names; the buffer starts again empty."""
         ops, names = self._ops, self._names
-        if not ops:
-            return
         self._ops, self._names = [], []
-        replies = self.state._request(P.Kind.PIPELINE, 0, S.dumps(ops))
-        if not isinstance(replies, list) or len(replies) != len(ops):
+        return ops, names
+
+    def _send(self) -> None:
+        ops, names = self._take()
+        if ops:
+            self._collect(names, self.state._request(P.Kind.PIPELINE, 0, S.dumps(ops)))
+
+    def _collect(self, names: list[str], replies: Any) -> None:
+        """Record the results of one batch (the operations ``names``), and its first
+        failure if it is the pipeline's first."""
+        if not isinstance(replies, list) or len(replies) != len(names):
             raise ProtocolError(
-                f"the server answered a pipeline of {len(ops)} operations with "
+                f"the server answered a pipeline of {len(names)} operations with "
                 f"{len(replies) if isinstance(replies, list) else 'no'} results; use the "
                 f"same zproc version on both sides"
             )
@@ -95,17 +112,27 @@ class Pipeline:
         try:
             self._send()
         finally:
-            results, error, failed = self._results, self._error, self._failed
-            self._results, self._error, self._failed = [], None, 0
-        if error is not None:
-            index, name, exc = error
-            others = f"; {failed - 1} later one(s) failed too" if failed > 1 else ""
-            exc.add_note(
-                f"raised by operation #{index} ({name}) of a pipeline of {len(results)}"
-                f"{others}; the other operations were applied"
-            )
-            raise exc
-        return results
+            outcome = self._outcome()
+        return outcome()
+
+    def _outcome(self) -> Callable[[], list[Any]]:
+        """End a flush: forget its results; return what returns them or raises its first
+        failure."""
+        results, error, failed = self._results, self._error, self._failed
+        self._results, self._error, self._failed = [], None, 0
+
+        def outcome() -> list[Any]:
+            if error is not None:
+                index, name, exc = error
+                others = f"; {failed - 1} later one(s) failed too" if failed > 1 else ""
+                exc.add_note(
+                    f"raised by operation #{index} ({name}) of a pipeline of {len(results)}"
+                    f"{others}; the other operations were applied"
+                )
+                raise exc
+            return results
+
+        return outcome
 
     def discard(self) -> None:
         """Drop the writes not sent yet."""
@@ -150,3 +177,65 @@ class Pipeline:
     def set(self, value: Mapping[Any, Any]) -> None:
         """Replace the whole dict with ``value`` (one event)."""
         self._add("set", P.Method.SET, (dict(value),))
+
+
+class AsyncPipeline(Pipeline):
+    """A :class:`Pipeline` of an :class:`~zproc.AsyncState`: ``async with
+    astate.pipeline() as p: p[k] = v; ...``, and ``await p.flush()``.
+
+    The writes are buffered and pickled as in a Pipeline, with the same guarantees (each
+    operation atomic and published on its own, in order; the first failure raised by
+    :meth:`flush` with the operation's index; a block that raises discards what was not
+    sent; afterwards, cached reads of the AsyncState see every write). Every
+    ``max_ops``-th write sends its batch at once, without waiting for the reply:
+    :meth:`flush` awaits the replies of every batch, in order.
+
+    .. versionadded:: 1.0
+    """
+
+    state: EarlySender  # type: ignore[assignment]
+
+    def __init__(self, state: EarlySender, max_ops: int = DEFAULT_PIPELINE_OPS) -> None:
+        super().__init__(state, max_ops)  # type: ignore[arg-type]
+        #: Batches sent and not answered yet: (connection, request id, operation names).
+        self._sent: list[tuple[Any, int, list[str]]] = []
+
+    def _send(self) -> None:
+        ops, names = self._take()
+        if ops:
+            conn, rid = self.state._send_early(P.Kind.PIPELINE, S.dumps(ops))
+            self._sent.append((conn, rid, names))
+
+    async def flush(self) -> list[Any]:  # type: ignore[override]
+        """Send the buffered writes and await the replies of every batch; return the
+        result of every write since the last flush (or raise the first failure)."""
+        try:
+            self._send()
+            while self._sent:
+                conn, rid, names = self._sent.pop(0)
+                self._collect(names, await conn.aresult(rid, self.state.request_timeout))
+        finally:
+            for conn, rid, _ in self._sent:  # (cancelled, or failed: nobody awaits these)
+                conn.forget(rid)
+            self._sent = []
+            outcome = self._outcome()
+        return outcome()
+
+    def discard(self) -> None:
+        """Drop the writes not sent yet (the batches already sent stay applied)."""
+        super().discard()
+        for conn, rid, _ in self._sent:
+            conn.forget(rid)
+        self._sent = []
+
+    def __enter__(self) -> Pipeline:
+        raise TypeError("an AsyncState's pipeline is used with 'async with', not 'with'")
+
+    async def __aenter__(self) -> AsyncPipeline:
+        return self
+
+    async def __aexit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is None:
+            await self.flush()
+        else:
+            self.discard()

@@ -24,7 +24,7 @@ import inspect
 import os
 import time
 import weakref
-from collections.abc import Callable, Generator, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Generator, Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 from . import _protocol as P
@@ -447,6 +447,24 @@ class _StreamCore:
             yield self.replay, ()
         return head
 
+    def _refresh(self, seen: int, check: bool, wait: float) -> _Steps[None]:
+        """Make the replica current for a cached read: apply the queued events (``check``:
+        after asking the server's head, which replays what was dropped), then wait up to
+        ``wait`` s for those up to head ``seen``, else fetch them."""
+        if check:
+            yield from self._catch_up()
+        else:
+            yield self.drain, ()
+        deadline = time.monotonic() + wait
+        while self.seq < seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not (yield self._io_poll, (remaining,)):
+                head = yield from self._catch_up()  # slow events: fetch them instead
+                if self.seq < seen:  # the server lacks changes it acknowledged
+                    self._lost(head)
+                return
+            yield self.drain, ()
+
     def _wait_more(self, deadline: float | None) -> _Steps[bool]:
         """Wait until new events are in the log (True) or the deadline passes (False)."""
         before = self.seq
@@ -595,13 +613,15 @@ _SnapTest = Callable[[dict[Any, Any]], Any]
 _EvTest = Callable[[_Ev, dict[Any, Any]], Any]
 
 
-def _foreign_test(me: bytes) -> Qualifies:
-    """Qualifies every event not caused by the State with identity ``me``."""
-    return lambda ev, _cursor: ev.origin != me
+def _foreign_test(me: Container[bytes]) -> Qualifies:
+    """Qualifies every event not caused by the State whose identities are ``me`` (one
+    per thread that used it)."""
+    return lambda ev, _cursor: ev.origin not in me
 
 
 def _change_watch(
-    stream: _StreamCore, head: int, me: bytes, keys: tuple[Hashable, ...], exclude: bool,
+    stream: _StreamCore, head: int, me: Container[bytes], keys: tuple[Hashable, ...],
+    exclude: bool,
     live: bool,
 ) -> tuple[Qualifies, _Cursor]:
     """The event test and the starting cursor of ``get_when_change``."""
@@ -609,7 +629,7 @@ def _change_watch(
     whole = not keys or exclude
 
     def qualifies(ev: _Ev, _cursor: _Cursor) -> bool:
-        if ev.origin == me:
+        if ev.origin in me:
             return False
         if not keyset:
             return True
@@ -637,7 +657,7 @@ def _change_result(
 
 
 def _level_watch(
-    stream: _StreamCore, test: _SnapTest, live: bool, me: bytes
+    stream: _StreamCore, test: _SnapTest, live: bool, me: Container[bytes]
 ) -> tuple[Qualifies, _Cursor]:
     """The event test and cursor of a level-triggered wait whose first check failed."""
     cursor = _Cursor(stream.seq, dict(stream.replica))
@@ -646,7 +666,7 @@ def _level_watch(
         stream.buffer.seq = max(stream.buffer.seq, stream.seq)
 
     def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-        return ev.origin != me and bool(test(cur.snap))  # type: ignore[arg-type]
+        return ev.origin not in me and bool(test(cur.snap))  # type: ignore[arg-type]
 
     return qualifies, cursor
 
@@ -750,11 +770,11 @@ def _watch_start(stream: _StreamCore, start_time: float | None) -> int:
     return start
 
 
-def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: bytes) -> Qualifies:
+def _watch_qualifies(stream: _StreamCore, test: _EvTest, me: Container[bytes]) -> Qualifies:
     """An iterator watcher's event test: another State's change that passes ``test``."""
 
     def qualifies(ev: _Ev, cur: _Cursor) -> bool:
-        if ev.origin == me:
+        if ev.origin in me:
             return False
         if cur.snap is None:  # invalidated by coalescing
             cur.snap = stream.snapshot_at(cur.seq)

@@ -28,12 +28,17 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable, Container, Hashable, Iterable, Iterator, Mapping, MutableMapping,
+)
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _protocol as P
 from . import _serialization as S
 from ._api import (
+    CACHE_CHECK,
+    CACHE_POLL,
+    CACHE_WAIT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_RCVHWM,
     StateBase,
@@ -46,7 +51,8 @@ from ._api import (
 )
 from ._async import AsyncState
 from .coordination import CoordinationMethods, release_all
-from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Connection, Stream
+from ._channels import Channels, ThreadChannels
+from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Stream
 from ._pipeline import DEFAULT_PIPELINE_OPS, Pipeline
 from ._security import SecretKey
 from ._stream import (
@@ -72,7 +78,7 @@ from ._stream import (
     _watch_start,
 )
 from ._utils import in_server_process
-from .exceptions import ServerUnavailableError, TimeoutError, ZProcError
+from .exceptions import ServerUnavailableError, ZProcError
 
 __all__ = [
     "Pipeline",
@@ -94,23 +100,15 @@ T = TypeVar("T")
 
 #: How long a new State waits for the server to acknowledge its registration.
 REGISTER_WAIT = 1.0
-#: With ``cache=True``: a read applies the events queued for the replica at most this
-#: often (seconds) ...
-CACHE_POLL = 0.001
-#: ... and confirms with the server (one round trip) at least this often that no event
-#: was lost on the way.
-CACHE_CHECK = 1.0
-#: How long a cached read waits for the events of writes it must see before it fetches
-#: them from the server instead.
-CACHE_WAIT = 0.05
 # plain ints for the hot paths (an enum member lookup costs more than the comparison)
 _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
 
 # -- State -------------------------------------------------------------------------------
 
 
-class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
-    """A dict-like proxy to the dict held by a zproc server.
+class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
+    """A dict-like proxy to the dict held by a zproc server, registered as a
+    :class:`collections.abc.MutableMapping`.
 
     Parameters
     ----------
@@ -153,6 +151,9 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
     (``state["n"] += 1`` races: use :func:`atomic`). Values read are copies.
     A State pickles as its address and settings; unpickled (or used after ``fork``) it
     connects anew with a new identity.
+
+    Any number of threads may use one State at once: each thread gets a connection and
+    an event stream of its own on first use (see :ref:`threads`).
     """
 
     #: Seconds ``_register`` waits for the server's head (see there).
@@ -174,17 +175,20 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
         cache: bool = False,
     ) -> None:
         super().__init__(server_address, namespace, request_timeout, connect_timeout,
-                         max_backlog, rcvhwm, secret_key, liveness)
-        self._cache = bool(cache)
-        self._cache_due = self._cache_check_due = 0.0
-        self._conn: Connection | None = None
-        self._stream: Stream | None = None
+                         max_backlog, rcvhwm, secret_key, liveness, cache)
+        self._channels = channels = Channels()
+        self._local = channels.local  # (the hot paths read it directly)
+        self._heads = channels.heads
         self._start_seq_value: int | None = None
         self._start_run = b""  # the server run that numbered _start_seq_value
+        self._registered_pid = 0  # the process whose registration _start_seq_value is
         if self._connect_eagerly and not in_server_process():
             self._connect()  # in the server process, using a State raises (see _connect)
 
     # -- plumbing ---------------------------------------------------------------------
+    # Each thread works through a Channel of its own (zproc._channels): its connection,
+    # its event stream and their bookkeeping. What the threads share (the buffer's start,
+    # the identities, the highest head) is kept on the State.
 
     @property
     def namespace(self) -> str:
@@ -198,86 +202,21 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
             return
         self._namespace, self._ns = value, value.encode()
         self._reset_stream()
+        for other in self._channels.each():
+            other.cache_due = 0.0  # the other threads' streams are replaced on next use
         self._connection().head = 0  # heads of the old namespace mean nothing here
-        self._register()
-
-    @property
-    def identity(self) -> bytes:
-        """The identity this State's changes carry (new after fork or unpickling)."""
-        return self._connection().identity
-
-    def _connect(self) -> Connection:
-        if in_server_process():
-            raise RuntimeError(
-                "a State cannot be used inside an atomic function or elsewhere in the server "
-                "process: the server is busy running it and would wait for itself. Work on "
-                "the dict the atomic function receives instead"
-            )
-        self._reset_stream()
-        self._conn = conn = Connection(
-            self._address,
-            connect_timeout=self._connect_timeout,
-            keys=self._keys,
-            liveness=self._liveness,
-        )
-        try:
-            self._register()
-        except BaseException:
-            conn.close()
-            self._conn = None
-            raise
-        return conn
-
-    def _register(self) -> None:
-        """Mark the start of this State's buffer: the server's head sequence number now.
-
-        Waits briefly for the answer, so that a change made by anyone right after this
-        returns is in the buffer; a server that is not up yet answers later.
-        """
-        conn = self._conn
-        assert conn is not None
-        rid = conn.send(P.Kind.HEAD, 0, b"", self._ns)
-        if self._register_wait > 0:
-            try:
-                self._start_seq_value, self._start_run = P.head_reply(
-                    conn.result(rid, self._register_wait)
-                )
-                self._start_rid = None
-                return
-            except (TimeoutError, ServerUnavailableError):
-                pass
-        self._start_seq_value = None
-        self._start_rid = rid
-        conn.expect(rid)
-
-    def _connection(self) -> Connection:
-        if self._closed:
-            raise ZProcError("this State is closed; create a new one")
-        conn = self._conn
-        if conn is not None and conn.pid == os.getpid():
-            return conn
-        return self._connect()
-
-    def _stream_lost(self, stream: Stream, error: BaseException) -> None:
-        """The server's history lacks what ``stream`` saw: start again on the next call."""
-        self._reset_stream()
-        self._start_seq_value = self._start_rid = None
-
-    def _reset_stream(self) -> None:
-        if self._stream is not None:
-            if self._conn is not None and self._conn.pid == os.getpid():
-                self._stream.close()
-            self._stream = None
+        self._register(self._channel())
 
     def _request(self, kind: int, method: int, body: bytes) -> Any:
-        conn = self._conn
-        if conn is None or conn.closed or conn.pid != os.getpid():
-            conn = self._connection()
+        conn = self._connection()
         return conn.request(kind, method, body, self._ns, self.request_timeout)
 
     def _call(self, method: int, *args: Any) -> Any:
-        conn = self._conn
-        if conn is None or conn.closed or conn.pid != os.getpid():
+        try:
+            conn = self._local.conn
+        except AttributeError:  # this thread's first use
+            conn = self._connection()
+        if conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.result(
             conn.send(_CALL, method, S.dumps(args), self._ns), self.request_timeout
@@ -287,102 +226,75 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
         """The local replica, current enough for a cached read (``cache=True``).
 
         No round trip and no socket call unless the replica lacks a change this State was
-        told of (read-your-writes) or the event queue was last looked at ``CACHE_POLL``
-        seconds ago.
+        told of (read-your-writes, in any of its threads) or the event queue was last
+        looked at ``CACHE_POLL`` seconds ago.
         """
-        stream = self._stream
+        try:
+            channel = self._local.channel
+            stream = channel.stream
+        except AttributeError:  # this thread's first use
+            stream = None
         if (
             stream is None
-            or stream.seq < self._conn.head  # type: ignore[union-attr]
-            or time.monotonic() >= self._cache_due
+            or stream.seq < self._heads[0]
+            or time.monotonic() >= channel.cache_due
         ):
             stream = self._refresh_replica()
-        return stream.replica
+        return stream.replica  # type: ignore[no-any-return]
 
     def _refresh_replica(self) -> Stream:
         """Apply the queued events, then wait for those of every head a reply reported."""
         try:
             stream = self._watching(catch_up=False)
-            conn = self._conn
-            assert conn is not None
+            channel = self._channel()
             now = time.monotonic()
-            if now >= self._cache_check_due:  # HEAD: replays what a full queue dropped
-                stream.catch_up()
-                self._cache_check_due = now + CACHE_CHECK
-            else:
-                stream.drain()
-            seen = conn.head
-            deadline = time.monotonic() + CACHE_WAIT
-            while stream.seq < seen:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not stream.sub.poll(remaining * 1000):
-                    head = stream.catch_up()  # slow events: fetch them instead
-                    if stream.seq < seen:  # the server lacks changes it acknowledged
-                        stream._lost(head)
-                    break
-                stream.drain()
+            check = now >= channel.cache_check_due  # HEAD: replays what a full queue dropped
+            stream.refresh(self._heads[0], check, CACHE_WAIT)
+            if check:
+                channel.cache_check_due = now + CACHE_CHECK
         except ServerUnavailableError:
-            if self._stream is None and self._conn is not None:
-                self._conn.head = 0  # a replaced server: start again from its state
+            if self._stream is None:
+                self._heads[0] = 0  # a replaced server: start again from its state
             raise
-        self._cache_due = time.monotonic() + CACHE_POLL
+        channel.cache_due = time.monotonic() + CACHE_POLL
         return stream
 
-    def _start_seq(self) -> int:
-        conn = self._connection()
-        if self._start_seq_value is not None:
-            return self._start_seq_value
-        rid, self._start_rid = self._start_rid, None
-        if rid is None:
-            head, self._start_run = P.head_reply(self._request(P.Kind.HEAD, 0, b""))
-            return head
-        try:
-            self._start_seq_value, self._start_run = P.head_reply(
-                conn.result(rid, self.request_timeout)
-            )
-        except TimeoutError:
-            # keep the registration: the buffer still starts where the State was made
-            self._start_rid = rid
-            conn.expect(rid)
-            raise
-        return self._start_seq_value
-
     def _watching(self, catch_up: bool = True) -> Stream:
-        """The event stream, started on first use (and caught up with the server's head)."""
-        conn = self._conn
-        registers = conn is None or conn.pid != os.getpid()  # this call starts the buffer
-        self._connection()
-        stream = self._stream
+        """The calling thread's event stream, started on first use (and caught up with
+        the server's head)."""
+        registers = self._registered_pid != os.getpid()  # this call starts the buffer
+        channel = self._channel()
+        stream = channel.stream
+        if stream is not None and stream.namespace != self._ns:
+            channel.close_stream()  # another thread changed the namespace
+            stream = None
         if stream is None:
             start = self._start_seq()
-            stream = Stream(self, self._conn, start, self._start_run)  # type: ignore[arg-type]
+            stream = Stream(self, channel.conn, start, self._start_run)
             try:
                 stream.start(start)
             except BaseException:
                 stream.close()
                 raise
-            self._stream = stream
+            channel.stream = stream
             if registers and stream.run == self._start_run:
                 stream.head = min(stream.head, start)  # this call began at its registration
         elif catch_up:
             stream.catch_up()
-        return stream
+        return stream  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Close this State's sockets. Idempotent; later use raises :class:`ZProcError`."""
+        """Close this State's sockets (those of every thread that used it). Idempotent;
+        later use raises :class:`ZProcError`. Call it when no other thread uses the
+        State any more."""
         if self._closed:
             return
         self._closed = True
-        self._reset_stream()
-        release_all(self, self._conn)
-        if self._conn is not None:
-            self._conn.close()
-
-    def _settings(self) -> dict[str, Any]:
-        settings = super()._settings()
-        settings["cache"] = self._cache
-        settings["liveness"] = settings.pop("liveness")  # (kept last)
-        return settings
+        conn = self._channels.any_conn()
+        channels = self._channels.take_all()
+        release_all(self, conn)
+        for channel in channels:
+            channel.close()
 
     def _watcher(self, test: _EvTest, **options: Any) -> StateWatcher:
         return StateWatcher(self, test, **options)
@@ -429,22 +341,44 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
         return iter(self._call(P.Method.KEYS))
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, State):
-            return self.copy() == other.copy()
-        if self._cache:
-            result: Any = dict.__eq__(self._replica(), other)
-        else:
-            result = self._call(P.Method.EQ, other)
-        return result if result is NotImplemented else bool(result)
+        """Equal to any mapping with the same items (one round trip; none with
+        ``cache=True``)."""
+        return self._compare(other, P.Method.EQ, dict.__eq__)  # type: ignore[no-any-return]
 
     def __ne__(self, other: object) -> bool:
+        return self._compare(other, P.Method.NE, dict.__ne__)  # type: ignore[no-any-return]
+
+    def _compare(self, other: object, method: int, op: Callable[[Any, Any], Any]) -> Any:
         if isinstance(other, State):
-            return self.copy() != other.copy()
-        if self._cache:
-            result: Any = dict.__ne__(self._replica(), other)
-        else:
-            result = self._call(P.Method.NE, other)
+            return op(self.copy(), other.copy())
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if not isinstance(other, dict):
+            other = dict(other)
+        result = op(self._replica(), other) if self._cache else self._call(method, other)
         return result if result is NotImplemented else bool(result)
+
+    def __or__(self, other: Any) -> dict[Any, Any]:
+        """``state | mapping``: a plain dict of one snapshot of the state, updated with
+        ``mapping`` (the state is unchanged)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        merged = self.copy()
+        merged.update(other.copy() if isinstance(other, State) else other)
+        return merged
+
+    def __ror__(self, other: Any) -> dict[Any, Any]:
+        """``mapping | state``: a plain dict of ``mapping`` updated with one snapshot."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        merged = dict(other)
+        merged.update(self.copy())
+        return merged
+
+    def __ior__(self, other: Any) -> State:
+        """``state |= other``: :meth:`update` (one atomic round trip, one event)."""
+        self.update(other)
+        return self
 
     __hash__ = object.__hash__
 
@@ -480,15 +414,16 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
         return self._call(P.Method.COPY)  # type: ignore[no-any-return]
 
     def keys(self) -> Any:
-        """``dict_keys`` of one snapshot."""
+        """``dict_keys`` of one snapshot of the state, taken in one round trip (later
+        changes do not show in it)."""
         return self.copy().keys()
 
     def values(self) -> Any:
-        """``dict_values`` of one snapshot."""
+        """``dict_values`` of one snapshot, taken in one round trip."""
         return self.copy().values()
 
     def items(self) -> Any:
-        """``dict_items`` of one snapshot."""
+        """``dict_items`` of one snapshot, taken in one round trip."""
         return self.copy().items()
 
     def set(self, value: Mapping[Any, Any]) -> None:
@@ -541,15 +476,15 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
             self._start_seq_value, self._start_run = P.head_reply(
                 self._request(P.Kind.HEAD, 0, b"")
             )
-            self._start_rid = None
+            self._channel().start_rid = None
             return
         stream = self._watching()
         stream.buffer.seq = stream.seq
         stream.buffer.snap = None
         stream._trim()
 
-    def _me(self) -> bytes:
-        return self._conn.identity  # type: ignore[union-attr]
+    def _me(self) -> Container[bytes]:
+        return self._channels.ids
 
     def get_when_change(self, *keys: Hashable, exclude: bool = False, live: bool = True,
                         timeout: float | None = None) -> Any:
@@ -631,6 +566,9 @@ class State(StateBase, WatchMethods["StateWatcher"], CoordinationMethods):
         return _update_of(stream, _found(ev, "get_raw_update", timeout))
 
 
+MutableMapping.register(State)  # (registered: its own methods stay as they are)
+
+
 class StateWatcher(WatcherBase, Iterator[Any]):
     """An iterator over the changes of a State that pass a test.
 
@@ -659,10 +597,9 @@ class StateWatcher(WatcherBase, Iterator[Any]):
             raise StopIteration
         deadline = _deadline(self.timeout, "StateWatcher")
         stream = self.state._watching(catch_up=self.live)
-        if stream is not self._stream:  # the State reconnected (fork, namespace change)
+        if stream is not self._stream:  # another thread, or a new stream (fork, namespace)
+            self._move_to(self._stream, stream)
             self._stream = stream
-            self._cursor = _Cursor(stream.seq)
-            stream.cursors.add(self._cursor)
         qualifies = self._qualifies(stream, stream.head, self.state._me())
         return self._item(stream.find(qualifies, self._cursor, deadline, fresh=self.live))
 
