@@ -283,11 +283,11 @@ class Server:
                 if coord.active:
                     wake = self._coord_step(wake)
                 continue
-            for _ in range(MAX_BATCH):
+            for n in range(1, MAX_BATCH + 1):
                 reply = self.handle(frames, dirty, syncs)
                 if reply is not None:
                     replies.append(reply)
-                if not get(router, events) & poll_in:  # type: ignore[operator]
+                if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
                 frames = recv_frames(router)
             if store is not None:  # durable before anyone hears of it (fsync="always")
