@@ -20,10 +20,12 @@ from .coordination import (
     AsyncBarrier,
     AsyncEvent,
     AsyncLock,
+    AsyncQueue,
     AsyncSemaphore,
     Barrier,
     Event,
     Lock,
+    Queue,
     Semaphore,
 )
 from .exceptions import (
@@ -67,6 +69,7 @@ __all__ = [
     "AsyncBarrier",
     "AsyncEvent",
     "AsyncLock",
+    "AsyncQueue",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
@@ -82,6 +85,7 @@ __all__ = [
     "ProcessExit",
     "ProcessWaitError",
     "ProtocolError",
+    "Queue",
     "RemoteTraceback",
     "Semaphore",
     "SequenceTaskResult",

@@ -37,10 +37,12 @@ class CoordService:
         self.host = host_id()
         self._pid_due = self._due = 0.0
         self._deadline: float | None = None  # the earliest deadline of a waiting acquire
+        #: the first error of a handle's pipelined puts (POST), raised by its next request
+        self.errors: dict[tuple[bytes, int], Exception] = {}
 
     @property
     def active(self) -> bool:
-        return bool(self.core.owners) or bool(self.core.out)
+        return bool(self.core.owners) or bool(self.core.out) or bool(self.core.dirty)
 
     def handle(self, identity: bytes, request: P.Request, body: bytes) -> bytes | None:
         """The reply body to a COORD request, or None when it is answered later."""
@@ -48,13 +50,36 @@ class CoordService:
         if op == W.CoordOp.ACQUIRE:
             req = W.parse(W.AcquireRequest, body)
             result = core.acquire(ns, req, (identity, request.request_id), now)
-            if result is None:
-                if req.timeout is not None:
-                    self._due = min(self._due, now + req.timeout)
-                    if self._deadline is None or now + req.timeout < self._deadline:
-                        self._deadline = now + req.timeout
-                return None
-            return S.dumps(result)
+            return self._timed(req.timeout, now, None if result is None else S.dumps(result))
+        if op == W.CoordOp.POST:  # hot path: a pipelined put, no reply
+            post = W.parse(W.PostRequest, body)
+            try:
+                core.post(ns, post.name, post.item)
+            except Exception as exc:
+                self.errors.setdefault((post.session, post.handle), exc)
+            return None
+        if op == W.CoordOp.ACK:  # hot path: no reply
+            post = W.parse(W.PostRequest, body)
+            count = int.from_bytes(post.item, "little")
+            core.ack(ns, post.name, (post.session, post.handle), count, now)
+            return None
+        if op == W.CoordOp.GET:
+            req = W.parse(W.GetRequest, body)
+            self._raise_kept(req.who.session, req.handle)
+            items = core.get(ns, req, (identity, request.request_id), now)
+            return self._timed(req.timeout, now, None if items is None else S.dumps(items))
+        if op == W.CoordOp.PUT:
+            req = W.parse(W.PutRequest, body)
+            self._raise_kept(req.who.session, req.handle)
+            done = core.put(ns, req, (identity, request.request_id), now)
+            return self._timed(req.timeout, now, None if done is None else S.dumps(done))
+        if op == W.CoordOp.QSIZE:
+            size = W.parse(W.SizeRequest, body)
+            self._raise_kept(size.session, size.handle)
+            return S.dumps(core.qsize(ns, size.name, size.maxsize))
+        if op == W.CoordOp.QCANCEL:
+            core.qcancel(ns, W.parse(W.ReleaseRequest, body), now)
+            return S.dumps(None)
         if op == W.CoordOp.RELEASE or op == W.CoordOp.CANCEL:
             core.release(ns, W.parse(W.ReleaseRequest, body), now, op == W.CoordOp.CANCEL)
             return S.dumps(None)
@@ -83,8 +108,23 @@ class CoordService:
             return S.dumps(core.locked(ns, W.parse(str, body)))
         raise ValueError(f"unknown coordination operation {op}")
 
+    def _timed(self, timeout: float | None, now: float, reply: bytes | None) -> bytes | None:
+        """``reply``; when it is None (the request waits), mind its deadline."""
+        if reply is None and timeout is not None:
+            self._due = min(self._due, now + timeout)
+            if self._deadline is None or now + timeout < self._deadline:
+                self._deadline = now + timeout
+        return reply
+
+    def _raise_kept(self, session: bytes, handle: int) -> None:
+        error = self.errors.pop((session, handle), None)
+        if error is not None:
+            raise error
+
     def take(self) -> list[list[bytes]]:
         """The frames of the replies due now."""
+        if self.core.dirty:
+            self.core.flush()
         out, self.core.out = self.core.out, []
         ok = P.OK
         return [
