@@ -23,6 +23,7 @@ from ._transport import host_id
 
 __all__ = ["CoordService"]
 
+_POST, _ACK = int(W.CoordOp.POST), int(W.CoordOp.ACK)
 #: How often the processes of the sessions on this host are looked at, in seconds.
 PID_CHECK = 0.5
 #: How often silent sessions are looked for, in seconds (leases end this much late at most).
@@ -47,22 +48,22 @@ class CoordService:
     def handle(self, identity: bytes, request: P.Request, body: bytes) -> bytes | None:
         """The reply body to a COORD request, or None when it is answered later."""
         op, core, ns, now = request.method, self.core, request.namespace, time.monotonic()
-        if op == W.CoordOp.ACQUIRE:
-            req = W.parse(W.AcquireRequest, body)
-            result = core.acquire(ns, req, (identity, request.request_id), now)
-            return self._timed(req.timeout, now, None if result is None else S.dumps(result))
-        if op == W.CoordOp.POST:  # hot path: a pipelined put, no reply
-            post = W.parse(W.PostRequest, body)
+        if op == _POST:  # the hot path: a pipelined put, no reply
+            post = W.parse_post(body)
             try:
                 core.post(ns, post.name, post.item)
             except Exception as exc:
                 self.errors.setdefault((post.session, post.handle), exc)
             return None
-        if op == W.CoordOp.ACK:  # hot path: no reply
-            post = W.parse(W.PostRequest, body)
+        if op == _ACK:  # no reply either
+            post = W.parse_post(body)
             count = int.from_bytes(post.item, "little")
             core.ack(ns, post.name, (post.session, post.handle), count, now)
             return None
+        if op == W.CoordOp.ACQUIRE:
+            req = W.parse(W.AcquireRequest, body)
+            result = core.acquire(ns, req, (identity, request.request_id), now)
+            return self._timed(req.timeout, now, None if result is None else S.dumps(result))
         if op == W.CoordOp.GET:
             req = W.parse(W.GetRequest, body)
             self._raise_kept(req.who.session, req.handle)

@@ -91,6 +91,7 @@ class _QueueBase:
         self._keeper: Any = None
         self._buf: deque[bytes] = deque()  # items in flight to this handle, not yet returned
         self._posted = False  # pipelined puts or acks not yet confirmed by a round trip
+        self._ack1 = b""  # the body of the acknowledgement of one item (see _mine)
         # State.close() says BYE for the handles of its own that hold something
         state.__dict__.setdefault("_coord_handles", weakref.WeakSet()).add(self)
 
@@ -119,6 +120,8 @@ class _QueueBase:
             self._pid, self._buf, self._handle = os.getpid(), deque(), next_handle()
             self._who = tuple(session())
             self._posted = False
+            self._ack1 = S.dumps((self._name, self._handle, (1).to_bytes(4, "little"),
+                                  self._who[0]))
         return self._buf
 
     def _keep(self) -> None:
@@ -150,9 +153,13 @@ class _QueueBase:
         return self._seq, S.dumps((self._name, self._maxsize, self._handle, self._seq, want,
                                    limit, self._lease, self._who))
 
-    def _ack_body(self, count: int) -> bytes:
+    def _take(self, conn: Any) -> Any:
+        """The next item in flight to this handle, acknowledged: this process has it now
+        (the acknowledgement leaves without waiting for an answer)."""
+        data = self._buf.popleft()
+        conn.post(_COORD, _ACK, self._ack1, self._state._ns)
         self._posted = True
-        return S.dumps((self._name, self._handle, count.to_bytes(4, "little"), self._who[0]))
+        return S.loads(data)
 
     def _cancel_body(self, seq: int) -> bytes:
         return S.dumps((self._name, self._handle, seq, self._who[0]))
@@ -202,9 +209,7 @@ class _QueueBase:
             if not items:
                 raise queue.Empty
             buf.extend(items)
-        data = buf.popleft()
-        conn.post(_COORD, _ACK, self._ack_body(1), ns)  # this process has it now
-        return S.loads(data)
+        return self._take(conn)
 
     def __reduce__(self) -> Any:
         return (_rebuild, (type(self), self._state, self._name, self._maxsize,
@@ -248,6 +253,12 @@ class Queue(_QueueBase):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Append ``item``; on a full bounded queue wait for room (at most ``timeout``
         seconds; None or -1: no limit) unless ``block`` is False: ``queue.Full``."""
+        if not self._maxsize and block and timeout is None and self._pid == os.getpid():
+            state = self._state
+            body = S.dumps((self._name, self._handle, _pickled(item), self._who[0]))
+            state._connection().post(_COORD, _POST, body, state._ns)
+            self._posted = True
+            return
         self._run(self._put_steps(item, block, timeout))
 
     def put_nowait(self, item: Any) -> None:
@@ -257,6 +268,8 @@ class Queue(_QueueBase):
         """Remove and return the item at the head; wait for one (at most ``timeout``
         seconds; None or -1: no limit) unless ``block`` is False: ``queue.Empty``. A get
         that raises takes no item."""
+        if self._buf and block and timeout is None and self._pid == os.getpid():
+            return self._take(self._state._connection())  # the hot path: no round trip
         return self._run(self._get_steps(block, timeout))
 
     def get_nowait(self) -> Any:

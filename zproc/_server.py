@@ -88,6 +88,7 @@ SHUTDOWN_LINGER_MS = 500
 DEFAULT_MAX_NAMESPACES = 10_000
 
 _CALL = int(P.Kind.CALL)
+_COORD = int(P.Kind.COORD)
 _SETITEM = int(P.Method.SETITEM)
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
 
@@ -348,6 +349,8 @@ class Server:
         """Run one request and return the encoded result (raises on failure; None: the
         reply is sent later)."""
         kind = request.kind
+        if kind == _COORD:  # before the namespace: names live apart from the dict
+            return self.coord.handle(identity, request, body)
         ns = self.namespace(request.namespace)
         if kind == _CALL:
             args = parse_call_request(body)
@@ -400,8 +403,6 @@ class Server:
             return S.dumps(self.meta())
         if kind == P.Kind.SWARM:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
-        if kind == P.Kind.COORD:
-            return self.coord.handle(identity, request, body)
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
 
     def _coord_step(self, wake: int) -> int:
