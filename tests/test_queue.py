@@ -266,3 +266,79 @@ def test_async_queue_and_a_cancelled_get_takes_nothing(server: zproc.ServerAddre
             assert await bounded.full()
 
     asyncio.run(main())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_get_interrupted_by_a_signal_takes_nothing(state: zproc.State) -> None:
+    q = state.queue("sig")
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Interrupted):
+            q.get(timeout=20)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    q.put("kept")
+    assert q.qsize() == 1  # the given-up get is not served
+    assert q.get(timeout=5) == "kept"
+
+
+def test_closing_a_consumer_puts_its_prefetched_items_back(
+    state: zproc.State, server: zproc.ServerAddress
+) -> None:
+    q = state.queue("pre")
+    for i in range(10):
+        q.put(i)
+    with zproc.State(server) as st2:
+        consumer = st2.queue("pre", prefetch=5)
+        assert consumer.get(timeout=5) == 0
+        assert q.qsize() == 5  # 1..4 are in flight to the consumer
+    assert q.qsize() == 9  # closed: back at the head, in order
+    assert [q.get(timeout=5) for _ in range(9)] == list(range(1, 10))
+
+
+def test_an_error_of_a_pipelined_put_surfaces_at_the_next_call(state: zproc.State) -> None:
+    state.lock("lk")
+    q = zproc.Queue(state, "lk")  # made without the server's check of the name
+    q.put(1)  # pipelined: returns at once
+    with pytest.raises(ValueError, match="is a lock"):
+        q.qsize()
+    assert not state.lock("lk").locked()
+
+
+def _produce_and_end(address: zproc.ServerAddress, n: int) -> None:
+    state = zproc.State(address)  # never closed: the process just ends
+    q = state.queue("ends")
+    for i in range(n):
+        q.put(i)
+
+
+def _produce_in_a_task(state: zproc.State, n: int) -> None:
+    q = state.queue("task")  # dropped when the target returns
+    for i in range(n):
+        q.put(i)
+
+
+def test_pipelined_puts_arrive_when_a_producer_ends_without_close(
+    ctx: zproc.Context
+) -> None:
+    n = 3000
+    proc = multiprocessing.get_context("fork").Process(
+        target=_produce_and_end, args=(ctx.server_address, n)
+    )
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert ctx.queue("ends").qsize() == n
+    ctx.process(_produce_in_a_task, args=(n,)).wait(timeout=30)
+    q = ctx.queue("task")
+    assert q.qsize() == n
+    assert [q.get(timeout=5) for _ in range(n)] == list(range(n))

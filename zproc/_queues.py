@@ -20,6 +20,8 @@ A ``put`` to a bounded queue waits for the server's answer (room, or ``queue.Ful
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util
 import os
 import queue
 import weakref
@@ -38,6 +40,8 @@ __all__ = ["AsyncQueue", "Queue"]
 DEFAULT_LEASE = 10.0
 #: How many items one ``get`` request brings at most (queues without bound).
 DEFAULT_PREFETCH = 64
+#: How long a process that ends waits for its queue handles' last requests to arrive, in s.
+EXIT_WAIT = 5.0
 #: How much longer than its timeout a waiting get or put waits for the server's answer.
 GRACE = 5.0
 
@@ -114,6 +118,14 @@ class _QueueBase:
     def _held(self, value: list[Any]) -> None:
         self._buf.clear()
         self._posted = False
+        _busy(self._state).discard(self)
+
+    def _mark(self) -> None:
+        """This handle sent a request without waiting for its answer, or has items in
+        flight: its State keeps it (a strong reference) until a round trip confirmed the
+        request and the items were returned, or until ``close()`` says BYE for it."""
+        self._posted = True
+        _busy(self._state).add(self)
 
     def _mine(self) -> deque[bytes]:
         if self._pid != os.getpid():  # first use, or forked: nothing is in flight here
@@ -158,7 +170,8 @@ class _QueueBase:
         (the acknowledgement leaves without waiting for an answer)."""
         data = self._buf.popleft()
         conn.post(_COORD, _ACK, self._ack1, self._state._ns)
-        self._posted = True
+        if not self._posted:
+            self._mark()
         return S.loads(data)
 
     def _cancel_body(self, seq: int) -> bytes:
@@ -173,7 +186,7 @@ class _QueueBase:
         """Give up wait ``seq``: the server drops it and puts back at the head what it was
         handed (sent without waiting, so that a second cancellation cannot stop it; the
         connection keeps the order of requests)."""
-        self._posted = True
+        self._mark()
         try:
             self._state._connection().post(_COORD, _QCANCEL, self._cancel_body(seq),
                                            self._state._ns)
@@ -188,7 +201,7 @@ class _QueueBase:
         conn, ns = self._state._connection(), self._state._ns
         if pipelined:
             conn.post(_COORD, _POST, body, ns)
-            self._posted = True
+            self._mark()
             return None
         done = yield conn.send(_COORD, _PUT, body, ns), seq, _wait(limit)
         self._posted = False
@@ -218,6 +231,60 @@ class _QueueBase:
     def __repr__(self) -> str:
         bound = f", maxsize={self._maxsize}" if self._maxsize else ""
         return f"<zproc.{type(self).__name__} {self._name!r}{bound}>"
+
+
+def _busy(state: Any) -> set[_QueueBase]:
+    busy: set[_QueueBase] | None = state.__dict__.get("_coord_busy")
+    if busy is None:
+        busy = state.__dict__["_coord_busy"] = set()
+        _at_exit()
+        _states.add(state)
+    return busy
+
+
+_states: weakref.WeakSet[Any] = weakref.WeakSet()  # States whose queue handles were used
+_exit_hook: list[int] = []  # the pid that registered the hooks
+
+
+def _at_exit() -> None:
+    """Make sure a process that ends without closing its States still delivers its
+    pipelined puts and gives back its items in flight (atexit; multiprocessing's
+    children end through its finalizers instead)."""
+    pid = os.getpid()
+    if _exit_hook != [pid]:
+        _exit_hook[:] = [pid]
+        _states.clear()  # inherited through fork: not this process's
+        atexit.register(_flush_all)
+        multiprocessing.util.Finalize(None, _flush_all, exitpriority=20)
+
+
+def _flush_all() -> None:
+    """Say BYE for the busy queue handles of every State of this process (a round trip:
+    the requests sent before it have arrived)."""
+    pid = os.getpid()
+    for state in list(_states):
+        busy = [h for h in state.__dict__.get("_coord_busy", ()) if h._pid == pid]
+        conn = getattr(state, "_conn", None)
+        if not busy or conn is None or conn.closed or conn.pid != pid:
+            continue
+        if hasattr(conn, "aresult"):
+            continue  # an AsyncState's: it needs its event loop, which has ended
+        for handle in busy:
+            handle._held = []
+        body = P.encode(W.ByeRequest(session().session, [h._handle for h in busy]))
+        try:
+            conn.request(_COORD, int(W.CoordOp.BYE), body, state._ns, EXIT_WAIT)
+        except Exception:
+            pass  # the server is gone; its watch on this process returns the items
+
+
+def confirmed(state: Any) -> None:
+    """A round trip on the connection of ``state`` just ended: the requests its queue
+    handles sent before without waiting are confirmed; keep only those with items."""
+    for handle in list(_busy(state)):
+        if not handle._buf:
+            handle._posted = False
+            _busy(state).discard(handle)
 
 
 def _rebuild(cls: type[_QueueBase], state: Any, name: str, maxsize: int, prefetch: int,
@@ -257,7 +324,8 @@ class Queue(_QueueBase):
             state = self._state
             body = S.dumps((self._name, self._handle, _pickled(item), self._who[0]))
             state._connection().post(_COORD, _POST, body, state._ns)
-            self._posted = True
+            if not self._posted:
+                self._mark()
             return
         self._run(self._put_steps(item, block, timeout))
 

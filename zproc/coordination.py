@@ -30,7 +30,7 @@ from . import _coordwire as W
 from . import _protocol as P
 from . import _serialization as S
 from ._leases import keeper, next_handle, session
-from ._queues import DEFAULT_PREFETCH, AsyncQueue, Queue
+from ._queues import DEFAULT_PREFETCH, AsyncQueue, Queue, confirmed
 
 __all__ = [
     "AsyncBarrier", "AsyncEvent", "AsyncLock", "AsyncQueue", "AsyncSemaphore", "Barrier",
@@ -347,6 +347,7 @@ class CoordinationMethods:
         handle = Queue(self, name, maxsize, prefetch=prefetch, lease=lease)
         handle._state._connection().request(_COORD, _DECLARE, handle._declare_body(),
                                             handle._state._ns, handle._state.request_timeout)
+        confirmed(self)
         return handle
 
 
