@@ -34,11 +34,13 @@ def test_core_in_flight_items_go_back_to_the_head_in_order() -> None:
     q = QueueState(0)
     for item in (b"a", b"b", b"c", b"d"):
         assert q.put((S1, 1, 0), item, None, None, 0.0, 10.0) is True
-    assert q.get((S2, 7, 1), 3, None, 0, 0.0, 10.0) == [b"a", b"b", b"c"]
-    q.ack((S2, 7), 1)  # the consumer has "a"
+    assert q.get((S2, 7, 1), 2, None, 0, 0.0, 10.0) == [b"a", b"b"]
+    assert q.get((S2, 7, 2), 1, None, 0, 0.0, 10.0) == [b"c"]  # a second get at once
+    q.ack((S2, 7, 2))  # the consumer has "c", then "a"
+    q.ack((S2, 7, 1))
     assert list(q.items) == [b"d"]
-    assert q.back((S2, 7))  # it died: "b", "c" return ahead of "d"
-    assert list(q.items) == [b"b", b"c", b"d"] and not q.inflight
+    assert q.clear(S2, lambda key: True, None, 0.0, []) is False  # it died
+    assert list(q.items) == [b"b", b"d"] and not q.inflight  # "b" back ahead of "d"
 
 
 def test_core_waiting_getters_and_putters_are_served_in_order() -> None:
@@ -61,9 +63,11 @@ def test_core_a_cancelled_or_timed_out_get_takes_nothing() -> None:
     q.clear(S1, None, 2.0, 0.0, out)  # past its deadline
     assert out == [("g", [])] and not q.getters
     q.put((S2, 2, 0), b"a", None, None, 0.0, 10.0)
-    assert q.get((S1, 1, 2), 5, "g", None, 0.0, 10.0) == [b"a"]
-    q.cancel((S1, 1, 2))  # its answer never reached the caller
-    assert list(q.items) == [b"a"] and not q.inflight
+    q.put((S2, 2, 0), b"b", None, None, 0.0, 10.0)
+    assert q.get((S1, 1, 2), 1, "g", None, 0.0, 10.0) == [b"a"]
+    assert q.get((S1, 1, 3), 1, "g", None, 0.0, 10.0) == [b"b"]
+    q.cancel((S1, 1, 2))  # its answer never reached the caller: only its item is back
+    assert list(q.items) == [b"a"] and list(q.inflight) == [(S1, 1, 3)]
 
 
 def test_core_a_silent_consumer_loses_its_items_by_lease() -> None:
@@ -259,6 +263,12 @@ def test_async_queue_and_a_cancelled_get_takes_nothing(server: zproc.ServerAddre
             assert [await aq.get(timeout=5), await aq.get(timeout=5)] == ["a", "b"]
             with pytest.raises(queue.Empty):
                 await aq.get_nowait()
+            for i in range(30):
+                await aq.put(i)
+            shared = ast.queue("aq", prefetch=4)
+            got = await asyncio.gather(*(shared.get(timeout=5) for _ in range(30)))
+            assert sorted(got) == list(range(30))  # 30 coroutines on one handle
+            assert await aq.qsize() == 0
             bounded = ast.queue("ab", maxsize=1)
             await bounded.put(1)
             with pytest.raises(queue.Full):

@@ -258,12 +258,11 @@ class Coordinator:
         if queue.getters:
             self.dirty.add(queue)
 
-    def ack(self, namespace: str, name: str, holder: tuple[bytes, int], count: int,
-            now: float) -> None:
-        self.heartbeat(holder[0], now)
+    def ack(self, namespace: str, name: str, key: tuple[bytes, int, int], now: float) -> None:
+        self.heartbeat(key[0], now)
         queue = self.tables.get(namespace, {}).get(name)
         if isinstance(queue, QueueState):
-            queue.ack(holder, count)
+            queue.ack(key)
 
     def qcancel(self, namespace: str, req: ReleaseRequest, now: float) -> None:
         """A put or get given up: its wait ends, what it was handed goes back."""

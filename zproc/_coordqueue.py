@@ -2,11 +2,12 @@
 
 A queue holds its items (bytes, pickled by the client) in order. A ``get`` hands up to
 ``want`` items from the head to the asking handle at once (its prefetch); they are then
-*in flight*, owned by ``(session, handle)``, until the client acknowledges them one by
-one (``ack``) as its ``get`` returns them. What is in flight goes back to the head of the
-queue, in its order, when its owner gives up a wait (cancel), closes the handle (bye),
-dies or falls silent for longer than its lease: an item is never lost and never handed
-out twice while it is acknowledged.
+*in flight*, owned by that get (``(session, handle, seq)``: a handle may have several
+gets answered at once, as coroutines of an event loop do), until the client
+acknowledges them one by one, in order (``ack``), as its ``get`` calls return them.
+What is in flight goes back to the head of the queue, in its order, when its owner gives
+up a wait (cancel), closes the handle (bye), dies or falls silent for longer than its
+lease: an item is never lost, and never handed out again once acknowledged.
 
 Waiting getters and putters (a ``maxsize`` queue that is full) queue in arrival order
 (FIFO). The core never sends: :meth:`QueueState.feed` hands the items that arrived to the
@@ -25,7 +26,6 @@ from ._coordwire import QUEUE
 __all__ = ["QueueState"]
 
 Key = tuple[bytes, int, int]  # (session, handle, seq)
-Holder = tuple[bytes, int]  # (session, handle)
 
 
 class _QWaiter:
@@ -48,8 +48,8 @@ class QueueState:
     def __init__(self, maxsize: int) -> None:
         self.value = maxsize
         self.items: deque[bytes] = deque()
-        self.inflight: dict[Holder, deque[bytes]] = {}
-        self.leases: dict[Holder, float] = {}
+        self.inflight: dict[Key, deque[bytes]] = {}  # by the get that took them
+        self.leases: dict[Key, float] = {}
         self.getters: deque[_QWaiter] = deque()
         self.putters: deque[_QWaiter] = deque()
 
@@ -77,26 +77,23 @@ class QueueState:
     def get(self, key: Key, want: int, reply_to: Any, timeout: float | None, now: float,
             lease: float) -> list[bytes] | None:
         """Up to ``want`` items now (``[]``: empty and ``timeout`` 0), or None: waits."""
-        holder = key[:2]
-        self.back(holder)  # what a lost answer left in flight (never acknowledged)
         if self.items and not self.getters:
-            return self._hand(holder, want, lease)
+            return self._hand(key, want, lease)
         if timeout == 0:
             return []
         deadline = None if timeout is None else now + timeout
         self.getters.append(_QWaiter(key, reply_to, deadline, lease, want, None))
         return None
 
-    def ack(self, holder: Holder, count: int) -> None:
-        """The client has ``count`` more of the items in flight to ``holder`` (oldest first)."""
-        flying = self.inflight.get(holder)
+    def ack(self, key: Key) -> None:
+        """The client has the next of the items get ``key`` took."""
+        flying = self.inflight.get(key)
         if flying is None:
             return
-        for _ in range(min(count, len(flying))):
-            flying.popleft()
+        flying.popleft()
         if not flying:
-            del self.inflight[holder]
-            self.leases.pop(holder, None)
+            del self.inflight[key]
+            del self.leases[key]
 
     def cancel(self, key: Key) -> None:
         """A wait given up by its caller: drop it, and put back what it was handed."""
@@ -105,16 +102,16 @@ class QueueState:
                 if waiter.key == key:
                     waiters.remove(waiter)
                     return
-        self.back(key[:2])
+        self.back([key])
 
-    def back(self, holder: Holder) -> bool:
-        """Put the items in flight to ``holder`` back at the head, in their order."""
-        flying = self.inflight.pop(holder, None)
-        self.leases.pop(holder, None)
-        if not flying:
-            return False
-        self.items.extendleft(reversed(flying))
-        return True
+    def back(self, keys: list[Key]) -> None:
+        """Put the items in flight to the gets ``keys`` back at the head, in their order
+        (those of the earlier gets of a handle first)."""
+        for key in sorted(keys, key=lambda k: k[2], reverse=True):
+            flying = self.inflight.pop(key, None)
+            self.leases.pop(key, None)
+            if flying:
+                self.items.extendleft(reversed(flying))
 
     def feed(self, out: list[tuple[Any, Any]]) -> None:
         """Answer the waiting getters that items can serve and the putters that have room,
@@ -123,7 +120,7 @@ class QueueState:
             moved = False
             while self.getters and self.items:
                 waiter = self.getters.popleft()
-                out.append((waiter.reply_to, self._hand(waiter.key[:2], waiter.want,
+                out.append((waiter.reply_to, self._hand(waiter.key, waiter.want,
                                                         waiter.lease)))
                 moved = True
             while self.putters and self.room():
@@ -141,9 +138,10 @@ class QueueState:
         for those ``which((session, handle, seq))`` selects; with ``which`` None, what its
         silence (``silent`` seconds) lost by lease, and the waits past their deadline
         (answered: ``[]`` for a get, False for a put). Return whether it still has any."""
-        for holder in [h for h in self.inflight if h[0] == session]:
-            if which(holder + (0,)) if which is not None else self.leases[holder] < silent:
-                self.back(holder)
+        self.back([
+            key for key in self.inflight if key[0] == session
+            and (which(key) if which is not None else self.leases[key] < silent)
+        ])
         for waiters, timed_out in ((self.getters, []), (self.putters, False)):
             for waiter in [w for w in waiters if w.key[0] == session]:
                 if which is not None:
@@ -154,18 +152,15 @@ class QueueState:
                 elif waiter.deadline is not None and now is not None and now >= waiter.deadline:
                     waiters.remove(waiter)
                     out.append((waiter.reply_to, timed_out))
-        return any(h[0] == session for h in self.inflight) or any(
+        return any(k[0] == session for k in self.inflight) or any(
             w.key[0] == session for w in self.waiters
         )
 
     # -- inside -------------------------------------------------------------------------
 
-    def _hand(self, holder: Holder, want: int, lease: float) -> list[bytes]:
+    def _hand(self, key: Key, want: int, lease: float) -> list[bytes]:
         items = self.items
         taken = [items.popleft() for _ in range(min(want, len(items)))]
-        flying = self.inflight.get(holder)
-        if flying is None:
-            flying = self.inflight[holder] = deque()
-        flying.extend(taken)
-        self.leases[holder] = lease
+        self.inflight[key] = deque(taken)
+        self.leases[key] = lease
         return taken

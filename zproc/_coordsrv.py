@@ -57,8 +57,8 @@ class CoordService:
             return None
         if op == _ACK:  # no reply either
             post = W.parse_post(body)
-            count = int.from_bytes(post.item, "little")
-            core.ack(ns, post.name, (post.session, post.handle), count, now)
+            seq = int.from_bytes(post.item, "little")
+            core.ack(ns, post.name, (post.session, post.handle, seq), now)
             return None
         if op == W.CoordOp.ACQUIRE:
             req = W.parse(W.AcquireRequest, body)

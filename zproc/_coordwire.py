@@ -32,8 +32,8 @@ session; a grant is named by the handle and the handle's acquire number (``seq``
                                      QSIZE or GET
     GET        GetRequest            reply: a list of up to ``want`` pickled items, now
                                      in flight to the handle ([]: empty, the wait ended)
-    ACK        PostRequest           no reply; the client has ``item`` (a count, 4 bytes
-                                     little-endian) more of the items in flight to it
+    ACK        PostRequest           no reply; the client has the next item that its get
+                                     ``item`` (the seq, 8 bytes little-endian) took
     QCANCEL    ReleaseRequest        reply: None; drops the waiting put or get ``seq`` and
                                      puts back at the head what is in flight to the handle
     QSIZE      SizeRequest           reply: the number of items queued (not in flight)

@@ -20,9 +20,11 @@ A ``put`` to a bounded queue waits for the server's answer (room, or ``queue.Ful
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import multiprocessing.util
 import os
+import time
 import queue
 import weakref
 from collections import deque
@@ -93,9 +95,11 @@ class _QueueBase:
         self._handle = self._seq = 0
         self._who: tuple[Any, ...] = ()
         self._keeper: Any = None
-        self._buf: deque[bytes] = deque()  # items in flight to this handle, not yet returned
+        #: items in flight to this handle, not yet returned: (seq of the get that took it,
+        #: pickled item)
+        self._buf: deque[tuple[int, bytes]] = deque()
         self._posted = False  # pipelined puts or acks not yet confirmed by a round trip
-        self._ack1 = b""  # the body of the acknowledgement of one item (see _mine)
+        self._acks = (0, b"")  # (seq, body of the acknowledgement of an item it took)
         # State.close() says BYE for the handles of its own that hold something
         state.__dict__.setdefault("_coord_handles", weakref.WeakSet()).add(self)
 
@@ -127,13 +131,11 @@ class _QueueBase:
         self._posted = True
         _busy(self._state).add(self)
 
-    def _mine(self) -> deque[bytes]:
+    def _mine(self) -> deque[tuple[int, bytes]]:
         if self._pid != os.getpid():  # first use, or forked: nothing is in flight here
             self._pid, self._buf, self._handle = os.getpid(), deque(), next_handle()
             self._who = tuple(session())
             self._posted = False
-            self._ack1 = S.dumps((self._name, self._handle, (1).to_bytes(4, "little"),
-                                  self._who[0]))
         return self._buf
 
     def _keep(self) -> None:
@@ -168,8 +170,11 @@ class _QueueBase:
     def _take(self, conn: Any) -> Any:
         """The next item in flight to this handle, acknowledged: this process has it now
         (the acknowledgement leaves without waiting for an answer)."""
-        data = self._buf.popleft()
-        conn.post(_COORD, _ACK, self._ack1, self._state._ns)
+        seq, data = self._buf.popleft()
+        if self._acks[0] != seq:
+            self._acks = (seq, S.dumps((self._name, self._handle, seq.to_bytes(8, "little"),
+                                        self._who[0])))
+        conn.post(_COORD, _ACK, self._acks[1], self._state._ns)
         if not self._posted:
             self._mark()
         return S.loads(data)
@@ -221,7 +226,7 @@ class _QueueBase:
             self._posted = False
             if not items:
                 raise queue.Empty
-            buf.extend(items)
+            buf.extend([(seq, item) for item in items])
         return self._take(conn)
 
     def __reduce__(self) -> Any:
@@ -360,6 +365,8 @@ class AsyncQueue(_QueueBase):
     """The :class:`Queue` of an :class:`~zproc.AsyncState` (``astate.queue(name)``):
     ``await q.put(x)``, ``await q.get()``; a cancelled get takes no item."""
 
+    _turn: tuple[Any, asyncio.Lock] | None = None  # (event loop, lock of the gets' turns)
+
     async def _run(self, steps: Steps) -> Any:
         try:
             rid, seq, wait = next(steps)
@@ -379,7 +386,26 @@ class AsyncQueue(_QueueBase):
         await self.put(item, False)
 
     async def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        return await self._run(self._get_steps(block, timeout))
+        """As :meth:`Queue.get`. Coroutines that share the handle take turns to ask the
+        server, each first taking from what the one before brought."""
+        limit = _limit(block, timeout)
+        if self._buf and self._pid == os.getpid():
+            return self._take(self._state._connection())
+        loop = asyncio.get_running_loop()
+        if self._turn is None or self._turn[0] is not loop:
+            self._turn = (loop, asyncio.Lock())
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._turn[1].acquire(), limit)
+        except asyncio.TimeoutError:
+            raise queue.Empty from None
+        try:
+            if limit is not None:
+                limit = max(0.0, limit - (time.monotonic() - started))
+            return await self._run(self._get_steps(True, limit) if block
+                                   else self._get_steps(False, None))
+        finally:
+            self._turn[1].release()
 
     async def get_nowait(self) -> Any:
         return await self.get(False)
