@@ -16,6 +16,10 @@ repetition):
 * ``coord.hand-off``: from ``release()`` in this process to ``acquire()`` returning in a
   process blocked on it (median microseconds, one clock for both processes); baseline:
   one set round trip.
+* ``coord.queue items/s``: one producer (this process) puts ``N`` ints and then None,
+  one consumer process gets until None; items per second from the first put to the last
+  get; baseline: the same through ``multiprocessing.Manager().Queue()``. The issue's
+  target is at least 2x.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ._common import (
 )
 
 HANDOFFS = 200
+QUEUE_N = 20000
 
 
 def _cycle(lock: Any) -> Any:
@@ -55,6 +60,60 @@ def _waiter(address: Any, conn: Any) -> None:
                 lock.release()
     except Exception:
         send_error(conn)
+
+
+def _consumer(queue: Any, address: Any, conn: Any) -> None:
+    """Get until None each time told to (from the queue, or ``state.queue(queue)``); report
+    the time of the last item and how many came in order."""
+    try:
+        with ExitStack() as stack:
+            if address is not None:
+                queue = stack.enter_context(zproc.State(address)).queue(queue)
+            conn.send("ready")
+            while conn.recv() == "go":
+                expect = 0
+                for item in iter(queue.get, None):
+                    expect += item == expect
+                conn.send((now(), expect))
+    except Exception:
+        send_error(conn)
+
+
+def _queue_rate(queue: Any, here: Any, n: int) -> float:
+    here.send("go")
+    t0 = now()
+    for i in range(n):
+        queue.put(i)
+    queue.put(None)
+    t1, in_order = recv(here, 60, "queue consumer")
+    if in_order != n:
+        raise AssertionError(f"the consumer got {in_order} of {n} items in order")
+    return n / (t1 - t0)
+
+
+def queue_rows(quick: bool, stack: ExitStack, address: Any, mqueue: Any) -> list[dict[str, Any]]:
+    """One producer and one consumer process: zproc's queue next to the Manager's."""
+    n, reps = (5000, 2) if quick else (QUEUE_N, 3)
+    state = stack.enter_context(zproc.State(address))
+    queues = {"zproc": state.queue("bench-queue"), "manager": mqueue}
+    pipes = {}
+    for kind, queue in queues.items():
+        here, there = FORK.Pipe()
+        args = ("bench-queue", address, there) if kind == "zproc" else (queue, None, there)
+        consumer = FORK.Process(target=_consumer, args=args, daemon=True)
+        consumer.start()
+        stack.callback(stop_process, consumer)
+        recv(here, 30, "queue consumer")
+        pipes[kind] = here
+    rates: dict[str, list[float]] = {kind: [] for kind in queues}
+    kinds = list(queues)
+    for rep in range(reps):
+        for kind in kinds[rep % 2:] + kinds[:rep % 2]:
+            rates[kind].append(_queue_rate(queues[kind], pipes[kind], n))
+    for here in pipes.values():
+        here.send("stop")
+    return [row("coord.queue items/s (1 producer, 1 consumer)", median(rates["zproc"]),
+                "items/s", "Manager().Queue()", median(rates["manager"]), target=">= 2")]
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -107,6 +166,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         here.send("stop")
         rows.append(row("coord.hand-off (median)", median(samples), "us",
                         "state[k] = v round trip", set_us))
+        if hasattr(mdict, "_manager"):
+            rows += queue_rows(quick, stack, address, mdict._manager.Queue())
     return rows
 
 

@@ -660,3 +660,17 @@ def test_import_creates_no_file(tmp_path: Any) -> None:
     assert result.stdout.strip() == str(tmp)
     for folder in (home, tmp, cwd):
         assert list(folder.iterdir()) == [], f"import created files in {folder}"
+
+
+def test_a_burst_longer_than_one_batch_loses_no_request(state: zproc.State) -> None:
+    """More requests queued than one batch of the loop holds: each one is answered (the
+    message that ends a full batch was once received and dropped)."""
+    conn = state._connection()
+    n = 3 * 256 + 5
+    rids = [
+        conn.send(int(P.Kind.CALL), int(P.Method.SETITEM), S.dumps((f"k{i}", i)), state._ns)
+        for i in range(n)
+    ]
+    for rid in rids:
+        assert conn.result(rid, 10) is None
+    assert len(state) == n

@@ -62,7 +62,8 @@ def test_the_documented_keys_and_their_types(state: zproc.State) -> None:
     assert figures["memory"]["rss"] > 1_000_000
     assert figures["persistence"] is None and figures["swarm"] is None
     assert figures["coordination"] == {"primitives": 0, "held": 0, "waiters": 0,
-                                       "sessions": 0}
+                                       "sessions": 0, "queues": 0, "queued_items": 0,
+                                       "items_in_flight": 0}
 
 
 def test_counters_move_with_a_known_load(server: zproc.ServerAddress) -> None:
@@ -371,6 +372,12 @@ def test_persistence_and_coordination_figures(tmp_path: Any) -> None:
             finally:
                 lock.release()
             assert state.stats()["coordination"]["held"] == 0
+            queue = state.queue("jobs", maxsize=10)
+            for i in range(3):
+                queue.put(i)
+            coord = state.stats()["coordination"]
+            assert coord["queues"] == 1 and coord["queued_items"] == 3
+            assert coord["primitives"] == 2
     finally:
         stop(process)
 

@@ -21,10 +21,12 @@ from .coordination import (
     AsyncBarrier,
     AsyncEvent,
     AsyncLock,
+    AsyncQueue,
     AsyncSemaphore,
     Barrier,
     Event,
     Lock,
+    Queue,
     Semaphore,
 )
 from .exceptions import (
@@ -70,6 +72,7 @@ __all__ = [
     "AsyncEvent",
     "AsyncLock",
     "AsyncPipeline",
+    "AsyncQueue",
     "AsyncSemaphore",
     "AsyncState",
     "AsyncStateWatcher",
@@ -85,6 +88,7 @@ __all__ = [
     "ProcessExit",
     "ProcessWaitError",
     "ProtocolError",
+    "Queue",
     "RemoteTraceback",
     "Semaphore",
     "SequenceTaskResult",

@@ -150,6 +150,10 @@ class Connection:
         self._expected[rid] = (self.drops, frames if P.is_read_only(kind, method) else None)
         return rid
 
+    def post(self, kind: int, method: int, body: bytes, namespace: bytes) -> None:
+        """Send a request that the server answers with no reply."""
+        self._expected.pop(self.send(kind, method, body, namespace), None)
+
     def request(
         self,
         kind: int,

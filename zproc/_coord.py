@@ -20,7 +20,18 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from ._coordwire import BARRIER, EVENT, AcquireRequest, ByeRequest, ReleaseRequest, Session
+from ._coordqueue import QueueState
+from ._coordwire import (
+    BARRIER,
+    EVENT,
+    QUEUE,
+    AcquireRequest,
+    ByeRequest,
+    GetRequest,
+    PutRequest,
+    ReleaseRequest,
+    Session,
+)
 from .exceptions import LockLostError
 
 __all__ = ["Coordinator"]
@@ -76,27 +87,28 @@ class Owner:
 
 class Coordinator:
     def __init__(self, token_base: int = 0) -> None:
-        self.tables: dict[str, dict[str, Permits]] = {}
+        self.tables: dict[str, dict[str, Any]] = {}  # Permits, or QueueState
         self.owners: dict[bytes, Owner] = {}
         self.token = token_base
-        self.out: list[tuple[Any, tuple[bool, int]]] = []
+        self.out: list[tuple[Any, Any]] = []
+        self.dirty: set[QueueState] = set()  # queues whose waiters :meth:`flush` may serve
 
     # -- requests ---------------------------------------------------------------------
 
-    def declare(self, namespace: str, name: str, kind: str, value: int) -> Permits:
+    def declare(self, namespace: str, name: str, kind: str, value: int) -> Any:
         """The primitive ``name``, created if new; ValueError if it is of another kind or
         (a semaphore) has another value. Nothing changes on an error."""
         table = self.tables.setdefault(namespace, {})
-        permits = table.get(name)
+        permits: Permits | QueueState | None = table.get(name)
         if permits is None:
-            permits = table[name] = Permits(kind, value)
+            permits = table[name] = QueueState(value) if kind == QUEUE else Permits(kind, value)
         elif permits.kind != kind:
             raise ValueError(
                 f"{name!r} is {_an(permits.kind)} in namespace {namespace!r}; {_an(kind)} "
                 f"needs another name"
             )
         elif permits.value != value:
-            label = "parties" if kind == BARRIER else "value"
+            label = {BARRIER: "parties", QUEUE: "maxsize"}.get(kind, "value")
             raise ValueError(
                 f"the {kind} {name!r} has {label} {permits.value}, not {value}: ask for it "
                 f"with {label}={permits.value}, or use another name"
@@ -192,7 +204,7 @@ class Coordinator:
             event.waiters.clear()
 
     def is_set(self, namespace: str, name: str) -> bool:
-        return self.declare(namespace, name, EVENT, 1).flag
+        return bool(self.declare(namespace, name, EVENT, 1).flag)
 
     def abort(self, barrier: Permits) -> None:
         """Break a barrier: its waiting parties and all later ones hear (False, -1)."""
@@ -208,6 +220,67 @@ class Coordinator:
     def locked(self, namespace: str, name: str) -> bool:
         permits = self.tables.get(namespace, {}).get(name)
         return permits is not None and bool(permits.grants)
+
+    # -- queues -----------------------------------------------------------------------
+
+    def queue(self, namespace: str, name: str, maxsize: int) -> QueueState:
+        queue = self.declare(namespace, name, QUEUE, maxsize)
+        assert isinstance(queue, QueueState)
+        return queue
+
+    def put(self, namespace: str, req: PutRequest, reply_to: Any, now: float) -> bool | None:
+        """True: put; False: full (timeout 0); None: the answer comes through :attr:`out`."""
+        queue = self.queue(namespace, req.name, req.maxsize)
+        owner = self._owner(req.who, now)
+        key = (req.who.session, req.handle, req.seq)
+        done = queue.put(key, req.item, reply_to, req.timeout, now, req.lease)
+        if done is None:
+            owner.places.add((namespace, req.name))
+        self.dirty.add(queue)
+        return done
+
+    def get(self, namespace: str, req: GetRequest, reply_to: Any, now: float
+            ) -> list[bytes] | None:
+        """Items handed to the handle now (``[]``: none), or None: later through :attr:`out`."""
+        queue = self.queue(namespace, req.name, req.maxsize)
+        owner = self._owner(req.who, now)
+        key = (req.who.session, req.handle, req.seq)
+        items = queue.get(key, req.want, reply_to, req.timeout, now, req.lease)
+        if items is None or items:
+            owner.places.add((namespace, req.name))
+        self.dirty.add(queue)
+        return items
+
+    def post(self, namespace: str, name: str, item: bytes) -> None:
+        """A pipelined put, to a queue without bound."""
+        queue = self.queue(namespace, name, 0)
+        queue.items.append(item)
+        if queue.getters:
+            self.dirty.add(queue)
+
+    def ack(self, namespace: str, name: str, key: tuple[bytes, int, int], now: float) -> None:
+        self.heartbeat(key[0], now)
+        queue = self.tables.get(namespace, {}).get(name)
+        if isinstance(queue, QueueState):
+            queue.ack(key)
+
+    def qcancel(self, namespace: str, req: ReleaseRequest, now: float) -> None:
+        """A put or get given up: its wait ends, what it was handed goes back."""
+        self.heartbeat(req.session, now)
+        queue = self.tables.get(namespace, {}).get(req.name)
+        if isinstance(queue, QueueState):
+            queue.cancel((req.session, req.handle, req.seq))
+            self.dirty.add(queue)
+
+    def qsize(self, namespace: str, name: str, maxsize: int) -> int:
+        return len(self.queue(namespace, name, maxsize).items)
+
+    def flush(self) -> None:
+        """Serve the waiting getters and putters of the queues that changed."""
+        dirty, self.dirty = self.dirty, set()
+        for queue in dirty:
+            if queue.getters or queue.putters:
+                queue.feed(self.out)
 
     # -- time and death ----------------------------------------------------------------
 
@@ -268,6 +341,11 @@ class Coordinator:
         silent = 0.0 if now is None else now - owner.seen
         for place in list(owner.places):
             permits = self.tables[place[0]][place[1]]
+            if isinstance(permits, QueueState):
+                if not permits.clear(session, which, now, silent, self.out):
+                    owner.places.discard(place)
+                self.dirty.add(permits)
+                continue
             freed = gone = False
             for key, grant in list(permits.grants.items()):
                 if key[0] == session and (

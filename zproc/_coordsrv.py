@@ -23,6 +23,7 @@ from ._transport import host_id
 
 __all__ = ["CoordService"]
 
+_POST, _ACK = int(W.CoordOp.POST), int(W.CoordOp.ACK)
 #: How often the processes of the sessions on this host are looked at, in seconds.
 PID_CHECK = 0.5
 #: How often silent sessions are looked for, in seconds (leases end this much late at most).
@@ -37,24 +38,49 @@ class CoordService:
         self.host = host_id()
         self._pid_due = self._due = 0.0
         self._deadline: float | None = None  # the earliest deadline of a waiting acquire
+        #: the first error of a handle's pipelined puts (POST), raised by its next request
+        self.errors: dict[tuple[bytes, int], Exception] = {}
 
     @property
     def active(self) -> bool:
-        return bool(self.core.owners) or bool(self.core.out)
+        return bool(self.core.owners) or bool(self.core.out) or bool(self.core.dirty)
 
     def handle(self, identity: bytes, request: P.Request, body: bytes) -> bytes | None:
         """The reply body to a COORD request, or None when it is answered later."""
         op, core, ns, now = request.method, self.core, request.namespace, time.monotonic()
+        if op == _POST:  # the hot path: a pipelined put, no reply
+            post = W.parse_post(body)
+            try:
+                core.post(ns, post.name, post.item)
+            except Exception as exc:
+                self.errors.setdefault((post.session, post.handle), exc)
+            return None
+        if op == _ACK:  # no reply either
+            post = W.parse_post(body)
+            seq = int.from_bytes(post.item, "little")
+            core.ack(ns, post.name, (post.session, post.handle, seq), now)
+            return None
         if op == W.CoordOp.ACQUIRE:
             req = W.parse(W.AcquireRequest, body)
             result = core.acquire(ns, req, (identity, request.request_id), now)
-            if result is None:
-                if req.timeout is not None:
-                    self._due = min(self._due, now + req.timeout)
-                    if self._deadline is None or now + req.timeout < self._deadline:
-                        self._deadline = now + req.timeout
-                return None
-            return S.dumps(result)
+            return self._timed(req.timeout, now, None if result is None else S.dumps(result))
+        if op == W.CoordOp.GET:
+            req = W.parse(W.GetRequest, body)
+            self._raise_kept(req.who.session, req.handle)
+            items = core.get(ns, req, (identity, request.request_id), now)
+            return self._timed(req.timeout, now, None if items is None else S.dumps(items))
+        if op == W.CoordOp.PUT:
+            req = W.parse(W.PutRequest, body)
+            self._raise_kept(req.who.session, req.handle)
+            done = core.put(ns, req, (identity, request.request_id), now)
+            return self._timed(req.timeout, now, None if done is None else S.dumps(done))
+        if op == W.CoordOp.QSIZE:
+            size = W.parse(W.SizeRequest, body)
+            self._raise_kept(size.session, size.handle)
+            return S.dumps(core.qsize(ns, size.name, size.maxsize))
+        if op == W.CoordOp.QCANCEL:
+            core.qcancel(ns, W.parse(W.ReleaseRequest, body), now)
+            return S.dumps(None)
         if op == W.CoordOp.RELEASE or op == W.CoordOp.CANCEL:
             core.release(ns, W.parse(W.ReleaseRequest, body), now, op == W.CoordOp.CANCEL)
             return S.dumps(None)
@@ -83,8 +109,23 @@ class CoordService:
             return S.dumps(core.locked(ns, W.parse(str, body)))
         raise ValueError(f"unknown coordination operation {op}")
 
+    def _timed(self, timeout: float | None, now: float, reply: bytes | None) -> bytes | None:
+        """``reply``; when it is None (the request waits), mind its deadline."""
+        if reply is None and timeout is not None:
+            self._due = min(self._due, now + timeout)
+            if self._deadline is None or now + timeout < self._deadline:
+                self._deadline = now + timeout
+        return reply
+
+    def _raise_kept(self, session: bytes, handle: int) -> None:
+        error = self.errors.pop((session, handle), None)
+        if error is not None:
+            raise error
+
     def take(self) -> list[list[bytes]]:
         """The frames of the replies due now."""
+        if self.core.dirty:
+            self.core.flush()
         out, self.core.out = self.core.out, []
         ok = P.OK
         return [

@@ -25,6 +25,18 @@ session; a grant is named by the handle and the handle's acquire number (``seq``
     IS_SET     DeclareRequest        reply: whether the event is set
     ABORT      DeclareRequest        reply: None; breaks the barrier
     BARRIER    DeclareRequest        reply: (parties waiting, broken)
+    PUT        PutRequest            reply: True when put, False when full (timeout 0),
+                                     sent when there is room or the wait ends
+    POST       PostRequest           no reply (a pipelined put to a queue without bound);
+                                     an error is kept and raised by the handle's next
+                                     QSIZE or GET
+    GET        GetRequest            reply: a list of up to ``want`` pickled items, now
+                                     in flight to the handle ([]: empty, the wait ended)
+    ACK        PostRequest           no reply; the client has the next item that its get
+                                     ``item`` (the seq, 8 bytes little-endian) took
+    QCANCEL    ReleaseRequest        reply: None; drops the waiting put or get ``seq`` and
+                                     puts back at the head what is in flight to the handle
+    QSIZE      SizeRequest           reply: the number of items queued (not in flight)
 
 An event's ``wait`` is an ACQUIRE of the event (granted when it is set: token 0), given up
 with CANCEL; an event holds nothing. A barrier's ``wait`` is an ACQUIRE of the barrier
@@ -58,6 +70,12 @@ class CoordOp(enum.IntEnum):
     IS_SET = 10
     ABORT = 11
     BARRIER = 12
+    PUT = 13
+    POST = 14
+    GET = 15
+    ACK = 16
+    QCANCEL = 17
+    QSIZE = 18
 
 
 #: The kinds of named primitives (a name is of one kind in its namespace).
@@ -65,7 +83,8 @@ LOCK = "lock"
 SEMAPHORE = "semaphore"
 EVENT = "event"
 BARRIER = "barrier"
-KINDS = (LOCK, SEMAPHORE, EVENT, BARRIER)
+QUEUE = "queue"
+KINDS = (LOCK, SEMAPHORE, EVENT, BARRIER, QUEUE)
 
 
 class Session(NamedTuple):
@@ -101,6 +120,42 @@ class ReleaseRequest(NamedTuple):
     session: bytes
 
 
+class PutRequest(NamedTuple):
+    name: str
+    maxsize: int
+    handle: int
+    seq: int
+    item: bytes
+    timeout: float | None
+    lease: float
+    who: Session
+
+
+class GetRequest(NamedTuple):
+    name: str
+    maxsize: int
+    handle: int
+    seq: int
+    want: int
+    timeout: float | None
+    lease: float
+    who: Session
+
+
+class PostRequest(NamedTuple):
+    name: str
+    handle: int
+    item: bytes
+    session: bytes
+
+
+class SizeRequest(NamedTuple):
+    name: str
+    maxsize: int
+    handle: int
+    session: bytes
+
+
 class ByeRequest(NamedTuple):
     session: bytes
     handles: list[int] | None
@@ -125,6 +180,14 @@ def check_value(value: object, what: str = "value") -> int:
     if value < 1:
         raise ValueError(f"{what} must be >= 1, got {value}")
     return value
+
+
+def check_maxsize(maxsize: object) -> int:
+    if type(maxsize) is not int:
+        raise TypeError(f"maxsize must be an int, got {type(maxsize).__name__}")
+    if maxsize < 0:
+        raise ValueError(f"maxsize must be >= 0 (0: no bound), got {maxsize}")
+    return maxsize
 
 
 def check_lease(lease: object) -> float:
@@ -175,5 +238,33 @@ def parse(cls: type[Any], body: Any) -> Any:
         check_name(record.name)
         if record.kind not in KINDS:
             raise ProtocolError(f"unknown kind of primitive {record.kind!r}")
-        check_value(record.value)
+        if record.kind == QUEUE:
+            check_maxsize(record.value)
+        else:
+            check_value(record.value)
+    if cls is PutRequest or cls is GetRequest:
+        check_name(record.name)
+        check_maxsize(record.maxsize)
+        check_timeout(record.timeout)
+        check_lease(record.lease)
+        if cls is GetRequest:
+            check_value(record.want, "want")
+        elif not isinstance(record.item, bytes):
+            raise ProtocolError("a queue's item must travel pickled, as bytes")
+        return record._replace(who=Session(*record.who))
+    if cls is SizeRequest:
+        check_name(record.name)
     return record
+
+
+def parse_post(body: Any) -> PostRequest:
+    """A POST or ACK body (the hot path of queues: fewer checks than :func:`parse`)."""
+    try:
+        name, handle, item, session = S.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("malformed queue request; use the same zproc version on both "
+                            "sides") from exc
+    if type(name) is not str or not name or type(item) is not bytes:
+        raise ProtocolError("malformed queue request; use the same zproc version on both "
+                            "sides")
+    return PostRequest(name, handle, item, session)

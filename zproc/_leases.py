@@ -13,6 +13,7 @@ After ``fork`` the child is a session of its own, holding nothing.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import threading
 from typing import Any
@@ -26,7 +27,7 @@ from . import _serialization as S
 from ._security import ClientKeys, configure_client
 from ._transport import ServerAddress, get_context, host_id
 
-__all__ = ["Keeper", "keeper", "session"]
+__all__ = ["Keeper", "keeper", "next_handle", "session"]
 
 _lock = threading.RLock()
 _session: tuple[int, W.Session] | None = None
@@ -34,6 +35,12 @@ _keepers: dict[tuple[int, str], Keeper] = {}
 #: How long a keeper waits for the answer to its BYE at exit, in seconds.
 BYE_WAIT = 0.5
 _exit_hook: list[int] = []  # the pid that registered it
+_handles = itertools.count(1)
+
+
+def next_handle() -> int:
+    """A handle number, unique in this process's session (for every kind of handle)."""
+    return next(_handles)
 
 
 def session() -> W.Session:

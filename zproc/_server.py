@@ -85,6 +85,7 @@ DEFAULT_MAX_NAMESPACES = 10_000
 DEFAULT_SLOW_LOG_MS = 100.0
 
 _CALL = int(P.Kind.CALL)
+_COORD = int(P.Kind.COORD)
 _SETITEM = int(P.Method.SETITEM)
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
 
@@ -283,13 +284,13 @@ class Server:
                 continue
             if note is not None:
                 meter.begin()
-            for _ in range(MAX_BATCH):
+            for n in range(1, MAX_BATCH + 1):
                 reply = self.handle(frames, dirty, syncs)
                 if note is not None:
                     note(frames)
                 if reply is not None:
                     replies.append(reply)
-                if not get(router, events) & poll_in:  # type: ignore[operator]
+                if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
                 frames = recv_frames(router)
             if store is not None:  # durable before anyone hears of it (fsync="always")
@@ -354,6 +355,8 @@ class Server:
         """Run one request and return the encoded result (raises on failure; None: the
         reply is sent later)."""
         kind = request.kind
+        if kind == _COORD:  # before the namespace: names live apart from the dict
+            return self.coord.handle(identity, request, body)
         ns = self.namespace(request.namespace)
         if kind == _CALL:
             args = parse_call_request(body)
@@ -409,8 +412,6 @@ class Server:
             return S.dumps(self.report())
         if kind == P.Kind.SWARM:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
-        if kind == P.Kind.COORD:
-            return self.coord.handle(identity, request, body)
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
 
     def _coord_step(self, wake: int) -> int:

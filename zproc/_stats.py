@@ -23,6 +23,7 @@ from typing import Any
 
 from . import _protocol as P
 from ._coord import Coordinator
+from ._coordqueue import QueueState
 
 __all__ = [
     "CLIENT_WINDOW",
@@ -192,12 +193,17 @@ class Meter:
 
 
 def coordination_figures(core: Coordinator) -> dict[str, int]:
-    """Locks, semaphores, events and barriers: how many exist, permits held, waiters."""
-    tables = [list(table.values()) for table in list(core.tables.values())]
-    every = [permits for table in tables for permits in table]
+    """Locks, semaphores, events, barriers and queues: how many, what is held, who waits."""
+    every = [entry for table in list(core.tables.values()) for entry in list(table.values())]
+    queues = [entry for entry in every if isinstance(entry, QueueState)]
+    permits = [entry for entry in every if not isinstance(entry, QueueState)]
     return {
         "primitives": len(every),
-        "held": sum(len(permits.grants) for permits in every),
-        "waiters": sum(len(permits.waiters) for permits in every),
+        "held": sum(len(entry.grants) for entry in permits),
+        "waiters": sum(len(entry.waiters) for entry in permits)
+        + sum(len(queue.waiters) for queue in queues),
         "sessions": len(core.owners),
+        "queues": len(queues),
+        "queued_items": sum(len(queue.items) for queue in queues),
+        "items_in_flight": sum(map(len, (i for q in queues for i in q.inflight.values()))),
     }

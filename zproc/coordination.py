@@ -21,7 +21,6 @@ by the child holds nothing there either.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import weakref
@@ -30,11 +29,12 @@ from typing import Any, Protocol, TypeVar
 from . import _coordwire as W
 from . import _protocol as P
 from . import _serialization as S
-from ._leases import keeper, session
+from ._leases import keeper, next_handle, session
+from ._queues import DEFAULT_PREFETCH, AsyncQueue, Queue, confirmed
 
 __all__ = [
-    "AsyncBarrier", "AsyncEvent", "AsyncLock", "AsyncSemaphore", "Barrier", "Event", "Lock",
-    "Semaphore",
+    "AsyncBarrier", "AsyncEvent", "AsyncLock", "AsyncQueue", "AsyncSemaphore", "Barrier",
+    "Event", "Lock", "Queue", "Semaphore",
 ]
 
 #: The default lease of a holder, in seconds.
@@ -49,7 +49,6 @@ _ACQUIRE, _RELEASE, _CANCEL = int(W.CoordOp.ACQUIRE), int(W.CoordOp.RELEASE), in
 _DECLARE, _LOCKED = int(W.CoordOp.DECLARE), int(W.CoordOp.LOCKED)
 _SET, _CLEAR, _IS_SET = int(W.CoordOp.SET), int(W.CoordOp.CLEAR), int(W.CoordOp.IS_SET)
 _ABORT, _BARRIER = int(W.CoordOp.ABORT), int(W.CoordOp.BARRIER)
-_handles = itertools.count(1)
 
 
 class _Permits:
@@ -91,7 +90,7 @@ class _Permits:
 
     def _mine(self) -> list[tuple[int, int]]:
         if self._pid != os.getpid():  # first use, or forked: this process holds nothing
-            self._pid, self._held, self._handle = os.getpid(), [], next(_handles)
+            self._pid, self._held, self._handle = os.getpid(), [], next_handle()
             self._who = tuple(session())  # a plain tuple on the wire
         return self._held
 
@@ -338,6 +337,19 @@ class CoordinationMethods:
         ValueError if it exists with other parties or ``name`` is of another kind."""
         return _declared(Barrier(self, name, W.check_value(parties, "parties"), lease=lease))
 
+    def queue(self, name: str, maxsize: int = 0, *, prefetch: int = DEFAULT_PREFETCH,
+              lease: float = DEFAULT_LEASE) -> Queue:
+        """The named queue ``name`` (created on first use; ``maxsize`` 0: no bound).
+
+        ``prefetch``: how many items one request of a consumer brings at most (they stay
+        owned by it until ``get`` returns them). ValueError if it exists with another
+        maxsize or ``name`` is of another kind."""
+        handle = Queue(self, name, maxsize, prefetch=prefetch, lease=lease)
+        handle._state._connection().request(_COORD, _DECLARE, handle._declare_body(),
+                                            handle._state._ns, handle._state.request_timeout)
+        confirmed(self)
+        return handle
+
 
 class _HasState(Protocol):
     @property
@@ -363,6 +375,10 @@ class ContextCoordination:
     def barrier(self: _HasState, name: str, parties: int, **kwargs: Any) -> Barrier:
         """``ctx.state.barrier(name, parties, ...)``: see :meth:`State.barrier`."""
         return self.state.barrier(name, parties, **kwargs)
+
+    def queue(self: _HasState, name: str, maxsize: int = 0, **kwargs: Any) -> Queue:
+        """``ctx.state.queue(name, maxsize, ...)``: see :meth:`State.queue`."""
+        return self.state.queue(name, maxsize, **kwargs)
 
 
 _H = TypeVar("_H", bound=_SyncHandle)
@@ -497,3 +513,8 @@ class AsyncCoordinationMethods:
                 lease: float = DEFAULT_LEASE) -> AsyncBarrier:
         """The named barrier ``name``, as ``State.barrier``."""
         return AsyncBarrier(self, name, W.check_value(parties, "parties"), lease=lease)
+
+    def queue(self, name: str, maxsize: int = 0, *, prefetch: int = DEFAULT_PREFETCH,
+              lease: float = DEFAULT_LEASE) -> AsyncQueue:
+        """The named queue ``name``, as ``State.queue``."""
+        return AsyncQueue(self, name, maxsize, prefetch=prefetch, lease=lease)

@@ -1,0 +1,354 @@
+"""Named queues: the core without sockets, then real processes: a killed consumer
+(SIGKILL with items in flight) losing and duplicating nothing, timeouts and asyncio
+cancellation taking nothing, maxsize, bad input, kind clashes, pickled handles."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import zproc
+from zproc._coordqueue import QueueState
+
+from conftest import stop
+
+pytestmark = pytest.mark.timeout(120)
+
+S1, S2 = b"s" * 16, b"t" * 16
+
+
+# -- the core, without sockets ----------------------------------------------------------
+
+
+def test_core_in_flight_items_go_back_to_the_head_in_order() -> None:
+    q = QueueState(0)
+    for item in (b"a", b"b", b"c", b"d"):
+        assert q.put((S1, 1, 0), item, None, None, 0.0, 10.0) is True
+    assert q.get((S2, 7, 1), 2, None, 0, 0.0, 10.0) == [b"a", b"b"]
+    assert q.get((S2, 7, 2), 1, None, 0, 0.0, 10.0) == [b"c"]  # a second get at once
+    q.ack((S2, 7, 2))  # the consumer has "c", then "a"
+    q.ack((S2, 7, 1))
+    assert list(q.items) == [b"d"]
+    assert q.clear(S2, lambda key: True, None, 0.0, []) is False  # it died
+    assert list(q.items) == [b"b", b"d"] and not q.inflight  # "b" back ahead of "d"
+
+
+def test_core_waiting_getters_and_putters_are_served_in_order() -> None:
+    out: list[tuple[Any, Any]] = []
+    q = QueueState(1)
+    assert q.get((S1, 1, 1), 1, "g1", None, 0.0, 10.0) is None
+    assert q.get((S2, 2, 1), 1, "g2", None, 0.0, 10.0) is None
+    assert q.put((S1, 3, 1), b"x", "p1", None, 0.0, 10.0) is True
+    assert q.put((S1, 3, 2), b"y", "p2", None, 0.0, 10.0) is None  # full: waits
+    assert q.put((S1, 3, 3), b"z", "p3", 0, 0.0, 10.0) is False  # full, no wait
+    q.feed(out)
+    assert out == [("g1", [b"x"]), ("p2", True), ("g2", [b"y"])]
+    assert not q.items and not q.getters and not q.putters
+
+
+def test_core_a_cancelled_or_timed_out_get_takes_nothing() -> None:
+    out: list[tuple[Any, Any]] = []
+    q = QueueState(0)
+    assert q.get((S1, 1, 1), 5, "g", 1.0, 0.0, 10.0) is None
+    q.clear(S1, None, 2.0, 0.0, out)  # past its deadline
+    assert out == [("g", [])] and not q.getters
+    q.put((S2, 2, 0), b"a", None, None, 0.0, 10.0)
+    q.put((S2, 2, 0), b"b", None, None, 0.0, 10.0)
+    assert q.get((S1, 1, 2), 1, "g", None, 0.0, 10.0) == [b"a"]
+    assert q.get((S1, 1, 3), 1, "g", None, 0.0, 10.0) == [b"b"]
+    q.cancel((S1, 1, 2))  # its answer never reached the caller: only its item is back
+    assert list(q.items) == [b"a"] and list(q.inflight) == [(S1, 1, 3)]
+
+
+def test_core_a_silent_consumer_loses_its_items_by_lease() -> None:
+    q = QueueState(0)
+    q.put((S2, 2, 0), b"a", None, None, 0.0, 10.0)
+    assert q.get((S1, 1, 1), 5, None, None, 0.0, 3.0) == [b"a"]
+    assert q.clear(S1, None, 2.0, 2.0, [])  # silent 2 s < lease 3 s: still its own
+    assert not q.clear(S1, None, 4.0, 4.0, [])
+    assert list(q.items) == [b"a"]
+
+
+# -- real processes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(server: zproc.ServerAddress) -> Iterator[zproc.State]:
+    with zproc.State(server, request_timeout=20) as st:
+        yield st
+
+
+def test_queue_basics(state: zproc.State) -> None:
+    q = state.queue("q")
+    assert isinstance(q, zproc.Queue) and q.empty() and not q.full()
+    for i in range(5):
+        q.put(i)
+    q.put_nowait({"x": [1, 2]})
+    assert q.qsize() == 6
+    assert [q.get() for _ in range(5)] == list(range(5))
+    assert q.get_nowait() == {"x": [1, 2]}
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert "q" not in state and state.copy() == {}  # names are not keys
+
+
+def test_a_get_that_times_out_takes_nothing(state: zproc.State) -> None:
+    q = state.queue("t")
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.3)
+    assert time.monotonic() - started >= 0.29
+    other = state.queue("t")
+    other.put("late")
+    assert other.qsize() == 1  # the timed-out get did not take it
+    assert q.get(timeout=5) == "late"
+
+
+def test_maxsize_blocks_put_and_raises_full(state: zproc.State, server: Any) -> None:
+    q = state.queue("m", maxsize=2)
+    q.put(1)
+    q.put(2)
+    assert q.full()
+    with pytest.raises(queue.Full):
+        q.put(3, block=False)
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.2)
+    with zproc.State(server) as st2:
+        taker = st2.queue("m", maxsize=2)
+        done = threading.Event()
+
+        def put_third() -> None:
+            q.put(3, timeout=10)
+            done.set()
+
+        thread = threading.Thread(target=put_third)
+        thread.start()
+        assert not done.wait(0.3)  # blocked while full
+        assert taker.get(timeout=5) == 1
+        assert done.wait(10)
+        thread.join(10)
+        assert [taker.get(timeout=5), taker.get(timeout=5)] == [2, 3]
+
+
+def test_unpicklable_item_raises_at_put_and_changes_nothing(state: zproc.State) -> None:
+    q = state.queue("u")
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        q.put(threading.Lock())
+    assert q.qsize() == 0
+    q.put(lambda x: x + 1)  # cloudpickle for what pickle refuses
+    assert q.get(timeout=5)(1) == 2
+
+
+def test_bad_input_and_kind_clash_change_nothing(state: zproc.State) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        state.queue("")
+    with pytest.raises(TypeError, match="str"):
+        state.queue(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maxsize must be >= 0"):
+        state.queue("b", maxsize=-1)
+    q = state.queue("b")  # not made by the failed call with maxsize -1
+    with pytest.raises(ValueError, match="-1"):
+        q.get(timeout=-2)
+    with pytest.raises(ValueError, match="-1"):
+        q.put(1, timeout=-5)
+    with pytest.raises(ValueError, match="non-blocking"):
+        q.get(block=False, timeout=1)
+    assert q.qsize() == 0
+    state.lock("taken")
+    with pytest.raises(ValueError, match="is a lock"):
+        state.queue("taken")
+    with pytest.raises(ValueError, match="is a queue"):
+        state.event("b")
+    with pytest.raises(ValueError, match="maxsize 0, not 3"):
+        state.queue("b", maxsize=3)
+
+
+def _consume_slowly(address: zproc.ServerAddress, name: str, path: str, pause_at: int) -> None:
+    """Record each item got (one line each); after ``pause_at`` items say 'paused' and
+    sleep with items in flight, to be killed."""
+    with zproc.State(address) as st:
+        q = st.queue(name, prefetch=50)
+        with open(path, "a") as out:
+            for n in range(10**6):
+                item = q.get(timeout=30)
+                out.write(f"{item}\n")
+                out.flush()
+                if n + 1 == pause_at:
+                    out.write("paused\n")
+                    out.flush()
+                    time.sleep(60)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def test_a_killed_consumer_loses_and_duplicates_nothing(
+    state: zproc.State, server: zproc.ServerAddress, tmp_path: Any
+) -> None:
+    n = 10_000
+    q = state.queue("work")
+    for i in range(n):
+        q.put(i)
+    path = str(tmp_path / "got")
+    proc = multiprocessing.Process(target=_consume_slowly, args=(server, "work", path, 3010),
+                                   daemon=True)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and "paused" in _read(path):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the consumer did not get 3010 items")
+        assert q.qsize() == n - 3050  # it has items in flight (its prefetch)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        first = [int(line) for line in _read(path).split() if line != "paused"]
+        assert first == list(range(3010))
+        killed = time.monotonic()
+        while q.qsize() != n - 3010 and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        assert time.monotonic() - killed < 1.5  # its 40 items in flight are back, soon
+        rest = [q.get(timeout=10) for _ in range(n - 3010)]
+        assert rest == list(range(3010, n))
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.5)
+    finally:
+        stop(proc)
+
+
+def _take_one(state: zproc.State, q: zproc.Queue) -> Any:
+    return q.get(timeout=10)
+
+
+def test_a_handle_passed_to_a_process(ctx: zproc.Context) -> None:
+    q = ctx.queue("jobs")
+    q.put("job")
+    proc = ctx.process(_take_one, args=(q,))
+    assert proc.wait(timeout=30) == "job"
+    copy = pickle.loads(pickle.dumps(q))
+    try:
+        assert copy.name == "jobs" and copy is not q
+    finally:
+        copy._state.close()
+    assert q.qsize() == 0
+
+
+def test_async_queue_and_a_cancelled_get_takes_nothing(server: zproc.ServerAddress) -> None:
+    async def main() -> None:
+        async with zproc.AsyncState(server) as ast:
+            aq = ast.queue("aq")
+            assert isinstance(aq, zproc.AsyncQueue)
+            waiting = asyncio.ensure_future(aq.get())
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await aq.put("a")
+            await aq.put("b")
+            assert await aq.qsize() == 2  # the cancelled get took nothing
+            assert [await aq.get(timeout=5), await aq.get(timeout=5)] == ["a", "b"]
+            with pytest.raises(queue.Empty):
+                await aq.get_nowait()
+            for i in range(30):
+                await aq.put(i)
+            shared = ast.queue("aq", prefetch=4)
+            got = await asyncio.gather(*(shared.get(timeout=5) for _ in range(30)))
+            assert sorted(got) == list(range(30))  # 30 coroutines on one handle
+            assert await aq.qsize() == 0
+            bounded = ast.queue("ab", maxsize=1)
+            await bounded.put(1)
+            with pytest.raises(queue.Full):
+                await bounded.put_nowait(2)
+            assert await bounded.full()
+
+    asyncio.run(main())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_get_interrupted_by_a_signal_takes_nothing(state: zproc.State) -> None:
+    q = state.queue("sig")
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Interrupted):
+            q.get(timeout=20)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    q.put("kept")
+    assert q.qsize() == 1  # the given-up get is not served
+    assert q.get(timeout=5) == "kept"
+
+
+def test_closing_a_consumer_puts_its_prefetched_items_back(
+    state: zproc.State, server: zproc.ServerAddress
+) -> None:
+    q = state.queue("pre")
+    for i in range(10):
+        q.put(i)
+    with zproc.State(server) as st2:
+        consumer = st2.queue("pre", prefetch=5)
+        assert consumer.get(timeout=5) == 0
+        assert q.qsize() == 5  # 1..4 are in flight to the consumer
+    assert q.qsize() == 9  # closed: back at the head, in order
+    assert [q.get(timeout=5) for _ in range(9)] == list(range(1, 10))
+
+
+def test_an_error_of_a_pipelined_put_surfaces_at_the_next_call(state: zproc.State) -> None:
+    state.lock("lk")
+    q = zproc.Queue(state, "lk")  # made without the server's check of the name
+    q.put(1)  # pipelined: returns at once
+    with pytest.raises(ValueError, match="is a lock"):
+        q.qsize()
+    assert not state.lock("lk").locked()
+
+
+def _produce_and_end(address: zproc.ServerAddress, n: int) -> None:
+    state = zproc.State(address)  # never closed: the process just ends
+    q = state.queue("ends")
+    for i in range(n):
+        q.put(i)
+
+
+def _produce_in_a_task(state: zproc.State, n: int) -> None:
+    q = state.queue("task")  # dropped when the target returns
+    for i in range(n):
+        q.put(i)
+
+
+def test_pipelined_puts_arrive_when_a_producer_ends_without_close(
+    ctx: zproc.Context
+) -> None:
+    n = 3000
+    proc = multiprocessing.get_context("fork").Process(
+        target=_produce_and_end, args=(ctx.server_address, n)
+    )
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert ctx.queue("ends").qsize() == n
+    ctx.process(_produce_in_a_task, args=(n,)).wait(timeout=30)
+    q = ctx.queue("task")
+    assert q.qsize() == n
+    assert [q.get(timeout=5) for _ in range(n)] == list(range(n))
