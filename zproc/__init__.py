@@ -43,6 +43,7 @@ from .exceptions import (
     TimeoutError,
     ZProcError,
 )
+from .executor import Executor
 from .process import (
     Process,
     clean_process_tree,
@@ -76,6 +77,7 @@ __all__ = [
     "Barrier",
     "Context",
     "Event",
+    "Executor",
     "Lock",
     "LockLostError",
     "Pipeline",
