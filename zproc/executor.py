@@ -162,6 +162,8 @@ class PoolExecutor(Executor):
         self._closing = False  # the Context is closing: fail what runs, start nothing
         self._queued = 0  # calls queued so far (the dispatcher compares it before sleeping)
         self._asleep = False
+        self._broken: BaseException | None = None  # why the dispatcher thread stopped
+        self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -195,6 +197,11 @@ class PoolExecutor(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._broken is not None or os.getpid() != self._pid:
+                raise ZProcError(
+                    f"this executor cannot take calls (its dispatcher stopped: "
+                    f"{self._broken!r}, or it belongs to process {self._pid}); create a new one"
+                )
             self._pending.append((job_id, _Job(future, message, start, chunk)))
             self._queued += 1
         if self._asleep:
@@ -263,6 +270,8 @@ class PoolExecutor(Executor):
                     return
                 self._poll(seen)
         except BaseException as exc:  # never leave futures hanging
+            with self._lock:
+                self._broken = exc
             self._fail_all(exc)
             raise
         finally:
@@ -339,6 +348,15 @@ class PoolExecutor(Executor):
                     self._died(sentinels[fd])
 
     def _receive(self, worker: Worker) -> None:
+        if self._drain(worker):
+            if worker.process.is_alive:
+                worker.process._wait_exit(time.monotonic() + 1.0)
+            self._died(worker)
+
+    def _drain(self, worker: Worker) -> bool:
+        """Complete the calls whose replies arrived; ``True`` at the end of the stream."""
+        if worker.sock is None:
+            return True
         messages, eof = worker.receive()
         busy = self._flight[worker]
         for message in messages:
@@ -359,15 +377,13 @@ class PoolExecutor(Executor):
                 job.future.set_exception(error)
             else:
                 job.future.set_result(results[0])
-        if eof:
-            if worker.process.is_alive:
-                worker.process._wait_exit(time.monotonic() + 1.0)
-            self._died(worker)
+        return eof
 
     def _died(self, worker: Worker) -> None:
         """A worker ended: retry or fail its calls, and start another in its place."""
         if worker not in self._flight:
             return
+        self._drain(worker)  # the replies it sent before it ended
         self._workers.remove(worker)
         jobs = self._flight.pop(worker)
         worker.close()
