@@ -4,13 +4,15 @@ process_map on any executor (a dask.distributed cluster)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import concurrent.futures as cf
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from multiprocessing import resource_tracker
 from typing import Any
 
 import pytest
@@ -221,15 +223,15 @@ def test_process_map_on_other_executors(ctx: zproc.Context) -> None:
             next(failing)
 
 
-def locked_add(state: zproc.State, x: int, lock: Any) -> int:
-    with lock:
-        state["total"] = state.get("total", 0) + x
-    return os.getpid()
+DASK_SCRIPT = """
+import os, sys
+import distributed
+import zproc
+sys.path.insert(0, {tests!r})
+from test_executor import fail_at_5, inc, locked_add
 
-
-def test_process_map_on_a_dask_cluster(ctx: zproc.Context) -> None:
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
+if __name__ == "__main__":
+    with zproc.Context() as ctx, distributed.LocalCluster(
         processes=True, n_workers=2, threads_per_worker=1, host="127.0.0.1",
         dashboard_address=None,
     ) as cluster, distributed.Client(cluster) as client:
@@ -238,26 +240,40 @@ def test_process_map_on_a_dask_cluster(ctx: zproc.Context) -> None:
         pids = list(ctx.process_map(
             locked_add, range(100), args=(lock,), stateful=True, executor=executor, count=8
         ))
-        assert ctx.state["total"] == sum(range(100))
-        assert os.getpid() not in pids
+        assert ctx.state["total"] == sum(range(100)), ctx.state["total"]
+        assert os.getpid() not in pids and len(pids) == 100, pids
         assert list(ctx.process_map(inc, range(20), executor=executor, count=4)) == list(
             range(1, 21)
         )
-    _stop_resource_tracker()
+        try:
+            list(ctx.process_map(fail_at_5, range(8), executor=executor, count=2))
+        except ZeroDivisionError as exc:
+            assert isinstance(exc.__cause__, zproc.RemoteTraceback), exc.__cause__
+        else:
+            raise AssertionError("no ZeroDivisionError")
+    print("dask ok")
+"""
 
 
-def _stop_resource_tracker() -> None:
-    """The cluster's processes started multiprocessing's resource tracker (a child of this
-    process, for its lifetime): end it, as every test ends what it started."""
-    tracker: Any = resource_tracker._resource_tracker  # type: ignore[attr-defined]
-    if getattr(tracker, "_pid", None) is None:
-        return
-    if hasattr(tracker, "_stop"):
-        tracker._stop()
-    else:  # before Python 3.12: the tracker ends when its pipe closes
-        os.close(tracker._fd)
-        os.waitpid(tracker._pid, 0)
-        tracker._fd = tracker._pid = None
+def locked_add(state: zproc.State, x: int, lock: Any) -> int:
+    with lock:
+        state["total"] = state.get("total", 0) + x
+    return os.getpid()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("distributed") is None, reason="needs distributed (dask)"
+)
+def test_process_map_on_a_dask_cluster(tmp_path: pathlib.Path) -> None:
+    # In a process of its own: importing distributed changes how every exception pickles
+    # (it installs tblib's reducers), which must not leak into the other tests.
+    script = tmp_path / "dask_map.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(DASK_SCRIPT.format(tests=tests))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "dask ok" in done.stdout, done.stderr[-3000:]
 
 
 # -- on a swarm ---------------------------------------------------------------------------
