@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import multiprocessing
 import concurrent.futures as cf
 import os
 import pathlib
@@ -293,3 +294,32 @@ def test_swarm_executor_with_two_workers(ctx: zproc.Context) -> None:
         assert isinstance(info.value.__cause__, zproc.RemoteTraceback)
         assert list(ex.map(inc, range(30), chunksize=7)) == list(range(1, 31))
         assert ex.submit(lambda: "closure").result(timeout=30) == "closure"
+
+
+def test_swarm_executor_fails_a_call_whose_worker_died(ctx: zproc.Context) -> None:
+    with ctx.create_swarm(2) as swarm, swarm.executor() as ex:
+        with pytest.raises(zproc.TaskError):
+            ex.submit(kill_self).result(timeout=60)
+        assert ex.submit(inc, 1).result(timeout=30) == 2  # the other worker goes on
+
+
+def submit_in_child(ex: zproc.Executor, conn: Any) -> None:
+    try:
+        ex.submit(inc, 1)
+    except zproc.ZProcError as exc:
+        conn.send(str(exc))
+    else:
+        conn.send("accepted")
+
+
+def test_a_forked_copy_refuses_calls(ex: zproc.Executor) -> None:
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    process = context.Process(target=submit_in_child, args=(ex, child))
+    process.start()
+    try:
+        assert parent.poll(30)
+        assert "belongs to process" in parent.recv()
+    finally:
+        process.join(10)
+    assert ex.submit(inc, 1).result(timeout=30) == 2
