@@ -45,6 +45,7 @@ from .exceptions import (
     TimeoutError,
     ZProcError,
 )
+from .executor import Executor
 from .process import (
     Process,
     clean_process_tree,
@@ -80,6 +81,7 @@ __all__ = [
     "Barrier",
     "Context",
     "Event",
+    "Executor",
     "Lock",
     "LockLostError",
     "Pipeline",

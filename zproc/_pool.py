@@ -48,7 +48,7 @@ from .exceptions import ProcessError, TimeoutError, ZProcError
 from .process import Process
 from .state import State
 
-__all__ = ["MapResult", "Pool", "worker_main"]
+__all__ = ["MapResult", "Pool", "Worker", "worker_main"]
 
 #: Bytes read from a worker's socket at a time.
 READ_SIZE = 1 << 18
@@ -121,6 +121,9 @@ class _Worker:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+Worker = _Worker
 
 
 class _Task:
@@ -243,6 +246,25 @@ class Pool:
         workers = workers[self._rotate :] + workers[: self._rotate]
         workers.sort(key=lambda w: len(w.busy))
         return workers[:count]
+
+    def start_workers(self, count: int) -> list[_Worker]:
+        """Start ``count`` new workers and wait until they are connected.
+
+        For a caller that drives their sockets itself (``zproc.executor``): the workers
+        stay out of :meth:`map`'s reach, and :meth:`forget` drops one of them.
+        """
+        self._listen()
+        fresh = [self._start_worker() for _ in range(count)]
+        self._await_connected(fresh)
+        for worker in fresh:
+            self.forget(worker)
+            worker.busy.clear()
+        return fresh
+
+    def forget(self, worker: _Worker) -> None:
+        """Stop counting ``worker`` among the workers :meth:`map` uses."""
+        if worker.sock is not None and self._workers.get(worker.sock.fileno()) is worker:
+            del self._workers[worker.sock.fileno()]
 
     def _await_connected(self, workers: list[_Worker]) -> None:
         listener = self._listen()

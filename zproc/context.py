@@ -31,6 +31,7 @@ from ._launch import start_server
 from ._transport import ServerAddress, normalize_address, remove_server_files
 from .coordination import ContextCoordination
 from .exceptions import ZProcError
+from .executor import ContextExecutor, FuturesExecutor, map_on
 from .process import Process, ProcessList, ProcessStatus, stop_processes, wait_processes
 from .state import State, ping
 from .swarm import Swarm
@@ -63,7 +64,7 @@ class ContextStatus(enum.Enum):
     CLOSED = "closed"
 
 
-class Context(ContextCoordination):
+class Context(ContextCoordination, ContextExecutor):
     """A server (started here or attached to), a State for it, and the processes made here.
 
     Parameters
@@ -311,6 +312,7 @@ class Context(ContextCoordination):
         try:
             for swarm in self._swarms:
                 swarm.close()
+            self._close_executors()
             stop_processes(self.process_list)
         finally:
             for process in self.process_list:
@@ -513,6 +515,7 @@ class Context(ContextCoordination):
         new: bool = False,
         return_task: bool = False,
         progress: bool = False,
+        executor: FuturesExecutor | None = None,
     ) -> Any:
         """A parallel ``map`` on long-lived worker processes; results come back in order.
 
@@ -537,6 +540,9 @@ class Context(ContextCoordination):
             stderr. Results are counted as the iterator yields them.
 
             .. versionadded:: 1.0
+        executor
+            Run the chunks on this :class:`concurrent.futures.Executor` (dask, Ray; see
+            :ref:`beyond-one-machine`); ``new`` and ``return_task`` do not apply.
 
         Returns
         -------
@@ -560,17 +566,14 @@ class Context(ContextCoordination):
             raise ValueError(f"count must be >= 1, got {count!r}")
         items, margs, mkwargs = map_inputs(map_iter, map_args, map_kwargs)
         fixed_args, fixed_kwargs = as_args(args, "args"), as_kwargs(kwargs, "kwargs")
+        if executor is not None:
+            return map_on(executor, target, (items, margs, mkwargs), (fixed_args, fixed_kwargs),
+                          count, self.state if stateful else None)
         if self._pool is None:
-            self._pool = Pool(
-                self._spawn_worker,
-                self.server_address,
-                self.namespace,
-                self.request_timeout,
-                self._secret_key,
-            )
-        results = self._pool.map(
-            target, items, margs, mkwargs, fixed_args, fixed_kwargs, count, stateful, new, progress
-        )
+            self._pool = Pool(self._spawn_worker, self.server_address, self.namespace,
+                              self.request_timeout, self._secret_key)
+        results = self._pool.map(target, items, margs, mkwargs, fixed_args, fixed_kwargs, count,
+                                 stateful, new, progress)
         if not return_task:
             return results
         task = TaskDetail(next(self._task_ids), count if map_length(items, margs, mkwargs) else 0)

@@ -9,6 +9,7 @@ in the broker, so any process can fetch them by task id (:class:`SequenceTaskRes
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import multiprocessing.util
@@ -28,6 +29,7 @@ from ._security import SecretKey, client_keys
 from ._swarm import DEFAULT_MAX_ATTEMPTS
 from ._transport import ServerAddress, normalize_address
 from ._worker import discover, worker_main
+from .executor import SwarmExecutor
 from .exceptions import (
     ProcessError,
     ServerUnavailableError,
@@ -701,6 +703,23 @@ class Swarm:
         except BaseException:
             _forget_quietly(result)
             raise
+
+    def executor(self, max_retries: int = 0) -> SwarmExecutor:
+        """A :class:`zproc.Executor` whose calls run on the swarm's workers, on any host.
+
+        A call whose worker dies runs again on another worker up to ``max_retries``
+        times, then fails with :class:`~zproc.TaskError`.
+
+        .. versionadded:: 1.0
+        """
+        self._check_open()
+        return SwarmExecutor(
+            functools.partial(
+                Swarm, self.server_address, namespace=self.namespace,
+                secret_key=self.secret_key, request_timeout=self._link.request_timeout,
+            ),
+            max_retries,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
