@@ -20,6 +20,9 @@ repetition):
   one consumer process gets until None; items per second from the first put to the last
   get; baseline: the same through ``multiprocessing.Manager().Queue()``. The issue's
   target is at least 2x.
+* ``coord.queue items/s, persist fsync=...``: the same on a server with ``persist=``
+  (queue items journaled in its SQLite file, removed as they are acknowledged), for
+  ``fsync="always"`` and ``"every second"``, next to the server without persistence.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from typing import Any
 import zproc
 
 from ._common import (
-    FORK, Counter, manager_dict, median, now, recv, row, send_error, stop_process, time_loop,
-    zproc_server,
+    FORK, Counter, manager_dict, median, now, private_dir, recv, row, send_error, stop_process,
+    time_loop, zproc_server,
 )
 
 HANDOFFS = 200
 QUEUE_N = 20000
+PERSIST_POLICIES = ("always", "every second")
 
 
 def _cycle(lock: Any) -> Any:
@@ -92,14 +96,25 @@ def _queue_rate(queue: Any, here: Any, n: int) -> float:
 
 
 def queue_rows(quick: bool, stack: ExitStack, address: Any, mqueue: Any) -> list[dict[str, Any]]:
-    """One producer and one consumer process: zproc's queue next to the Manager's."""
+    """One producer and one consumer process: zproc's queue next to the Manager's, and on
+    servers that persist it."""
     n, reps = (5000, 2) if quick else (QUEUE_N, 3)
-    state = stack.enter_context(zproc.State(address))
-    queues = {"zproc": state.queue("bench-queue"), "manager": mqueue}
+    folder = stack.enter_context(private_dir())
+    addresses = {"zproc": address}
+    for fsync in PERSIST_POLICIES:
+        addresses[fsync] = stack.enter_context(
+            zproc_server(persist=f"{folder}/{fsync.replace(' ', '-')}.db", fsync=fsync)
+        )
+    queues: dict[str, Any] = {
+        kind: stack.enter_context(zproc.State(where)).queue("bench-queue")
+        for kind, where in addresses.items()
+    }
+    queues["manager"] = mqueue
     pipes = {}
     for kind, queue in queues.items():
         here, there = FORK.Pipe()
-        args = ("bench-queue", address, there) if kind == "zproc" else (queue, None, there)
+        args = (queue, None, there) if kind == "manager" else (
+            "bench-queue", addresses[kind], there)
         consumer = FORK.Process(target=_consumer, args=args, daemon=True)
         consumer.start()
         stack.callback(stop_process, consumer)
@@ -108,12 +123,17 @@ def queue_rows(quick: bool, stack: ExitStack, address: Any, mqueue: Any) -> list
     rates: dict[str, list[float]] = {kind: [] for kind in queues}
     kinds = list(queues)
     for rep in range(reps):
-        for kind in kinds[rep % 2:] + kinds[:rep % 2]:
+        for kind in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
             rates[kind].append(_queue_rate(queues[kind], pipes[kind], n))
     for here in pipes.values():
         here.send("stop")
-    return [row("coord.queue items/s (1 producer, 1 consumer)", median(rates["zproc"]),
-                "items/s", "Manager().Queue()", median(rates["manager"]), target=">= 2")]
+    plain = median(rates["zproc"])
+    return [row("coord.queue items/s (1 producer, 1 consumer)", plain,
+                "items/s", "Manager().Queue()", median(rates["manager"]), target=">= 2")] + [
+        row(f"coord.queue items/s, persist fsync={fsync!r}", median(rates[fsync]), "items/s",
+            "the queue without persist=", plain)
+        for fsync in PERSIST_POLICIES
+    ]
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:

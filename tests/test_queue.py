@@ -352,3 +352,55 @@ def test_pipelined_puts_arrive_when_a_producer_ends_without_close(
     q = ctx.queue("task")
     assert q.qsize() == n
     assert [q.get(timeout=5) for _ in range(n)] == list(range(n))
+
+
+THREAD_ITEMS = 4000
+
+
+def test_threads_sharing_one_handle_get_every_item_exactly_once(state: zproc.State) -> None:
+    """4 consumer threads and 2 producer threads on one handle: every item reaches
+    exactly one get, and each consumer sees each producer's items in the order put."""
+    q = state.queue("threads")
+    got: list[list[tuple[int, int]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def produce(producer: int) -> None:
+        try:
+            for i in range(THREAD_ITEMS // 2):
+                q.put((producer, i))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def consume(index: int) -> None:
+        try:
+            while not done.is_set():
+                try:
+                    got[index].append(q.get(timeout=0.2))
+                except queue.Empty:
+                    continue
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=produce, args=(p,)) for p in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(map(len, got)) < THREAD_ITEMS and time.monotonic() < deadline and not errors:
+            time.sleep(0.01)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(10)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+    items = [item for mine in got for item in mine]
+    assert sorted(items) == [(p, i) for p in range(2) for i in range(THREAD_ITEMS // 2)]
+    assert sum(1 for mine in got if mine) >= 2  # the threads did share the work
+    for mine in got:
+        for producer in range(2):
+            order = [i for p, i in mine if p == producer]
+            assert order == sorted(order)
+    assert q.qsize() == 0

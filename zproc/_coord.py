@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from ._coordqueue import QueueState
+from ._coordqueue import Journal, QueueLog, QueueState
 from ._coordwire import (
     BARRIER,
     EVENT,
@@ -92,6 +92,8 @@ class Coordinator:
         self.token = token_base
         self.out: list[tuple[Any, Any]] = []
         self.dirty: set[QueueState] = set()  # queues whose waiters :meth:`flush` may serve
+        #: with a persist file: what the next commit writes (queues, items, event flags)
+        self.journal: Journal | None = None
 
     # -- requests ---------------------------------------------------------------------
 
@@ -102,6 +104,11 @@ class Coordinator:
         permits: Permits | QueueState | None = table.get(name)
         if permits is None:
             permits = table[name] = QueueState(value) if kind == QUEUE else Permits(kind, value)
+            journal = self.journal
+            if journal is not None and (kind == QUEUE or kind == EVENT):
+                journal.declared[(namespace, name)] = (kind, value, False)
+                if isinstance(permits, QueueState):
+                    permits.log = QueueLog(journal, namespace, name)
         elif permits.kind != kind:
             raise ValueError(
                 f"{name!r} is {_an(permits.kind)} in namespace {namespace!r}; {_an(kind)} "
@@ -198,6 +205,8 @@ class Coordinator:
     def set_event(self, namespace: str, name: str, flag: bool) -> None:
         """Set (waking every waiter) or clear the event ``name``."""
         event = self.declare(namespace, name, EVENT, 1)
+        if self.journal is not None and event.flag != flag:
+            self.journal.declared[(namespace, name)] = (EVENT, 1, flag)
         event.flag = flag
         if flag:
             self.out.extend((waiter.reply_to, (True, 0)) for waiter in event.waiters)
@@ -255,6 +264,8 @@ class Coordinator:
         """A pipelined put, to a queue without bound."""
         queue = self.queue(namespace, name, 0)
         queue.items.append(item)
+        if queue.log is not None:
+            queue.log.add(item)
         if queue.getters:
             self.dirty.add(queue)
 
@@ -281,6 +292,28 @@ class Coordinator:
         for queue in dirty:
             if queue.getters or queue.putters:
                 queue.feed(self.out)
+
+    def restore(
+        self,
+        journal: Journal,
+        declared: list[tuple[str, str, str, int, bool]],
+        items: list[tuple[str, str, int, bytes]],
+    ) -> None:
+        """Start journaling to ``journal``, from what a persist file kept: the queues and
+        events ``(namespace, name, kind, value, flag)`` and the queues' unacknowledged
+        items ``(namespace, name, position, item)``, oldest first per queue (what was in
+        flight is at the head again)."""
+        self.journal = journal
+        for namespace, name, kind, value, flag in declared:
+            found = self.declare(namespace, name, kind, value)
+            if kind == EVENT:
+                found.flag = bool(flag)
+        journal.clear()  # already in the file
+        for namespace, name, position, item in items:
+            queue = self.tables.get(namespace, {}).get(name)
+            if isinstance(queue, QueueState) and queue.log is not None:
+                queue.items.append(item)
+                queue.log.restore(position, item)
 
     # -- time and death ----------------------------------------------------------------
 

@@ -14,6 +14,13 @@ Waiting getters and putters (a ``maxsize`` queue that is full) queue in arrival 
 waiting getters and room to the waiting putters, appending the answers to ``out`` as
 ``(reply_to, value)`` pairs; the coordinator calls it once per batch of requests, so
 that items put in one batch reach a waiting consumer in one answer.
+
+With a persist file, a queue has a :class:`QueueLog`: each item gets a position as it
+enters the queue, and :class:`Journal` collects what the next commit writes (an item
+added, an acknowledged one removed, a queue or event declared or an event's flag). What
+is in flight stays in the file until acknowledged: after a restart it is at the head
+again, in the order it was put. Without a persist file, ``log`` is None and nothing of
+this runs.
 """
 
 from __future__ import annotations
@@ -23,9 +30,61 @@ from typing import Any
 
 from ._coordwire import QUEUE
 
-__all__ = ["QueueState"]
+__all__ = ["Journal", "QueueLog", "QueueState"]
 
 Key = tuple[bytes, int, int]  # (session, handle, seq)
+
+
+class Journal:
+    """What the coordination tables changed since the last commit, for the persist file:
+    ``declared`` {(namespace, name): (kind, value, flag)} (queues and events), ``added``
+    [(namespace, name, position, item)] and ``removed`` [(namespace, name, position)]."""
+
+    __slots__ = ("declared", "added", "removed")
+
+    def __init__(self) -> None:
+        self.declared: dict[tuple[str, str], tuple[str, int, bool]] = {}
+        self.added: list[tuple[str, str, int, bytes]] = []
+        self.removed: list[tuple[str, str, int]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.declared or self.added or self.removed)
+
+    def clear(self) -> None:
+        self.declared = {}
+        self.added = []
+        self.removed = []
+
+
+class QueueLog:
+    """The positions of a queue's unacknowledged items (by the item's identity: the
+    queue keeps each item object until it is acknowledged), for its :class:`Journal`."""
+
+    __slots__ = ("journal", "namespace", "name", "next", "positions")
+
+    def __init__(self, journal: Journal, namespace: str, name: str) -> None:
+        self.journal, self.namespace, self.name = journal, namespace, name
+        self.next = 0
+        self.positions: dict[int, int] = {}
+
+    def add(self, item: bytes) -> None:
+        """``item`` entered the queue at its tail."""
+        position = self.next
+        self.next = position + 1
+        self.positions[id(item)] = position
+        self.journal.added.append((self.namespace, self.name, position, item))
+
+    def restore(self, position: int, item: bytes) -> None:
+        """``item`` was in the file at ``position`` (loading, oldest first)."""
+        self.positions[id(item)] = position
+        self.next = position + 1
+
+    def done(self, item: bytes) -> None:
+        """``item`` was acknowledged: it leaves the file."""
+        position = self.positions.pop(id(item), None)
+        if position is not None:
+            self.journal.removed.append((self.namespace, self.name, position))
 
 
 class _QWaiter:
@@ -42,7 +101,7 @@ class _QWaiter:
 class QueueState:
     """One named queue (see the module docstring). ``value`` is its maxsize (0: no bound)."""
 
-    __slots__ = ("value", "items", "inflight", "leases", "getters", "putters")
+    __slots__ = ("value", "items", "inflight", "leases", "getters", "putters", "log")
     kind = QUEUE
 
     def __init__(self, maxsize: int) -> None:
@@ -52,6 +111,7 @@ class QueueState:
         self.leases: dict[Key, float] = {}
         self.getters: deque[_QWaiter] = deque()
         self.putters: deque[_QWaiter] = deque()
+        self.log: QueueLog | None = None  # with a persist file
 
     @property
     def waiters(self) -> list[_QWaiter]:
@@ -67,6 +127,8 @@ class QueueState:
         """True: put; False: full (``timeout`` 0); None: waits (answered by :meth:`feed`)."""
         if self.room() and not self.putters:
             self.items.append(item)
+            if self.log is not None:
+                self.log.add(item)
             return True
         if timeout == 0:
             return False
@@ -90,7 +152,9 @@ class QueueState:
         flying = self.inflight.get(key)
         if flying is None:
             return
-        flying.popleft()
+        item = flying.popleft()
+        if self.log is not None:
+            self.log.done(item)
         if not flying:
             del self.inflight[key]
             del self.leases[key]
@@ -127,6 +191,8 @@ class QueueState:
                 waiter = self.putters.popleft()
                 assert waiter.item is not None
                 self.items.append(waiter.item)
+                if self.log is not None:
+                    self.log.add(waiter.item)
                 out.append((waiter.reply_to, True))
                 moved = True
             if not moved:

@@ -19,6 +19,7 @@ from . import _coordwire as W
 from . import _protocol as P
 from . import _serialization as S
 from ._coord import Coordinator
+from ._coordqueue import Journal
 from ._transport import host_id
 
 __all__ = ["CoordService"]
@@ -40,6 +41,20 @@ class CoordService:
         self._deadline: float | None = None  # the earliest deadline of a waiting acquire
         #: the first error of a handle's pipelined puts (POST), raised by its next request
         self.errors: dict[tuple[bytes, int], Exception] = {}
+
+    def restore(
+        self,
+        declared: list[tuple[str, str, str, int, bool]],
+        items: list[tuple[str, str, int, bytes]],
+    ) -> None:
+        """With a persist file: start from what it kept (see ``Coordinator.restore``) and
+        journal the queues and events from now on (:attr:`journal`)."""
+        self.core.restore(Journal(), declared, items)
+
+    @property
+    def journal(self) -> Journal | None:
+        """What the next commit of the persist file writes (None: no persist file)."""
+        return self.core.journal
 
     @property
     def active(self) -> bool:

@@ -25,6 +25,16 @@ Layout::
                restarted server can replay these events to clients (FETCH) again
     runs(id INTEGER PRIMARY KEY, token BLOB, heads TEXT)          one row per server run
         token  the run's random token; heads: JSON {namespace: seq} it started from
+    coord(namespace TEXT, name TEXT, kind TEXT, value INTEGER, flag INTEGER)
+                                                                  named queues and events
+        value  a queue's maxsize; flag: whether an event is set
+    queue_items(namespace TEXT, name TEXT, position INTEGER, item BLOB)
+                                                                  unacknowledged items
+        written with the batch that put them, deleted with the one that acknowledged
+        them: what was in flight at a crash is at the head of its queue again
+
+Locks, semaphores and barriers are not kept: they come back free (their holders'
+grants are unknown to the next run, whose fencing tokens are higher).
 
 Format 1 files (no marks, no runs) are read, and upgraded to format 2 when opened.
 
@@ -120,6 +130,16 @@ _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS runs "
         "(id INTEGER PRIMARY KEY, token BLOB NOT NULL, heads TEXT NOT NULL)"
     ),
+    (
+        "CREATE TABLE IF NOT EXISTS coord (namespace TEXT NOT NULL, name TEXT NOT NULL, "
+        "kind TEXT NOT NULL, value INTEGER NOT NULL, flag INTEGER NOT NULL, "
+        "PRIMARY KEY (namespace, name)) WITHOUT ROWID"
+    ),
+    (
+        "CREATE TABLE IF NOT EXISTS queue_items (namespace TEXT NOT NULL, name TEXT NOT NULL, "
+        "position INTEGER NOT NULL, item BLOB NOT NULL, "
+        "PRIMARY KEY (namespace, name, position)) WITHOUT ROWID"
+    ),
 )
 _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
 
@@ -128,6 +148,19 @@ _INSERT = "INSERT INTO journal (namespace, seq, event, old) VALUES (?, ?, ?, ?)"
 Loaded = tuple[str, int, dict[Any, Any], list[HistoryEntry]]
 #: A recorded server run: its token and the head of each namespace it started from.
 Run = tuple[bytes, dict[str, int]]
+
+
+class CoordJournal(Protocol):
+    """What a commit writes of the coordination tables (``zproc._coordqueue.Journal``)."""
+
+    declared: dict[tuple[str, str], tuple[str, int, bool]]
+    added: list[tuple[str, str, int, bytes]]
+    removed: list[tuple[str, str, int]]
+
+    @property
+    def pending(self) -> bool: ...
+
+    def clear(self) -> None: ...
 
 
 class NamespaceLike(Protocol):
@@ -387,6 +420,27 @@ class Store:
         self._unsnapshotted = unsnapshotted
         return loaded
 
+    def load_coord(
+        self,
+    ) -> tuple[list[tuple[str, str, str, int, bool]], list[tuple[str, str, int, bytes]]]:
+        """The queues and events kept, ``(namespace, name, kind, value, flag)``, and the
+        queues' items ``(namespace, name, position, item)``, in order per queue."""
+        db = self._db
+        declared = [
+            (str(ns), str(name), str(kind), int(value), bool(flag))
+            for ns, name, kind, value, flag in db.execute(
+                "SELECT namespace, name, kind, value, flag FROM coord"
+            )
+        ]
+        items = [
+            (str(ns), str(name), int(position), bytes(item))
+            for ns, name, position, item in db.execute(
+                "SELECT namespace, name, position, item FROM queue_items "
+                "ORDER BY namespace, name, position"
+            )
+        ]
+        return declared, items
+
     def begin_run(self, token: bytes, heads: Mapping[str, int]) -> list[Run]:
         """Record a new server run, durably; return every recorded run, oldest first.
 
@@ -456,8 +510,11 @@ class Store:
             blob = None
         self._pending.append((namespace, event.seq, frame, blob))
 
-    def commit(self, namespaces: Mapping[str, NamespaceLike]) -> None:
-        """End of a server batch: write the queued rows, commit as the policy says, compact.
+    def commit(
+        self, namespaces: Mapping[str, NamespaceLike], coord: CoordJournal | None = None
+    ) -> None:
+        """End of a server batch: write the queued rows (and what ``coord`` collected),
+        commit as the policy says, compact.
 
         Raises
         ------
@@ -465,14 +522,17 @@ class Store:
             The disk failed; the server must stop (nothing of this batch was acknowledged).
         """
         pending = self._pending
-        if pending:
+        if pending or (coord is not None and coord.pending):
             db = self._db
             if self._open_since is None:
                 db.execute("BEGIN")
                 self._open_since = time.monotonic()
-            db.executemany(_INSERT, pending)
-            self._unsnapshotted += len(pending)
-            pending.clear()
+            if pending:
+                db.executemany(_INSERT, pending)
+                self._unsnapshotted += len(pending)
+                pending.clear()
+            if coord is not None and coord.pending:
+                self._write_coord(coord)
         if self._open_since is not None and (
             self.fsync != "every second"
             or time.monotonic() - self._open_since >= COMMIT_INTERVAL
@@ -480,6 +540,27 @@ class Store:
             self._commit()
         if self._unsnapshotted >= self.compact_after:
             self.compact(namespaces)
+
+    def _write_coord(self, coord: CoordJournal) -> None:
+        db = self._db
+        if coord.declared:
+            db.executemany(
+                "INSERT OR REPLACE INTO coord (namespace, name, kind, value, flag) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(ns, name, kind, value, int(flag))
+                 for (ns, name), (kind, value, flag) in coord.declared.items()],
+            )
+        if coord.added:
+            db.executemany(
+                "INSERT INTO queue_items (namespace, name, position, item) VALUES (?, ?, ?, ?)",
+                coord.added,
+            )
+        if coord.removed:
+            db.executemany(
+                "DELETE FROM queue_items WHERE namespace = ? AND name = ? AND position = ?",
+                coord.removed,
+            )
+        coord.clear()
 
     def idle(self, namespaces: Mapping[str, NamespaceLike]) -> None:
         """Called while the server waits: commit a transaction that is due; compact if due
@@ -529,15 +610,20 @@ class Store:
         """Journal rows after the last snapshot (a start decodes them)."""
         return self._unsnapshotted
 
-    def close(self, namespaces: Mapping[str, NamespaceLike] | None = None) -> None:
+    def close(
+        self,
+        namespaces: Mapping[str, NamespaceLike] | None = None,
+        coord: CoordJournal | None = None,
+    ) -> None:
         """Commit what is queued and close the database. Idempotent."""
         db = self._db
         if db is None:
             return
         try:
-            if self._pending or self._open_since is not None:
+            if (self._pending or self._open_since is not None
+                    or (coord is not None and coord.pending)):
                 self.fsync = "always"  # commit now, whatever the policy
-                self.commit(namespaces or {})
+                self.commit(namespaces or {}, coord)
         finally:
             self._db = None  # type: ignore[assignment]
             db.close()

@@ -16,6 +16,13 @@ item is on its way, and an error the server found surfaces at the handle's next
 ``get``, ``qsize`` or ``put`` to a bounded queue; items of one handle arrive in the
 order they were put, and ``State.close()`` waits until its handles' items have arrived.
 A ``put`` to a bounded queue waits for the server's answer (room, or ``queue.Full``).
+
+Threads: a :class:`Queue` handle shared by threads is, in each thread but the first that
+used it, a handle of its own on the same queue (made on that thread's first use): each
+thread has its own items in flight, prefetch and acknowledgements, on its own connection
+(see :mod:`zproc._channels`), so that every item reaches exactly one ``get`` and the
+puts of each thread arrive in the order it made them. Nothing is locked across a round
+trip.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import multiprocessing.util
 import os
 import time
 import queue
+import threading
 import weakref
 from collections import deque
 from collections.abc import Generator
@@ -51,6 +59,8 @@ _COORD = int(P.Kind.COORD)
 _PUT, _POST, _GET = int(W.CoordOp.PUT), int(W.CoordOp.POST), int(W.CoordOp.GET)
 _ACK, _QCANCEL, _QSIZE = int(W.CoordOp.ACK), int(W.CoordOp.QCANCEL), int(W.CoordOp.QSIZE)
 _DECLARE = int(W.CoordOp.DECLARE)
+#: Held while a thread claims a handle as its own (never across a round trip).
+_CLAIM = threading.Lock()
 
 
 def _limit(block: bool, timeout: float | None) -> float | None:
@@ -308,7 +318,30 @@ def _finish(steps: Steps, answer: Any) -> Any:
 
 class Queue(_QueueBase):
     """A named queue of a :class:`~zproc.State` (``state.queue(name, maxsize)``), as
-    :class:`multiprocessing.Queue`; see :mod:`zproc.coordination`."""
+    :class:`multiprocessing.Queue`; see :mod:`zproc.coordination`. Threads may share a
+    handle (see the module docstring)."""
+
+    _tid = 0  # the thread that uses this handle itself: the first one that used it
+    _local: threading.local | None = None  # the handles of the other threads
+
+    def _here(self) -> Queue:
+        """The handle of the calling thread: this one, or one of the thread's own."""
+        tid = threading.get_ident()
+        if self._tid == tid:
+            return self
+        with _CLAIM:
+            if self._tid == 0:
+                self._tid = tid
+                return self
+            if self._local is None:
+                self._local = threading.local()
+        mine: Queue | None = getattr(self._local, "handle", None)
+        if mine is None:
+            mine = type(self)(self._state, self._name, self._maxsize,
+                              prefetch=self._prefetch, lease=self._lease)
+            mine._tid = tid
+            self._local.handle = mine
+        return mine
 
     def _run(self, steps: Steps) -> Any:
         try:
@@ -325,6 +358,12 @@ class Queue(_QueueBase):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Append ``item``; on a full bounded queue wait for room (at most ``timeout``
         seconds; None or -1: no limit) unless ``block`` is False: ``queue.Full``."""
+        if self._tid != threading.get_ident():
+            self._here()._put(item, block, timeout)
+        else:
+            self._put(item, block, timeout)
+
+    def _put(self, item: Any, block: bool, timeout: float | None) -> None:
         if not self._maxsize and block and timeout is None and self._pid == os.getpid():
             state = self._state
             body = S.dumps((self._name, self._handle, _pickled(item), self._who[0]))
@@ -341,6 +380,11 @@ class Queue(_QueueBase):
         """Remove and return the item at the head; wait for one (at most ``timeout``
         seconds; None or -1: no limit) unless ``block`` is False: ``queue.Empty``. A get
         that raises takes no item."""
+        if self._tid != threading.get_ident():
+            return self._here()._get(block, timeout)
+        return self._get(block, timeout)
+
+    def _get(self, block: bool, timeout: float | None) -> Any:
         if self._buf and block and timeout is None and self._pid == os.getpid():
             return self._take(self._state._connection())  # the hot path: no round trip
         return self._run(self._get_steps(block, timeout))
@@ -350,8 +394,9 @@ class Queue(_QueueBase):
 
     def qsize(self) -> int:
         """The number of items in the queue (not counting those in flight to consumers)."""
-        state = self._state
-        return int(state._connection().request(_COORD, _QSIZE, self._size_body(), state._ns,
+        here = self._here()
+        state = here._state
+        return int(state._connection().request(_COORD, _QSIZE, here._size_body(), state._ns,
                                                state.request_timeout))
 
     def empty(self) -> bool:

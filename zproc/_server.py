@@ -149,6 +149,8 @@ class Server:
         # fencing tokens grow across the runs of a persist file: each run starts above
         # every token of the runs before it (2**40 grants per run)
         self.coord = CoordService(0 if self._store is None else self._store.run_number << 40)
+        if self._store is not None:  # queues and event flags come back; locks come back free
+            self.coord.restore(*self._store.load_coord())
 
     def _make_sockets(self) -> None:
         """The ROUTER (requests) and the PUB (events), with their options."""
@@ -207,7 +209,8 @@ class Server:
         store, self._store = self._store, None
         if store is not None:
             try:
-                store.close(self.namespaces)
+                coord = getattr(self, "coord", None)
+                store.close(self.namespaces, None if coord is None else coord.journal)
             except Exception:
                 log.exception("zproc: could not save the last changes to %s", store.path)
         for sock in (self.router, self.pub):
@@ -279,7 +282,7 @@ class Server:
                 if store is not None:
                     store.idle(self.namespaces)
                 if coord.active:
-                    wake = self._coord_step(wake)
+                    wake = self._coord_step(wake, store)
                 meter.begin()
                 continue
             if note is not None:
@@ -293,10 +296,12 @@ class Server:
                 if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
                 frames = recv_frames(router)
-            if store is not None:  # durable before anyone hears of it (fsync="always")
-                store.commit(self.namespaces)
-            if coord.active:  # grants first: a hand-off's latency is what a waiter feels
-                wake = self._coord_step(wake)
+            # grants first: a hand-off's latency is what a waiter feels; the store commits
+            # first: durable before anyone hears of it (fsync="always")
+            if coord.active:
+                wake = self._coord_step(wake, store)
+            elif store is not None:
+                store.commit(self.namespaces, coord.journal)
             # replies first: a writer hears "done" no later than anyone watching it
             sent = 0
             for reply in replies:
@@ -414,10 +419,14 @@ class Server:
             return P.encode(self.swarm(P.parse_swarm_settings(body)))
         raise ProtocolError(f"unhandled request kind {kind}")  # pragma: no cover
 
-    def _coord_step(self, wake: int) -> int:
-        """Coordination's timers, then its replies due; the loop's next sleep (ms)."""
+    def _coord_step(self, wake: int, store: Store | None) -> int:
+        """Coordination's timers, the store's commit (when persisting), then coordination's
+        replies due; the loop's next sleep (ms)."""
         timeout = self.coord.tick()
-        for reply in self.coord.take():
+        replies = self.coord.take()
+        if store is not None:
+            store.commit(self.namespaces, self.coord.journal)
+        for reply in replies:
             send_frames(self.router, reply)
         if timeout != wake:
             self.router.rcvtimeo = timeout
