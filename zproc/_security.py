@@ -504,6 +504,10 @@ class Guard:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._denied: dict[bytes, int] = {}
+        #: sockets added by :meth:`watch` while the thread runs: (name, monitor endpoint,
+        #: set once the thread reads it)
+        self._added: list[tuple[str, str, threading.Event]] = []
+        self._lock = threading.Lock()
 
     def start(self, sockets: Sequence[tuple[str, zmq.Socket[Any]]]) -> None:
         """Configure ``sockets`` (name, socket) for CURVE and start answering handshakes.
@@ -529,6 +533,21 @@ class Guard:
                 f"cannot start the CURVE gatekeeper: {self._error}. One process runs at most "
                 f"one secure zproc server"
             ) from self._error
+
+    def watch(self, sockets: Sequence[tuple[str, zmq.Socket[Any]]]) -> None:
+        """Count and log the failed handshakes of more sockets (the swarm broker's), which
+        are already configured for CURVE: the ZAP handler of this context answers theirs
+        too. Call before another thread uses them; returns once they are watched."""
+        added = []
+        for name, sock in sockets:
+            endpoint = f"inproc://zproc-guard-{os.urandom(6).hex()}-{name.replace(' ', '-')}"
+            sock.monitor(endpoint, HANDSHAKE_FAILED | zmq.EVENT_MONITOR_STOPPED)
+            added.append((name, endpoint, threading.Event()))
+            self._sockets.append(sock)
+        with self._lock:
+            self._added.extend(added)
+        for _, _, done in added:
+            done.wait(5)
 
     def close(self) -> None:
         """Stop the thread (idempotent). Call after the sockets are closed."""
@@ -568,12 +587,16 @@ class Guard:
             for mon in monitors:
                 poller.register(mon, zmq.POLLIN)
             while not self._stop.is_set():
+                if self._added:
+                    self._connect_added(monitors, poller)
                 for sock, _ in poller.poll(100):
                     try:
                         if sock is zap:
                             self._answer(zap)
-                        else:
-                            self._on_monitor(sock, monitors[sock])
+                        elif not self._on_monitor(sock, monitors[sock]):
+                            poller.unregister(sock)  # its socket was closed
+                            del monitors[sock]
+                            sock.close(0)
                     except zmq.ContextTerminated:
                         raise
                     except Exception:  # keep guarding: a dead handler refuses everyone
@@ -584,6 +607,19 @@ class Guard:
             for mon in monitors:
                 mon.close(0)
             zap.close(0)
+
+    def _connect_added(
+        self, monitors: dict[zmq.Socket[Any], str], poller: zmq.Poller
+    ) -> None:
+        with self._lock:
+            added, self._added = self._added, []
+        for name, endpoint, done in added:
+            mon = self.context.socket(zmq.PAIR)
+            mon.linger = 0
+            mon.connect(endpoint)
+            monitors[mon] = name
+            poller.register(mon, zmq.POLLIN)
+            done.set()
 
     def _answer(self, zap: zmq.Socket[Any]) -> None:
         """Answer one ZAP request: 200 for the client key over CURVE, 400 otherwise."""
@@ -629,14 +665,17 @@ class Guard:
         warned[peer] = now
         return True
 
-    def _on_monitor(self, mon: zmq.Socket[Any], name: str) -> None:
+    def _on_monitor(self, mon: zmq.Socket[Any], name: str) -> bool:
+        """Count and log a failed handshake; False when the socket's monitor stopped."""
         try:
             message = parse_monitor_message(mon.recv_multipart())
         except (zmq.ZMQError, ValueError, KeyError):
-            return
+            return True
         event = message["event"]
+        if event == zmq.EVENT_MONITOR_STOPPED:
+            return False
         if not event & HANDSHAKE_FAILED:
-            return
+            return True
         self.stats["rejected"] = count = self.stats.get("rejected", 0) + 1
         raw = message.get("endpoint", b"")
         endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -648,6 +687,7 @@ class Guard:
             _failure_reason(event, message["value"]),
             count,
         )
+        return True
 
 
 # -- the client's view ------------------------------------------------------------------
