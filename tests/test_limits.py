@@ -6,18 +6,25 @@ idle connections neither exhaust the server's descriptors nor lock out real clie
 from __future__ import annotations
 
 import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 import pytest
 import zmq
+from _netns import Output
 from conftest import make_address
 
 import zproc
 from zproc import _protocol as P
-from zproc import _security, _worker
+from zproc import _security, _transport, _worker
 from zproc import _serialization as S
 from zproc._server import Server
 
@@ -157,3 +164,151 @@ def test_a_subscriber_that_never_reads_and_the_history_hold_bounded_memory() -> 
         context.term()
         proc.terminate()
         proc.join(10)
+
+
+# -- a served process under a lowered descriptor limit ------------------------------------
+
+#: The soft RLIMIT_NOFILE the server is started with: less than the idle peers below.
+LOW_NOFILE = 128
+#: A ZMTP 3.0 greeting that asks for CURVE, as a client would send it.
+CURVE_GREETING = (
+    b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00") + b"\x00"
+    + b"\x00" * 31
+)
+
+
+def _low_nofile() -> None:  # in the child, before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (LOW_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[zproc.ServerAddress, psutil.Process]]:
+    """``zproc serve`` with a secret key, started with a soft descriptor limit of 128."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4 * LOW_NOFILE:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves no room to raise")
+    address = make_address("tcp")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zproc", "serve", *address],
+        env={**os.environ, "ZPROC_SECRET_KEY": SECRET}, preexec_fn=_low_nofile,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    err = Output(proc.stderr)
+    try:
+        err.wait_for("serving at", 30)
+        yield address, psutil.Process(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            err.close()
+
+
+def _peer(endpoint: str, greeting: bytes) -> socket.socket:
+    host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+    peer = socket.create_connection((host, int(port)), timeout=10)
+    peer.sendall(greeting)
+    return peer
+
+
+def _established(server: psutil.Process, endpoints: list[str]) -> int:
+    ports = {int(e.rsplit(":", 1)[1]) for e in endpoints}
+    return sum(1 for c in server.net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port in ports)
+
+
+def test_idle_connections_over_the_soft_limit_do_not_lock_out_clients(
+    served: tuple[zproc.ServerAddress, psutil.Process],
+) -> None:
+    address, server = served
+    soft, hard = server.rlimit(psutil.RLIMIT_NOFILE)
+    assert soft > LOW_NOFILE and soft == min(hard, soft)  # raised at start
+    assert hard == resource.RLIM_INFINITY or soft == hard
+    endpoints = list(address)
+    # 200 peers that connect and stall: half send nothing, half a partial greeting
+    peers = [_peer(endpoints[i % 2], b"" if i % 4 < 2 else CURVE_GREETING[:20])
+             for i in range(200)]
+    try:
+        _eventually(lambda: _established(server, endpoints) >= 200, "the 200 connections")
+        with zproc.State(address, secret_key=SECRET, request_timeout=20) as state:
+            state["served"] = "while 200 handshakes stall"  # served meanwhile
+            assert state.copy() == {"served": "while 200 handshakes stall"}
+            # each stalled handshake is dropped after the handshake interval
+            _eventually(lambda: _established(server, endpoints) <= 2,
+                        "the stalled handshakes to be dropped",
+                        timeout=_transport.HANDSHAKE_IVL_MS / 1000 + 20)
+            assert state["served"] == "while 200 handshakes stall"
+            assert state.stats()["rejected_handshakes"] >= 200
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def test_stalled_oversized_handshakes_leave_no_memory_behind(
+    served: tuple[zproc.ServerAddress, psutil.Process],
+) -> None:
+    """Peers on every endpoint announce a frame just under the limit (256 MiB, 1 MiB for
+    events), send 4 MiB of it and stall: dropped within the handshake interval, and the
+    server's memory goes back to where it was."""
+    address, server = served
+    tasks, workers = _worker.discover(address, _security.client_keys(SECRET))
+    endpoints = {"requests": address.req_rep, "events": address.pub_sub,
+                 "swarm tasks": tasks, "swarm workers": workers}
+    before = server.memory_info().rss
+    peers: dict[str, list[socket.socket]] = {}
+    for name, endpoint in endpoints.items():
+        limit = _transport.SUBSCRIPTION_MAX if name == "events" else 256 * MIB
+        sent = min(4 * MIB, limit // 2)
+        header = b"\x06" + struct.pack(">Q", limit - 1)  # a command frame, long size
+        peers[name] = [_peer(endpoint, CURVE_GREETING + header + b"h" * sent) for _ in range(4)]
+    try:
+        peak = server.memory_info().rss
+        for name, group in peers.items():
+            for peer in group:
+                peer.settimeout(_transport.HANDSHAKE_IVL_MS / 1000 + 20)
+                try:
+                    while peer.recv(65536):  # the server's greeting, then the close
+                        pass
+                except ConnectionResetError:
+                    pass
+                except TimeoutError:
+                    pytest.fail(f"{name}: a stalled handshake was kept open")
+        after = server.memory_info().rss
+        print(f"rss before {before / MIB:.1f} MiB, with the peers {peak / MIB:.1f} MiB, "
+              f"after {after / MIB:.1f} MiB")
+        assert after - before < 32 * MIB, (before, peak, after)
+    finally:
+        for group in peers.values():
+            for peer in group:
+                peer.close()
+
+
+@pytest.mark.parametrize("keys", [None, SECRET], ids=["plain", "curve"])
+def test_every_listening_socket_has_the_limits(keys: str | None) -> None:
+    server = Server(None, keys=None if keys is None else _security.server_keys(keys),
+                    max_message_size=8 * MIB)
+    try:
+        server.swarm({})
+        broker = server._broker  # type: ignore[attr-defined]
+        sockets = {"requests": (server.router, 8 * MIB, _transport.ROUTER_HWM),
+                   "events": (server.pub, _transport.SUBSCRIPTION_MAX, _transport.EVENTS_HWM),
+                   "swarm tasks": (broker.tasks_sock, 8 * MIB, _transport.ROUTER_HWM),
+                   "swarm workers": (broker.workers_sock, 8 * MIB, _transport.ROUTER_HWM)}
+        for name, (sock, size, hwm) in sockets.items():
+            assert sock.getsockopt(zmq.HANDSHAKE_IVL) == _transport.HANDSHAKE_IVL_MS, name
+            assert sock.getsockopt(zmq.MAXMSGSIZE) == size, name
+            assert (sock.sndhwm, sock.rcvhwm) == (hwm, hwm), name
+            assert sock.linger == 0, name
+            assert 0 < hwm <= 10_000
+    finally:
+        server.close()
+
+
+def test_a_server_socket_needs_a_finite_high_water_mark() -> None:
+    with pytest.raises(ValueError, match="0 would mean no limit"):
+        _transport.server_socket(zmq.ROUTER, MIB, 0)
