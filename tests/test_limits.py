@@ -312,3 +312,8 @@ def test_every_listening_socket_has_the_limits(keys: str | None) -> None:
 def test_a_server_socket_needs_a_finite_high_water_mark() -> None:
     with pytest.raises(ValueError, match="0 would mean no limit"):
         _transport.server_socket(zmq.ROUTER, MIB, 0)
+
+
+def test_history_bytes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="history_bytes must be >= 1"):
+        zproc.start_server(history_bytes=0)
