@@ -537,11 +537,13 @@ class Guard:
     def watch(self, sockets: Sequence[tuple[str, zmq.Socket[Any]]]) -> None:
         """Count and log the failed handshakes of more sockets (the swarm broker's), which
         are already configured for CURVE: the ZAP handler of this context answers theirs
-        too. Call before another thread uses them; returns once they are watched."""
+        too. Call before another thread uses them; returns once they are watched. They
+        stay watched until :meth:`close` (a monitor stopped by its socket's close, whose
+        peer is gone, can block libzmq: the peers are closed last)."""
         added = []
         for name, sock in sockets:
             endpoint = f"inproc://zproc-guard-{os.urandom(6).hex()}-{name.replace(' ', '-')}"
-            sock.monitor(endpoint, HANDSHAKE_FAILED | zmq.EVENT_MONITOR_STOPPED)
+            sock.monitor(endpoint, HANDSHAKE_FAILED)
             added.append((name, endpoint, threading.Event()))
             self._sockets.append(sock)
         with self._lock:
@@ -593,10 +595,8 @@ class Guard:
                     try:
                         if sock is zap:
                             self._answer(zap)
-                        elif not self._on_monitor(sock, monitors[sock]):
-                            poller.unregister(sock)  # its socket was closed
-                            del monitors[sock]
-                            sock.close(0)
+                        else:
+                            self._on_monitor(sock, monitors[sock])
                     except zmq.ContextTerminated:
                         raise
                     except Exception:  # keep guarding: a dead handler refuses everyone
@@ -665,17 +665,14 @@ class Guard:
         warned[peer] = now
         return True
 
-    def _on_monitor(self, mon: zmq.Socket[Any], name: str) -> bool:
-        """Count and log a failed handshake; False when the socket's monitor stopped."""
+    def _on_monitor(self, mon: zmq.Socket[Any], name: str) -> None:
         try:
             message = parse_monitor_message(mon.recv_multipart())
         except (zmq.ZMQError, ValueError, KeyError):
-            return True
+            return
         event = message["event"]
-        if event == zmq.EVENT_MONITOR_STOPPED:
-            return False
         if not event & HANDSHAKE_FAILED:
-            return True
+            return
         self.stats["rejected"] = count = self.stats.get("rejected", 0) + 1
         raw = message.get("endpoint", b"")
         endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -687,7 +684,6 @@ class Guard:
             _failure_reason(event, message["value"]),
             count,
         )
-        return True
 
 
 # -- the client's view ------------------------------------------------------------------
