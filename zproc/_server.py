@@ -57,6 +57,7 @@ from ._transport import (
     recv_frames,
     remove_ipc_dir,
     SUBSCRIPTION_MAX,
+    SUBSCRIPTIONS_HWM,
     EVENTS_HWM,
     ROUTER_HWM,
     remove_ipc_endpoint,
@@ -156,7 +157,7 @@ class Server:
     def _make_sockets(self) -> None:
         """The ROUTER (requests) and the PUB (events), with their options."""
         self.router = server_socket(zmq.ROUTER, self.max_message_size, ROUTER_HWM)
-        self.pub = server_socket(zmq.PUB, SUBSCRIPTION_MAX, EVENTS_HWM)
+        self.pub = server_socket(zmq.PUB, SUBSCRIPTION_MAX, EVENTS_HWM, SUBSCRIPTIONS_HWM)
         # A client that reconnects (after its heartbeats gave up on a cut link) keeps its
         # identity: its new connection replaces the old one, which the server may never
         # see closed.

@@ -229,26 +229,37 @@ ROUTER_HWM = 10_000
 #: Messages (batches of events of one namespace) queued for one subscriber: past it, the
 #: server drops that subscriber's events instead of holding them; the subscriber sees a
 #: gap in the sequence numbers and fetches what it missed.
-EVENTS_HWM = 32
+EVENTS_HWM = 64
+#: Subscriptions queued per subscriber on the way in: the PUB socket reads them only
+#: when it sends, and a subscription that waits behind a full queue misses events (each
+#: watcher subscribes and unsubscribes as it goes).
+SUBSCRIPTIONS_HWM = 1000
 
 
-def server_socket(kind: int, max_message_size: int, hwm: int) -> zmq.Socket[Any]:
+def server_socket(
+    kind: int, max_message_size: int, hwm: int, rcvhwm: int | None = None
+) -> zmq.Socket[Any]:
     """A socket that listens for peers: every server and broker socket is made here.
 
     It drops a peer whose handshake takes longer than :data:`HANDSHAKE_IVL_MS`, and one
     that announces a message over ``max_message_size`` bytes (libzmq checks the size
     declared in a frame's header, also during the handshake, before buffering it). At
-    most ``hwm`` messages are queued per peer each way. Unsent messages are dropped on
-    close (``linger`` 0); the caller sets the rest.
+    most ``hwm`` messages are queued per peer on the way out, and ``rcvhwm`` (default:
+    ``hwm``) on the way in. Unsent messages are dropped on close (``linger`` 0); the
+    caller sets the rest.
     """
-    if hwm < 1:
-        raise ValueError(f"hwm must be >= 1 (0 would mean no limit), got {hwm}")
+    if rcvhwm is None:
+        rcvhwm = hwm
+    if hwm < 1 or rcvhwm < 1:
+        raise ValueError(
+            f"hwm and rcvhwm must be >= 1 (0 would mean no limit), got {hwm} and {rcvhwm}"
+        )
     sock: zmq.Socket[Any] = get_context().socket(kind)
     sock.linger = 0
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     sock.sndhwm = hwm
-    sock.rcvhwm = hwm
+    sock.rcvhwm = rcvhwm
     return sock
 
 
