@@ -229,7 +229,7 @@ ROUTER_HWM = 10_000
 #: Messages (batches of events of one namespace) queued for one subscriber: past it, the
 #: server drops that subscriber's events instead of holding them; the subscriber sees a
 #: gap in the sequence numbers and fetches what it missed.
-EVENTS_HWM = 64
+EVENTS_HWM = 1000
 #: Subscriptions queued per subscriber on the way in: the PUB socket reads them only
 #: when it sends, and a subscription that waits behind a full queue misses events (each
 #: watcher subscribes and unsubscribes as it goes).
