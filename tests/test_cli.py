@@ -73,6 +73,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ping", *make_address("tcp"), "--secret-key-file", "/nonexistent/key"]) == 2
     assert "cannot read the secret key file" in capsys.readouterr().err
     assert main(["serve", *make_address("tcp"), "--history-size", "0"]) == 2
+    assert main(["serve", *make_address("tcp"), "--history-bytes", "0"]) == 2
     assert main(["serve", *make_address("tcp"), "--fsync", "never"]) == 2
     assert "--fsync needs --persist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:

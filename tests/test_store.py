@@ -11,7 +11,16 @@ import pytest
 from zproc import _protocol as P
 from zproc import _serialization as S
 from zproc import _store
-from zproc._store import _OPS, MISSING, Namespace, Raw, StateDict, changed, run_atomic
+from zproc._store import (
+    _OPS,
+    MISSING,
+    Namespace,
+    Raw,
+    StateDict,
+    changed,
+    entry_size,
+    run_atomic,
+)
 
 
 def _call(d: StateDict, method: P.Method, *args: Any) -> _store._Prepared:
@@ -160,3 +169,36 @@ def test_replay_after_decodes_raw_entries() -> None:
     assert [(e.seq, e.changes, e.old) for e in events] == [(1, {"k": 1}, {}),
                                                            (2, {"k": 2}, {"k": 1})]
     assert all(type(entry) is tuple for entry in ns.history)  # decoded in place
+
+
+def test_the_history_keeps_at_most_its_byte_budget() -> None:
+    ns = Namespace("default", history_size=100, history_bytes=10_000)
+    for seq in range(1, 21):
+        entry = _event(seq, {"k": "x" * 1000}, {})
+        ns.remember(entry)
+        ns.seq = seq
+    sizes = [len(frame) for _, frame in ns.history]  # type: ignore[misc]
+    assert ns.history_bytes == sum(sizes) <= 10_000
+    assert 5 <= len(ns.history) < 20  # the oldest were dropped, the newest kept
+    assert [e.seq for e in ns.replay_after(20 - len(ns.history)) or []] == list(
+        range(21 - len(ns.history), 21))
+    assert ns.replay_after(1) is None  # dropped: the client gets the combined change
+    big = _event(21, {"k": "y" * 50_000}, {})  # alone over the budget: still kept
+    ns.remember(big)
+    assert list(ns.history) == [big] and ns.history_bytes == len(big[1])
+
+
+def test_the_byte_count_follows_the_count_limit_and_decoding() -> None:
+    ns = Namespace("default", history_size=3)
+    for seq in (1, 2):
+        _, frame = _event(seq, {"k": seq}, {})
+        ns.remember(Raw(frame, S.dumps({} if seq == 1 else {"k": 1})))
+    ns.seq = 2
+    dict.update(ns.data, k=2)
+    for seq in (3, 4):
+        ns.remember(_event(seq, {"k": seq}, {"k": seq - 1}))
+        ns.seq = seq
+    dict.update(ns.data, k=4)
+    assert len(ns.history) == 3  # the count limit dropped the first
+    assert ns.replay_after(1) is not None  # decodes the Raw entry in place
+    assert ns.history_bytes == sum(entry_size(entry) for entry in ns.history)

@@ -33,9 +33,10 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
-from ._security import ServerKeys, configure_server
+from ._security import Guard, _noteworthy, configure_server
 from ._swarm import CODE_CACHE, WORKER_LIVENESS
 from ._transport import (
+    ROUTER_HWM,
     ServerAddress,
     bind_random_tcp,
     make_private_ipc_dir,
@@ -164,7 +165,7 @@ class Broker:
     def __init__(
         self,
         address: ServerAddress,
-        keys: ServerKeys | None,
+        guard: Guard | None,
         ipc_dir: str | None,
         max_message_size: int,
     ) -> None:
@@ -174,15 +175,16 @@ class Broker:
         folder = ipc_dir
         if address.req_rep.startswith("ipc://") and folder is None:
             folder = self._own_dir = make_private_ipc_dir()
-        self.tasks_sock = server_socket(zmq.ROUTER, max_message_size)
-        self.workers_sock = server_socket(zmq.ROUTER, max_message_size)
+        self.tasks_sock = server_socket(zmq.ROUTER, max_message_size, ROUTER_HWM)
+        self.workers_sock = server_socket(zmq.ROUTER, max_message_size, ROUTER_HWM)
         try:
             for sock in (self.tasks_sock, self.workers_sock):
-                sock.sndhwm = 0
-                sock.rcvhwm = 0
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-                configure_server(sock, keys)
+                configure_server(sock, None if guard is None else guard.keys)
             self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if guard is not None:  # its failed handshakes are counted and logged too
+                guard.watch([("swarm tasks", self.tasks_sock),
+                             ("swarm workers", self.workers_sock)])
             tag = os.urandom(4).hex()
             self.endpoints = (
                 _bind(self.tasks_sock, address, folder, f"swarm-tasks-{tag}"),
@@ -196,6 +198,8 @@ class Broker:
         self.queue: deque[tuple[_Task, _Chunk]] = deque()
         self.workers: dict[bytes, _Worker] = {}
         self.idle: deque[_Worker] = deque()
+        #: RESULT messages dropped because their sender did not hold the chunk
+        self.refused_results = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zproc-swarm", daemon=True)
         self._thread.start()
@@ -419,19 +423,19 @@ class Broker:
             return
         worker = self.workers.get(identity)
         if op == P.WorkOp.RESULT:
-            if worker is not None:
-                worker.seen = now
-                key = (header.task, header.chunk)
-                held = key in worker.held
-                if held:
-                    if worker.held[0] == key:
-                        worker.quick = now - worker.began < PREFETCH_BELOW
-                        worker.began = now
-                    worker.held.remove(key)
-                self._set_idle(worker)
-            else:
-                held = False
-            self._result(header, payload or b"", worker, held)
+            key = (header.task, header.chunk)
+            if worker is None or key not in worker.held:
+                # only the worker that holds a chunk completes it: a late result of a
+                # chunk sent elsewhere since, or one from a peer that was never sent it
+                self._refuse_result(header, worker)
+                return
+            worker.seen = now
+            if worker.held[0] == key:
+                worker.quick = now - worker.began < PREFETCH_BELOW
+                worker.began = now
+            worker.held.remove(key)
+            self._set_idle(worker)
+            self._result(header, payload or b"", worker)
         elif op == P.WorkOp.READY:
             if worker is None:
                 info = P.WorkerInfo(0, "?")
@@ -463,9 +467,8 @@ class Broker:
             worker.idle = True
             self.idle.append(worker)
 
-    def _result(
-        self, header: P.WorkHeader, body: bytes, worker: _Worker | None, held: bool
-    ) -> None:
+    def _result(self, header: P.WorkHeader, body: bytes, worker: _Worker) -> None:
+        """A result (or a request for the code) from the worker that holds the chunk."""
         task = self.tasks.get(header.task)
         if task is None or header.chunk >= len(task.chunks):
             return  # forgotten, expired or unknown: nobody wants it
@@ -473,13 +476,25 @@ class Broker:
         if chunk.status is not None:
             return  # a second execution of the same chunk: the first result stands
         if header.status == P.ChunkStatus.NEED_CODE:
-            if worker is not None:
-                worker.known.clear()
-            if held:  # otherwise the chunk was queued again already (or another has it)
-                chunk.attempts -= 1
-                self.queue.appendleft((task, chunk))
+            worker.known.clear()
+            chunk.attempts -= 1
+            self.queue.appendleft((task, chunk))
             return
         self._complete(task, chunk, header.status, body)
+
+    def _refuse_result(self, header: P.WorkHeader, worker: _Worker | None) -> None:
+        """Drop a RESULT from a peer that does not hold its chunk; counted and logged."""
+        if header.status == P.ChunkStatus.NEED_CODE and worker is not None:
+            worker.known.clear()  # a late request for code: nothing to refuse
+            return
+        self.refused_results += 1
+        sender = "an unregistered peer" if worker is None else worker.describe()
+        (log.warning if _noteworthy(self.refused_results) else log.debug)(
+            "zproc swarm broker: refused a result for chunk %d of task %016x from %s, "
+            "which does not hold that chunk (a late result of a chunk sent to another "
+            "worker since, or a forged one); %d refused so far",
+            header.chunk, header.task, sender, self.refused_results,
+        )
 
     def _complete(self, task: _Task, chunk: _Chunk, status: int, body: bytes) -> None:
         chunk.status = status

@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
         help="events per namespace kept for clients to replay",
     )
     serve.add_argument(
+        "--history-bytes", type=int, default=None, metavar="N",
+        help="most bytes of those events per namespace (default 64 MiB)",
+    )
+    serve.add_argument(
         "--insecure", action="store_true",
         help="serve a non-loopback tcp address without a secret key (trusted networks only)",
     )
@@ -261,6 +265,10 @@ def _serve(args: argparse.Namespace) -> int:
         if args.history_size < 1:
             raise UsageError(f"--history-size must be >= 1, got {args.history_size}")
         options["history_size"] = args.history_size
+    if args.history_bytes is not None:
+        if args.history_bytes < 1:
+            raise UsageError(f"--history-bytes must be >= 1, got {args.history_bytes}")
+        options["history_bytes"] = args.history_bytes
     if args.persist is not None:
         if "persist" not in inspect.signature(Server).parameters:
             raise UsageError(

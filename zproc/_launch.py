@@ -22,13 +22,14 @@ from ._proctree import exit_with_owner, owner_token
 from ._security import SecretKey, refuse_exposed, server_keys, warn_exposed
 from ._server import (
     DEFAULT_HISTORY,
+    DEFAULT_HISTORY_BYTES,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_NAMESPACES,
     DEFAULT_SLOW_LOG_MS,
     SHUTDOWN_LINGER_MS,
     Server,
 )
-from ._transport import ServerAddress, get_context, normalize_address
+from ._transport import ServerAddress, get_context, normalize_address, raise_open_files_limit
 from .exceptions import ServerError, TimeoutError
 
 __all__ = ["serve", "start_server"]
@@ -70,6 +71,7 @@ def serve(
         exit_with_owner(owner, signal.SIGTERM)
         if stop:
             return  # the owner died before it could hear from us
+    raise_open_files_limit()  # each connection, even an idle one, takes a descriptor
     options = dict(options or {})
     listen = options.pop("metrics", None)  # (host, port): zproc serve --metrics
     server: Server | None = None
@@ -140,6 +142,7 @@ def start_server(
     backend: Callable[..., Any] = multiprocessing.Process,
     timeout: float | None = 10.0,
     history_size: int = DEFAULT_HISTORY,
+    history_bytes: int = DEFAULT_HISTORY_BYTES,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_namespaces: int = DEFAULT_MAX_NAMESPACES,
     secret_key: SecretKey | None = None,
@@ -171,6 +174,12 @@ def start_server(
         How long to wait for the server to report that it is listening.
     history_size
         How many events per namespace the server keeps for clients to replay.
+    history_bytes
+        Most bytes (of encoded changes) that history holds per namespace, default 64 MiB;
+        older events are dropped first, and a client that missed them gets the whole
+        namespace as one change (see :doc:`security`).
+
+        .. versionadded:: 1.0
     max_message_size
         Largest request (and swarm message) accepted, in bytes; a peer announcing a
         larger one is disconnected, also before it has authenticated.
@@ -243,9 +252,12 @@ def start_server(
         raise TypeError("start_server needs a process backend; threads are not supported")
     if history_size < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
+    if history_bytes < 1:
+        raise ValueError(f"history_bytes must be >= 1, got {history_bytes}")
     exposed = refuse_exposed(address or (), secure=secret_key is not None, insecure=insecure)
     options = {
         "history_size": history_size,
+        "history_bytes": history_bytes,
         "max_message_size": max_message_size,
         "max_namespaces": max_namespaces,
         "keys": server_keys(secret_key),

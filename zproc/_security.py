@@ -504,6 +504,10 @@ class Guard:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._denied: dict[bytes, int] = {}
+        #: sockets added by :meth:`watch` while the thread runs: (name, monitor endpoint,
+        #: set once the thread reads it)
+        self._added: list[tuple[str, str, threading.Event]] = []
+        self._lock = threading.Lock()
 
     def start(self, sockets: Sequence[tuple[str, zmq.Socket[Any]]]) -> None:
         """Configure ``sockets`` (name, socket) for CURVE and start answering handshakes.
@@ -529,6 +533,23 @@ class Guard:
                 f"cannot start the CURVE gatekeeper: {self._error}. One process runs at most "
                 f"one secure zproc server"
             ) from self._error
+
+    def watch(self, sockets: Sequence[tuple[str, zmq.Socket[Any]]]) -> None:
+        """Count and log the failed handshakes of more sockets (the swarm broker's), which
+        are already configured for CURVE: the ZAP handler of this context answers theirs
+        too. Call before another thread uses them; returns once they are watched. They
+        stay watched until :meth:`close` (a monitor stopped by its socket's close, whose
+        peer is gone, can block libzmq: the peers are closed last)."""
+        added = []
+        for name, sock in sockets:
+            endpoint = f"inproc://zproc-guard-{os.urandom(6).hex()}-{name.replace(' ', '-')}"
+            sock.monitor(endpoint, HANDSHAKE_FAILED)
+            added.append((name, endpoint, threading.Event()))
+            self._sockets.append(sock)
+        with self._lock:
+            self._added.extend(added)
+        for _, _, done in added:
+            done.wait(5)
 
     def close(self) -> None:
         """Stop the thread (idempotent). Call after the sockets are closed."""
@@ -568,6 +589,8 @@ class Guard:
             for mon in monitors:
                 poller.register(mon, zmq.POLLIN)
             while not self._stop.is_set():
+                if self._added:
+                    self._connect_added(monitors, poller)
                 for sock, _ in poller.poll(100):
                     try:
                         if sock is zap:
@@ -584,6 +607,19 @@ class Guard:
             for mon in monitors:
                 mon.close(0)
             zap.close(0)
+
+    def _connect_added(
+        self, monitors: dict[zmq.Socket[Any], str], poller: zmq.Poller
+    ) -> None:
+        with self._lock:
+            added, self._added = self._added, []
+        for name, endpoint, done in added:
+            mon = self.context.socket(zmq.PAIR)
+            mon.linger = 0
+            mon.connect(endpoint)
+            monitors[mon] = name
+            poller.register(mon, zmq.POLLIN)
+            done.set()
 
     def _answer(self, zap: zmq.Socket[Any]) -> None:
         """Answer one ZAP request: 200 for the client key over CURVE, 400 otherwise."""

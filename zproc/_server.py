@@ -57,17 +57,20 @@ from ._transport import (
     recv_frames,
     remove_ipc_dir,
     SUBSCRIPTION_MAX,
+    SUBSCRIPTIONS_HWM,
+    EVENTS_HWM,
+    ROUTER_HWM,
     remove_ipc_endpoint,
     send_frames,
     server_socket,
 )
 from ._stats import Meter, coordination_figures
-from ._store import _OPS, MISSING, Namespace, changed, run_atomic
+from ._store import _OPS, DEFAULT_HISTORY_BYTES, MISSING, Namespace, changed, run_atomic
 from ._utils import mark_server_process
 from ._version import __version__
 from .exceptions import AddressInUseError, ProtocolError
 
-__all__ = ["Server"]
+__all__ = ["DEFAULT_HISTORY_BYTES", "Server"]
 
 log = logging.getLogger("zproc.server")
 
@@ -100,6 +103,7 @@ class Server:
         address: ServerAddress | None,
         *,
         history_size: int = DEFAULT_HISTORY,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_namespaces: int = DEFAULT_MAX_NAMESPACES,
         keys: ServerKeys | None = None,
@@ -118,6 +122,7 @@ class Server:
         self.run_token = os.urandom(P.RUN_SIZE)
         self.lineage: list[tuple[bytes, dict[str, int]]] = [(self.run_token, {})]
         self.history_size = history_size
+        self.history_bytes = history_bytes
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
         self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0,
@@ -154,15 +159,12 @@ class Server:
 
     def _make_sockets(self) -> None:
         """The ROUTER (requests) and the PUB (events), with their options."""
-        self.router = server_socket(zmq.ROUTER, self.max_message_size)
-        self.pub = server_socket(zmq.PUB, SUBSCRIPTION_MAX)
+        self.router = server_socket(zmq.ROUTER, self.max_message_size, ROUTER_HWM)
+        self.pub = server_socket(zmq.PUB, SUBSCRIPTION_MAX, EVENTS_HWM, SUBSCRIPTIONS_HWM)
         # A client that reconnects (after its heartbeats gave up on a cut link) keeps its
         # identity: its new connection replaces the old one, which the server may never
         # see closed.
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.router.rcvhwm = 0
-        self.router.sndhwm = 0
-        self.pub.sndhwm = 100_000
 
     # binding
     def _bind(self, address: ServerAddress | None) -> ServerAddress:
@@ -236,7 +238,8 @@ class Server:
             ns = self.namespace(name)
             dict.update(ns.data, data)
             ns.seq = heads[name] = seq
-            ns.history.extend(history)
+            for entry in history:
+                ns.remember(entry)
         self.lineage = store.begin_run(self.run_token, heads)
         record, append = self._record, store.append
 
@@ -257,7 +260,8 @@ class Server:
                     f"this server already holds {self.max_namespaces} namespaces (its "
                     f"max_namespaces); reuse an existing namespace"
                 )
-            ns = self.namespaces[name] = Namespace(name, self.history_size)
+            ns = Namespace(name, self.history_size, self.history_bytes)
+            self.namespaces[name] = ns
         return ns
 
     def serve(self, until: Callable[[], bool] | None = None) -> None:
@@ -457,9 +461,10 @@ class Server:
             stats["resets"] += 1
             log.info(
                 "zproc server %d: client %s fell behind in namespace %r by %d changes, more "
-                "than the history holds (history_size=%d); it gets the whole namespace as "
-                "one combined change", os.getpid(), identity.hex(), ns.name, ns.seq - after,
-                self.history_size,
+                "than the history holds (%d changes, %d bytes; history_size=%d, "
+                "history_bytes=%d); it gets the whole namespace as one combined change",
+                os.getpid(), identity.hex(), ns.name, ns.seq - after, len(ns.history),
+                ns.history_bytes, self.history_size, self.history_bytes,
             )
 
     def report(self) -> dict[str, Any]:
@@ -485,8 +490,7 @@ class Server:
             if broker is not None:
                 broker.close()
             guard = getattr(self, "_guard", None)
-            broker = Broker(self.address, None if guard is None else guard.keys, self._ipc_dir,
-                            self.max_message_size)
+            broker = Broker(self.address, guard, self._ipc_dir, self.max_message_size)
             self._broker = broker
             exposed = [] if guard is not None else exposed_endpoints(broker.endpoints)
             if exposed:  # only with insecure=True: the constructor refused otherwise
@@ -551,7 +555,7 @@ class Server:
     ) -> None:
         event, data = encoded
         ns.seq = event.seq
-        ns.history.append(encoded)
+        ns.remember(encoded)
         if not ns.outbox:
             dirty.append(ns)
         ns.outbox.append(data)
@@ -632,7 +636,8 @@ def server_report(server: Server, store: Store | None, broker: Broker | None) ->
             "dropped": stats["dropped"],
         },
         "namespaces": {
-            name: {"keys": len(ns.data), "seq": ns.seq, "history": len(ns.history)}
+            name: {"keys": len(ns.data), "seq": ns.seq, "history": len(ns.history),
+                   "history_bytes": ns.history_bytes}
             for name, ns in sorted(list(server.namespaces.items()))
         },
         "slow_log": meter.slow_log(now),
@@ -686,4 +691,5 @@ def _swarm_figures(broker: Broker) -> dict[str, int]:
         "running": sum(1 for w in workers if w.held),
         "queued": sum(1 for _, chunk in queue if chunk.status is None),
         "tasks": tasks,
+        "refused_results": broker.refused_results,
     }

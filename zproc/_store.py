@@ -27,6 +27,7 @@ from . import _serialization as S
 from .exceptions import ServerError
 
 __all__ = [
+    "DEFAULT_HISTORY_BYTES",
     "MISSING",
     "HistoryEntry",
     "Namespace",
@@ -34,6 +35,7 @@ __all__ = [
     "StateDict",
     "changed",
     "decode_history",
+    "entry_size",
     "run_atomic",
 ]
 
@@ -488,7 +490,7 @@ def decode_history(
                 for _ in range(index + 1):
                     del history[0]
                 return False
-            history[index] = (event, b"")
+            history[index] = (event, entry.frame)  # the same size, for the byte budget
         else:
             event = entry[0]  # type: ignore[index]
         old = event.old or {}
@@ -502,20 +504,49 @@ def decode_history(
 # -- one namespace ---------------------------------------------------------------------
 
 
+#: Most bytes of encoded events one namespace's history keeps, by default.
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
+
+
+def entry_size(entry: HistoryEntry) -> int:
+    """What a history entry counts against the byte budget: its encoded event's size."""
+    return len(entry.frame) if type(entry) is Raw else len(entry[1])  # type: ignore[index]
+
+
 class Namespace:
-    """One dict, its sequence counter, its history and the events of the current batch."""
+    """One dict, its sequence counter, its history and the events of the current batch.
 
-    __slots__ = ("name", "data", "seq", "history", "topic", "outbox")
+    The history keeps at most ``history_size`` events and, of their encoded sizes, at most
+    ``history_bytes`` (the newest event always stays); older ones are dropped, and a
+    client that missed them gets the whole namespace as one change.
+    """
 
-    def __init__(self, name: str, history_size: int) -> None:
+    __slots__ = ("name", "data", "seq", "history", "history_bytes", "budget", "topic",
+                 "outbox")
+
+    def __init__(
+        self, name: str, history_size: int, history_bytes: int = DEFAULT_HISTORY_BYTES
+    ) -> None:
         self.name = name
         self.data = StateDict()
         self.seq = 0
         # the events up to seq, oldest first; those loaded from a persist file stay encoded
         # (Raw, a prefix of the history) until a client fetches them
         self.history: deque[HistoryEntry] = deque(maxlen=history_size)
+        self.history_bytes = 0  # the sum of entry_size over the history
+        self.budget = history_bytes
         self.topic = P.event_topic(name.encode())
         self.outbox: list[bytes] = []
+
+    def remember(self, entry: HistoryEntry) -> None:
+        """Append ``entry`` (the newest event) to the history, within its two limits."""
+        history = self.history
+        if len(history) == history.maxlen:
+            self.history_bytes -= entry_size(history[0])  # the deque drops it
+        history.append(entry)
+        self.history_bytes += entry_size(entry)
+        while self.history_bytes > self.budget and len(history) > 1:
+            self.history_bytes -= entry_size(history.popleft())
 
     def replay_after(self, seq: int) -> list[P.Event] | None:
         """Events after ``seq`` with their old values; None when some were evicted."""
@@ -527,5 +558,6 @@ class Namespace:
             return None
         start = seq + 1 - first
         if type(history[start]) is not tuple and not decode_history(history, start, self.data):
+            self.history_bytes = sum(map(entry_size, history))  # some were dropped
             return None
         return [history[i][0] for i in range(start, len(history))]  # type: ignore[index]

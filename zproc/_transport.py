@@ -26,6 +26,7 @@ __all__ = [
     "host_id",
     "make_private_ipc_dir",
     "normalize_address",
+    "raise_open_files_limit",
     "recv_frames",
     "remove_ipc_endpoint",
     "remove_server_files",
@@ -221,21 +222,73 @@ def get_context() -> zmq.Context[Any]:
 HANDSHAKE_IVL_MS = 5_000
 #: Largest message a PUB socket takes in (subscriptions: a topic), in bytes.
 SUBSCRIPTION_MAX = 1024 * 1024
+#: Messages queued per peer, each way, on a ROUTER socket (requests, swarm): a peer that
+#: sends more without reading its replies is no longer read from; replies past it are
+#: dropped (the peer times out), not held.
+ROUTER_HWM = 10_000
+#: Messages (batches of events of one namespace) queued for one subscriber: past it, the
+#: server drops that subscriber's events instead of holding them; the subscriber sees a
+#: gap in the sequence numbers and fetches what it missed.
+EVENTS_HWM = 1000
+#: Subscriptions queued per subscriber on the way in: the PUB socket reads them only
+#: when it sends, and a subscription that waits behind a full queue misses events (each
+#: watcher subscribes and unsubscribes as it goes).
+SUBSCRIPTIONS_HWM = 1000
 
 
-def server_socket(kind: int, max_message_size: int) -> zmq.Socket[Any]:
+def server_socket(
+    kind: int, max_message_size: int, hwm: int, rcvhwm: int | None = None
+) -> zmq.Socket[Any]:
     """A socket that listens for peers: every server and broker socket is made here.
 
     It drops a peer whose handshake takes longer than :data:`HANDSHAKE_IVL_MS`, and one
     that announces a message over ``max_message_size`` bytes (libzmq checks the size
-    declared in a frame's header, also during the handshake, before buffering it).
-    Unsent messages are dropped on close (``linger`` 0); the caller sets the rest.
+    declared in a frame's header, also during the handshake, before buffering it). At
+    most ``hwm`` messages are queued per peer on the way out, and ``rcvhwm`` (default:
+    ``hwm``) on the way in. Unsent messages are dropped on close (``linger`` 0); the
+    caller sets the rest.
     """
+    if rcvhwm is None:
+        rcvhwm = hwm
+    if hwm < 1 or rcvhwm < 1:
+        raise ValueError(
+            f"hwm and rcvhwm must be >= 1 (0 would mean no limit), got {hwm} and {rcvhwm}"
+        )
     sock: zmq.Socket[Any] = get_context().socket(kind)
     sock.linger = 0
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    sock.sndhwm = hwm
+    sock.rcvhwm = rcvhwm
     return sock
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open descriptors to its hard limit (a server
+    holds one per connection: the default soft limit, often 1024, is what idle
+    connections would exhaust first); return ``(soft, hard)`` as they are after."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
+        target = _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
 
 
 # -- raw frames ------------------------------------------------------------------------
