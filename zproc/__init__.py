@@ -43,6 +43,7 @@ from .exceptions import (
     SignalException,
     TaskError,
     TimeoutError,
+    UnknownFunctionError,
     ZProcError,
 )
 from .process import (
@@ -104,6 +105,7 @@ __all__ = [
     "TaskDetail",
     "TaskError",
     "TimeoutError",
+    "UnknownFunctionError",
     "ZProcError",
     "__version__",
     "append",

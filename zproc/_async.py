@@ -54,7 +54,7 @@ from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_
 from ._stream import _get_copy, _level_watch, _update_of, _watch_start
 from ._utils import in_server_process
 from .coordination import AsyncCoordinationMethods, arelease_all
-from .exceptions import ServerUnavailableError, TimeoutError
+from .exceptions import ServerUnavailableError, TimeoutError, UnknownFunctionError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
 
@@ -380,9 +380,12 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
     async def _atomic(
         self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
-        return await self._request(  # type: ignore[no-any-return]
-            P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs)
-        )
+        form, body = P.atomic_request(fn, args, kwargs)
+        try:
+            return await self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
+        except UnknownFunctionError:  # sent by digest to a server that lacks it: send it
+            form, body = P.atomic_request(fn, args, kwargs, define=True)
+            return await self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
 
     # -- one-shot watchers ----------------------------------------------------------------
 

@@ -117,6 +117,7 @@ __all__ = [
     "EVENT_PREFIX",
     "PROTOCOL_VERSION",
     "SYNC_PREFIX",
+    "AtomicForm",
     "ChunkStatus",
     "Event",
     "FetchReply",
@@ -146,7 +147,7 @@ class Kind(enum.IntEnum):
     HEAD = 3  # body: empty. reply: (current sequence number of the namespace, run)
     SNAPSHOT = 4  # body: empty. reply: (seq, dict)
     CALL = 5  # method: a Method. body: pickled args tuple. reply: the method's result
-    ATOMIC = 6  # body: cloudpickled (fn, args, kwargs). reply: fn's result
+    ATOMIC = 6  # method: an AtomicForm. body: (fn, args, kwargs) as it says. reply: fn's result
     FETCH = 7  # body: (after_seq, want_snapshot, run). reply: FetchReply (see "runs")
     SYNC = 8  # body: token bytes (raw). reply: None; publishes a sync marker
     TIME = 9  # body: empty. reply: the server's time.time()
@@ -185,6 +186,14 @@ class Method(enum.IntEnum):
     FROMKEYS = 15
     COPY = 16
     SET = 17  # replace the whole dict
+
+
+class AtomicForm(enum.IntEnum):
+    """How the function of an ATOMIC request travels (the request's method field)."""
+
+    CALL = 0  # body: pickled (fn, args, kwargs); fn by name, or by value (not kept)
+    DEFINE = 1  # body: (cloudpickled fn, args, kwargs); the server keeps fn by its digest
+    DIGEST = 2  # body: (digest, args, kwargs): a function a DEFINE sent to this server run
 
 
 class Status(enum.IntEnum):
@@ -313,6 +322,8 @@ def _rejected(frames: list[bytes], error: ProtocolError, message: str) -> Reject
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_ATOMIC_FORMS = frozenset(int(f) for f in AtomicForm)
+_ATOMIC_CALL, _ATOMIC_DEFINE, _ATOMIC_DIGEST = (int(f) for f in AtomicForm)
 _METHODS = frozenset(int(m) for m in Method)
 _READ_KINDS = frozenset(
     int(k) for k in (Kind.PING, Kind.META, Kind.HEAD, Kind.SNAPSHOT, Kind.FETCH, Kind.SYNC,
@@ -486,13 +497,40 @@ def parse_call_request(body: Frame) -> tuple[Any, ...]:
     return args
 
 
-def parse_atomic_request(body: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """``(fn, args, kwargs)`` of an ATOMIC body (written by ``_serialization.dumps_call``)."""
+def atomic_request(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], define: bool = False
+) -> tuple[int, bytes]:
+    """The method (an :class:`AtomicForm`) and body of an ATOMIC request.
+
+    A function that travels by value goes whole (DEFINE) the first time this process
+    pickles it, or with ``define``; by its digest (DIGEST) afterwards. A server that lacks
+    the digest answers :class:`~zproc.exceptions.UnknownFunctionError`: send it again
+    with ``define=True``.
+    """
+    pickled = S.pickled_function(fn)
+    if pickled is None:
+        return _ATOMIC_CALL, S.dumps_call(fn, args, kwargs)
+    digest, data, new = pickled
+    if new or define:
+        return _ATOMIC_DEFINE, S.dumps_any((data, args, kwargs))
+    return _ATOMIC_DIGEST, S.dumps_any((digest, args, kwargs))
+
+
+def parse_atomic_request(method: int, body: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``(head, args, kwargs)`` of an ATOMIC request: ``head`` is the function (CALL), its
+    pickle (DEFINE) or its digest (DIGEST)."""
+    if method not in _ATOMIC_FORMS:
+        raise ProtocolError(f"unknown ATOMIC form {method}")
     try:
-        fn, args, kwargs = S.loads(body)
+        head, args, kwargs = S.loads(body)
     except (TypeError, ValueError) as exc:
         raise ProtocolError("an ATOMIC body must be (function, args, kwargs)") from exc
-    return fn, args, kwargs
+    if method != _ATOMIC_CALL and type(head) is not bytes:
+        raise ProtocolError(f"an ATOMIC body of form {method} must start with bytes (the "
+                            f"function's pickle or digest)")
+    if type(args) is not tuple or type(kwargs) is not dict:
+        raise ProtocolError("an ATOMIC body's arguments must be a tuple and a dict")
+    return head, args, kwargs
 
 
 def parse_swarm_settings(body: Frame) -> dict[str, Any]:

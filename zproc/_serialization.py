@@ -4,15 +4,19 @@ Data (keys, values, change sets, results) travels with the standard :mod:`pickle
 protocol 5, which is the fastest option and keeps user classes importable by reference.
 Code (``atomic`` functions, process targets, ``process_map`` callables) travels with
 cloudpickle, so that lambdas, closures, default arguments and functions defined in
-``__main__`` work in another process.
+``__main__`` work in another process. An ``atomic`` function that travels by value is
+pickled once (:func:`pickled_function`) and named by the digest of its pickle afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
+import operator
 import pickle
 import re
 import sys
 import traceback
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +32,11 @@ __all__ = [
     "dumps_code",
     "dumps_exception",
     "first_unpicklable",
+    "function_digest",
     "loads",
     "loads_exception",
     "loads_exception_text",
+    "pickled_function",
 ]
 
 PROTOCOL = 5
@@ -101,6 +107,80 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         except PICKLING_ERRORS:
             pass
     return dumps_code((fn, args, kwargs))
+
+
+#: Functions pickled by value, kept (at most this many, oldest out first) with their pickle.
+PICKLED_FUNCTIONS = 256
+#: function -> (what its pickle depends on, digest, pickle)
+_pickled: dict[Any, tuple[tuple[Any, ...], bytes, bytes]] = {}
+#: code object -> the names it (and the code nested in it) may read as globals
+_global_names: dict[Any, tuple[str, ...]] = {}
+_ABSENT = object()
+
+
+def function_digest(data: bytes | memoryview) -> bytes:
+    """The name of a pickled function: the blake2b digest (32 bytes) of its pickle."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def pickled_function(fn: Any) -> tuple[bytes, bytes, bool] | None:
+    """``(digest, pickle, new)`` of a plain function that travels by value (cloudpickle),
+    or None for any other callable (those travel with :func:`dumps_call`).
+
+    The pickle is made once and re-used while the objects it was made from are the same
+    ones: the code, defaults, attributes, closure cells' contents and the globals the code
+    names (rebinding any of them pickles the function again; an object changed in place is
+    not noticed). ``new``: the pickle was made by this call.
+    """
+    if type(fn) is not types.FunctionType or _reference(fn) is not None:
+        return None
+    parts = _pickle_parts(fn)
+    entry = _pickled.get(fn)
+    if entry is not None:
+        kept = entry[0]
+        if len(kept) == len(parts) and all(map(operator.is_, kept, parts)):
+            return entry[1], entry[2], False
+    data = dumps_code(fn)
+    digest = function_digest(data)
+    _pickled.pop(fn, None)
+    while len(_pickled) >= PICKLED_FUNCTIONS:
+        del _pickled[next(iter(_pickled))]
+    _pickled[fn] = (parts, digest, data)
+    return digest, data, True
+
+
+def _pickle_parts(fn: types.FunctionType) -> tuple[Any, ...]:
+    """The objects the pickle of ``fn`` is made from (compared by identity)."""
+    code = fn.__code__
+    names = _global_names.get(code)
+    if names is None:
+        if len(_global_names) >= 4 * PICKLED_FUNCTIONS:
+            _global_names.clear()
+        names = _global_names[code] = tuple(sorted(set(_names_in(code))))
+    parts = (code, fn.__defaults__, fn.__kwdefaults__)
+    if fn.__closure__:
+        parts += tuple(_cell_contents(cell) for cell in fn.__closure__)
+    if names:
+        namespace = fn.__globals__
+        parts += tuple([namespace.get(name, _ABSENT) for name in names])
+    if fn.__dict__:
+        parts += tuple(fn.__dict__.values())
+    return parts
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _ABSENT
+
+
+def _names_in(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_names_in(const))
+    return names
 
 
 def _reference(fn: Any) -> Any:

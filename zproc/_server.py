@@ -62,7 +62,7 @@ from ._transport import (
     server_socket,
 )
 from ._stats import Meter, coordination_figures
-from ._store import _OPS, MISSING, Namespace, changed, run_atomic
+from ._store import _OPS, MISSING, Functions, Namespace, changed, run_atomic
 from ._utils import mark_server_process
 from ._version import __version__
 from .exceptions import AddressInUseError, ProtocolError
@@ -118,6 +118,8 @@ class Server:
         self.run_token = os.urandom(P.RUN_SIZE)
         self.lineage: list[tuple[bytes, dict[str, int]]] = [(self.run_token, {})]
         self.history_size = history_size
+        #: the atomic functions sent by value, by digest (this run only)
+        self.functions = Functions()
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
         self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0,
@@ -382,7 +384,7 @@ class Server:
             prepared.apply()
             return reply
         if kind == P.Kind.ATOMIC:
-            return self._atomic(ns, identity, body, dirty)
+            return self._atomic(ns, identity, request.method, body, dirty)
         if kind == P.Kind.PIPELINE:
             return self._pipeline(ns, identity, body, dirty)
         if kind == P.Kind.HEAD:
@@ -487,9 +489,15 @@ class Server:
         broker.configure(settings)
         return P.SwarmReply(*broker.endpoints)
 
-    def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
-        fn, args, kwargs = P.parse_atomic_request(body)
-        if getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
+    def _atomic(
+        self, ns: Namespace, identity: bytes, form: int, body: bytes, dirty: list[Namespace]
+    ) -> bytes:
+        fn, args, kwargs = P.parse_atomic_request(form, body)
+        if form == P.AtomicForm.DIGEST:
+            fn = self.functions.find(fn)
+        elif form == P.AtomicForm.DEFINE:
+            fn = self.functions.define(fn)
+        elif getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
             fn = fn.__wrapped__
 
         def seal(

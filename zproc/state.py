@@ -78,7 +78,7 @@ from ._stream import (
     _watch_start,
 )
 from ._utils import in_server_process
-from .exceptions import ServerUnavailableError, ZProcError
+from .exceptions import ServerUnavailableError, UnknownFunctionError, ZProcError
 
 __all__ = [
     "Pipeline",
@@ -465,7 +465,12 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         return dict(self._request(P.Kind.STATS, 0, b""))
 
     def _atomic(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        return self._request(P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs))  # type: ignore[no-any-return]
+        form, body = P.atomic_request(fn, args, kwargs)
+        try:
+            return self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
+        except UnknownFunctionError:  # sent by digest to a server that lacks it: send it
+            form, body = P.atomic_request(fn, args, kwargs, define=True)
+            return self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -648,6 +653,13 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
     state is restored exactly, no event is published and the same exception is raised
     here with the server's traceback as ``__cause__``. ``fn`` travels with cloudpickle, so
     defaults, closures and globals work as in a local call.
+
+    A function importable by name travels by name. Any other function (defined in
+    ``__main__``, a closure, a lambda) is pickled once per process and the server keeps it
+    by the digest of that pickle; later calls send the digest and the arguments only. The
+    pickle is made again when the function's code, defaults, closure contents or the
+    globals it names are rebound, but not when an object they hold is changed in place:
+    pass such an object as an argument.
 
     Called with a :class:`zproc.AsyncState`, the wrapper returns an awaitable instead:
     ``await wrapper(async_state, *args, **kwargs)``.
