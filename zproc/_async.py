@@ -157,7 +157,7 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
         return await conn.arequest(kind, method, body, self._ns, self.request_timeout)
 
     async def _call(self, method: int, *args: Any) -> Any:
-        return await self._request(P.Kind.CALL, method, S.dumps(args))
+        return await self._request(P.Kind.CALL, method, P.encode_buffered(args))
 
     def _send_early(self, kind: int, body: bytes) -> tuple[AsyncConnection, int]:
         """Send a request now (its reply is awaited later, with ``aresult``)."""

@@ -14,6 +14,10 @@ Replies (server -> the requesting DEALER)::
     header = struct "<BBIQ" (version, status, request_id, head)
     body   = pickled result (status OK) or a serialized exception (status ERROR)
 
+A ``CALL`` and its OK reply may carry more frames after the body: the out-of-band buffers
+of the body's pickle (``_serialization.dumps_buffers``), one frame each, in order, sent
+without copies; a body must use exactly the frames that follow it (:class:`Buffered`).
+
 ``head`` is the sequence number of the request's namespace once the request was applied
 (0 in error replies). A client that reads from its local replica waits until the replica
 has reached the highest head it was told, which gives read-your-writes and monotonic
@@ -118,6 +122,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SYNC_PREFIX",
     "AtomicForm",
+    "Buffered",
     "ChunkStatus",
     "Event",
     "FetchReply",
@@ -203,6 +208,7 @@ class Status(enum.IntEnum):
 
 #: Plain ints for the hot paths (an enum member lookup costs more than the comparison).
 _CALL = int(Kind.CALL)
+_CALL_BYTE = bytes([_CALL])
 OK = int(Status.OK)
 ERROR = int(Status.ERROR)
 
@@ -307,7 +313,8 @@ def parse_routed(frames: list[bytes], parse_header: Callable[[Frame], Request]) 
     (the swarm broker). Raise :class:`Rejected` on a wrong frame count or a malformed
     header, with the error reply to send when the header names a request id.
     """
-    if len(frames) == 3:
+    # a CALL's big buffers follow its body, one frame each
+    if len(frames) == 3 or (len(frames) > 3 and frames[1][1:2] == _CALL_BYTE):
         try:
             return parse_header(frames[1])
         except ProtocolError as exc:  # raised from here: no cycle keeps the frames alive
@@ -350,6 +357,32 @@ def reply_header(status: int, request_id: int, head: int = 0) -> bytes:
 def error_reply(identity: bytes, request_id: int, exc: BaseException) -> list[bytes]:
     """The frames of an error reply to ``identity`` (through a ROUTER)."""
     return [identity, reply_header(ERROR, request_id), S.dumps_exception(exc)]
+
+
+class Buffered(bytes):
+    """A body frame, and in ``buffers`` the out-of-band frames that follow it."""
+
+    buffers: list[Any]
+
+
+def encode_buffered(obj: Any) -> bytes:
+    """``obj`` pickled, as a :class:`Buffered` body when it has big buffers."""
+    data, buffers = S.dumps_buffers(obj)
+    return body_frames([data, *buffers], 0) if buffers else data
+
+
+def body_frames(frames: list[Any], first: int) -> bytes:
+    """The body at ``frames[first]``, with the frames after it as its buffers."""
+    if len(frames) == first + 1:
+        return frames[first]  # type: ignore[no-any-return]
+    body = Buffered(frames[first])
+    body.buffers = frames[first + 1 :]
+    return body
+
+
+def decode_buffered(body: Frame) -> Any:
+    """The object of a body from :func:`encode_buffered` or :func:`body_frames`."""
+    return S.loads(body, getattr(body, "buffers", None))
 
 
 def parse_reply(frame: Frame) -> tuple[int, int]:
@@ -491,7 +524,7 @@ class Meta(TypedDict):
 
 def parse_call_request(body: Frame) -> tuple[Any, ...]:
     """The arguments of a CALL body (empty body: no arguments)."""
-    args = S.loads(body) if body else ()
+    args = S.loads(body, getattr(body, "buffers", None)) if body else ()
     if not isinstance(args, tuple):
         raise ProtocolError("CALL arguments must be a tuple")
     return args
@@ -500,13 +533,9 @@ def parse_call_request(body: Frame) -> tuple[Any, ...]:
 def atomic_request(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], define: bool = False
 ) -> tuple[int, bytes]:
-    """The method (an :class:`AtomicForm`) and body of an ATOMIC request.
-
-    A function that travels by value goes whole (DEFINE) the first time this process
-    pickles it, or with ``define``; by its digest (DIGEST) afterwards. A server that lacks
-    the digest answers :class:`~zproc.exceptions.UnknownFunctionError`: send it again
-    with ``define=True``.
-    """
+    """The method (an :class:`AtomicForm`) and body of an ATOMIC request. A function sent
+    by value goes whole (DEFINE) when first pickled or with ``define``, else by digest (a
+    server without it answers ``UnknownFunctionError``: send it again with ``define``)."""
     pickled = S.pickled_function(fn)
     if pickled is None:
         return _ATOMIC_CALL, S.dumps_call(fn, args, kwargs)

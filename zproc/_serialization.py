@@ -6,6 +6,10 @@ Code (``atomic`` functions, process targets, ``process_map`` callables) travels 
 cloudpickle, so that lambdas, closures, default arguments and functions defined in
 ``__main__`` work in another process. An ``atomic`` function that travels by value is
 pickled once (:func:`pickled_function`) and named by the digest of its pickle afterwards.
+
+Big buffers (``bytes``, ``bytearray`` and ``memoryview`` values, and objects that give
+pickle protocol 5 out-of-band buffers, such as NumPy arrays) leave the pickle as buffers of
+their own with :func:`dumps_buffers`, for the wire to send without copying them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "PROTOCOL",
     "dumps",
     "dumps_any",
+    "dumps_buffers",
     "dumps_call",
     "dumps_code",
     "dumps_exception",
@@ -52,18 +57,98 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
-def loads(data: bytes | memoryview) -> Any:
-    """Deserialize data produced by :func:`dumps` or :func:`dumps_code`.
+def loads(data: bytes | memoryview, buffers: Sequence[Any] | None = None) -> Any:
+    """Deserialize data produced by :func:`dumps`, :func:`dumps_code` or
+    :func:`dumps_buffers` (with the ``buffers`` that came with it, each used once).
 
     A value whose class cannot be imported here raises :class:`ProtocolError` with a
-    message naming the class and the usual cause.
+    message naming the class and the usual cause, as do buffers that do not match.
     """
     try:
-        return pickle.loads(data)
+        if not buffers:
+            return pickle.loads(data)
+        unused = iter(buffers)
+        obj = pickle.loads(data, buffers=unused)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise ProtocolError(_unimportable_message(exc)) from exc
+    except pickle.UnpicklingError as exc:
+        if "out-of-band" not in str(exc):
+            raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+        raise ProtocolError(
+            f"a message body needs more out-of-band frames than the "
+            f"{len(buffers or ())} its message has: send each buffer of the body once, "
+            f"in order, after it"
+        ) from exc
     except Exception as exc:
         raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+    extra = sum(1 for _ in unused)
+    if extra:
+        raise ProtocolError(
+            f"a message has {extra} out-of-band frame(s) more than its body uses "
+            f"({len(buffers)} sent): send each buffer of the body once, after it"
+        )
+    return obj
+
+
+#: Buffers of at least this many bytes leave the pickle (:func:`dumps_buffers`).
+OUT_OF_BAND = 64 * 1024
+
+
+def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` (protocol 5), leaving out its buffers of :data:`OUT_OF_BAND` bytes
+    or more: ``(pickle, buffers)``, for :func:`loads` ``(pickle, buffers)``.
+
+    The buffers are those of objects with protocol 5 out-of-band support (NumPy arrays),
+    and ``bytes``, ``bytearray`` and ``memoryview`` objects that are ``obj`` itself, an
+    item of it (a tuple) or a value of a dict in it. A ``memoryview`` is read back as
+    ``bytes``. Nothing is copied: the buffers are views of ``obj``'s memory.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if view.nbytes < OUT_OF_BAND:
+            return True
+        buffers.append(view)
+        return False
+
+    return pickle.dumps(_big_buffers(obj, 2), PROTOCOL, buffer_callback=keep), buffers
+
+
+class _Buffer:
+    """A ``bytes``, ``bytearray`` or ``memoryview`` pickled as a protocol 5 buffer."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: bytes | bytearray | memoryview) -> None:
+        self.obj = obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        obj = self.obj
+        if type(obj) is memoryview and not obj.contiguous:
+            return bytes, (obj.tobytes(),)
+        return (bytearray if type(obj) is bytearray else bytes), (pickle.PickleBuffer(obj),)
+
+
+def _big_buffers(obj: Any, depth: int) -> Any:
+    """``obj`` with its big ``bytes``-like parts (see :func:`dumps_buffers`) wrapped."""
+    kind = type(obj)
+    if kind is memoryview or ((kind is bytes or kind is bytearray) and len(obj) >= OUT_OF_BAND):
+        return _Buffer(obj)
+    if not depth:
+        return obj
+    if kind is tuple:
+        for item in obj:
+            if _big_buffers(item, depth - 1) is not item:
+                return tuple(_big_buffers(item, depth - 1) for item in obj)
+    elif kind is dict:
+        for value in obj.values():
+            if _big_buffers(value, depth - 1) is not value:
+                return {key: _big_buffers(value, depth - 1) for key, value in obj.items()}
+    return obj
 
 
 def dumps_code(obj: Any) -> bytes:

@@ -87,6 +87,9 @@ DEFAULT_SLOW_LOG_MS = 100.0
 _CALL = int(P.Kind.CALL)
 _COORD = int(P.Kind.COORD)
 _SETITEM = int(P.Method.SETITEM)
+#: The dict methods whose result is a stored value (sent with its big buffers apart).
+_VALUE_METHODS = frozenset(int(m) for m in (P.Method.GETITEM, P.Method.GET, P.Method.POP,
+                                            P.Method.SETDEFAULT))
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
 
 # -- the server ------------------------------------------------------------------------
@@ -276,7 +279,7 @@ class Server:
         note = meter.note if self.collect_stats else None
         while not until():
             try:
-                frames = recv_frames(router)
+                frames = recv_frames(router, 3)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -294,7 +297,7 @@ class Server:
                     replies.append(reply)
                 if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
-                frames = recv_frames(router)
+                frames = recv_frames(router, 3)
             if store is not None:  # durable before anyone hears of it (fsync="always")
                 store.commit(self.namespaces)
             if coord.active:  # grants first: a hand-off's latency is what a waiter feels
@@ -331,7 +334,9 @@ class Server:
             else:
                 self.stats["errors"] += 1
             return rejected.reply
-        identity, _, body = frames
+        identity, body = frames[0], frames[2]
+        if len(frames) > 3:  # a CALL with big buffers after its body
+            body = P.body_frames(frames, 2)
         try:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
@@ -340,6 +345,9 @@ class Server:
             return None
         ns = self.namespaces.get(request.namespace)
         head = 0 if ns is None else ns.seq
+        if type(result) is P.Buffered:
+            return [identity, P.reply_header(P.OK, request.request_id, head), result,
+                    *result.buffers]
         return [identity, P.reply_header(P.OK, request.request_id, head), result]
 
     def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
@@ -375,7 +383,10 @@ class Server:
                 dict.__setitem__(data, key, value)
                 return _NONE
             prepared = _OPS[request.method](ns.data, *args)
-            reply = S.dumps(prepared.result)
+            if request.method in _VALUE_METHODS:  # a value read: its big buffers apart
+                reply = P.encode_buffered(prepared.result)
+            else:
+                reply = S.dumps(prepared.result)
             if prepared.apply is None:
                 return reply
             if not prepared.changes and not prepared.deleted:

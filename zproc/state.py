@@ -219,7 +219,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         if conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.result(
-            conn.send(_CALL, method, S.dumps(args), self._ns), self.request_timeout
+            conn.send(_CALL, method, P.encode_buffered(args), self._ns), self.request_timeout
         )
 
     def _replica(self) -> dict[Any, Any]:
