@@ -61,6 +61,7 @@ from ._stream import (
     _change_result,
     _change_watch,
     _copy,
+    _PLAIN,
     _Cursor,
     _deadline,
     _equal_test,
@@ -102,6 +103,7 @@ T = TypeVar("T")
 REGISTER_WAIT = 1.0
 # plain ints for the hot paths (an enum member lookup costs more than the comparison)
 _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
+_monotonic = time.monotonic
 
 # -- State -------------------------------------------------------------------------------
 
@@ -316,6 +318,15 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
 
     def __getitem__(self, key: Hashable) -> Any:
         if self._cache:
+            # the hit, inlined: this thread's replica is current (no socket, no lock)
+            try:
+                channel = self._local.channel
+                stream = channel.stream
+                if stream.seq >= self._heads[0] and _monotonic() < channel.cache_due:
+                    value = stream.replica[key]
+                    return value if type(value) in _PLAIN else _copy(value)
+            except AttributeError:  # this thread's first read, or its stream is not open
+                pass
             return _copy(self._replica()[key])
         return self._call(_GETITEM, key)
 
