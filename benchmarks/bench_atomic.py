@@ -9,6 +9,8 @@ within each repetition):
 
 * ``atomic.@atomic incr``: a ``@zproc.atomic`` function defined in this module
   (``d[key] = d.get(key, 0) + 1``, returning the new value), called as users call it.
+* ``atomic.by value incr``: the same increment as a closure (like a function defined in
+  ``__main__``, it travels by value: pickled once, then named by its digest).
 * ``atomic.zproc.increase``: the ready-made helper.
 * Both with 1 client (this process) and with 4 client processes (aggregate rate, each on
   its own key, started together at a barrier); the baseline is ``state[key] = i`` round
@@ -39,12 +41,25 @@ def bump(d: dict[str, Any], key: str) -> int:
     return d[key]  # type: ignore[no-any-return]
 
 
+def _by_value() -> Callable[..., int]:
+    """The increment of :func:`bump` as a closure: pickled by value, not by name."""
+
+    def bump_closure(d: dict[str, Any], key: str) -> int:
+        d[key] = d.get(key, 0) + 1
+        return d[key]  # type: ignore[no-any-return]
+
+    return zproc.atomic(bump_closure)
+
+
 def _ops(state: zproc.State, index: int) -> dict[str, Callable[[int], Any]]:
     set_key, bump_key, inc_key = f"set{index}", f"bump{index}", f"inc{index}"
-    state.update({set_key: 0, bump_key: 0, inc_key: 0})
+    val_key = f"val{index}"
+    state.update({set_key: 0, bump_key: 0, inc_key: 0, val_key: 0})
+    by_value = _by_value()
     return {
         "set": lambda i: state.__setitem__(set_key, i),
         "atomic": lambda i: bump(state, bump_key),
+        "byvalue": lambda i: by_value(state, val_key),
         "increase": lambda i: zproc.increase(state, inc_key),
     }
 
@@ -57,8 +72,10 @@ def _client(address: Any) -> Callable[[int], Any]:
     return factory
 
 
-OPS = ("set", "atomic", "increase")
-NAMES = {"atomic": "atomic.@atomic incr", "increase": "atomic.zproc.increase"}
+OPS = ("set", "atomic", "byvalue", "increase")
+NAMES = {"atomic": "atomic.@atomic incr", "byvalue": "atomic.by value incr",
+         "increase": "atomic.zproc.increase"}
+VARIANTS = ("atomic", "byvalue", "increase")
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -76,7 +93,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         address = stack.enter_context(zproc_server())
         state = stack.enter_context(zproc.State(address))
         ops = _ops(state, 99)
-        prefixes = {"atomic": "bump", "increase": "inc"}
+        prefixes = {"atomic": "bump", "byvalue": "val", "increase": "inc"}
         keys = {op: f"{prefix}99" for op, prefix in prefixes.items()}
 
         # one client
@@ -86,14 +103,14 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 count(keys[op], warmup)
         times: dict[str, list[float]] = {op: [] for op in OPS}
         for rep in range(reps):
-            for op in OPS[rep % 3:] + OPS[:rep % 3]:
+            for op in OPS[rep % len(OPS):] + OPS[:rep % len(OPS)]:
                 times[op].append(n / time_loop(ops[op], n, counter.take(n)))
                 if op in keys:
                     count(keys[op], n)
-        for op in ("atomic", "increase"):
+        for op in VARIANTS:
             rows.append(row(f"{NAMES[op]} 1 client", median(times[op]), "ops/s",
                             "state[k] = v, 1 client", median(times["set"]), target=TARGET,
-                            note=NOTE if op == "atomic" else None))
+                            note=NOTE if op != "increase" else None))
 
         # four clients
         group = stack.enter_context(WorkerGroup(_client(address), CLIENTS, "atomic"))
@@ -104,12 +121,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 count(f"{prefix}{index}", warmup)
         rates: dict[str, list[float]] = {op: [] for op in OPS}
         for rep in range(reps):
-            for op in OPS[rep % 3:] + OPS[:rep % 3]:
+            for op in OPS[rep % len(OPS):] + OPS[:rep % len(OPS)]:
                 rates[op].append(group.run(op, multi_n, counter))
                 if op in prefixes:
                     for index in range(CLIENTS):
                         count(f"{prefixes[op]}{index}", multi_n)
-        for op in ("atomic", "increase"):
+        for op in VARIANTS:
             rows.append(row(f"{NAMES[op]} x{CLIENTS} clients", median(rates[op]), "ops/s",
                             f"state[k] = v, x{CLIENTS} clients", median(rates["set"]),
                             target=TARGET))

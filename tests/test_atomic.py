@@ -7,8 +7,12 @@ import multiprocessing
 from typing import Any
 
 import pytest
+from conftest import kill9, stop
 
 import zproc
+from zproc import _protocol as P
+from zproc import _serialization as S
+from zproc._store import Functions
 
 STEP = 3
 
@@ -199,3 +203,100 @@ def test_argument_checks(state: zproc.State) -> None:
         zproc.atomic(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="State"):
         incr({"n": 1})  # type: ignore[arg-type]
+
+
+# -- functions sent by value, named by digest afterwards ------------------------------------
+
+
+def _by_value(label: str) -> Any:
+    """A closure named ``put`` (it travels by value): ``put(d)`` stores ``label``."""
+
+    def put(d: dict[str, Any]) -> str:
+        d["who"] = label
+        return label
+
+    return put
+
+
+def test_a_digest_miss_after_a_restart_sends_the_function_again(
+    ipc_address: zproc.ServerAddress,
+) -> None:
+    server, _ = zproc.start_server(ipc_address)
+    put = zproc.atomic(_by_value("first"))
+    try:
+        with zproc.State(ipc_address, liveness=10.0) as state:
+            assert put(state) == "first"  # sent whole: the server keeps it by digest
+            form, _ = P.atomic_request(put.__wrapped__, (), {})  # type: ignore[attr-defined]
+            assert form == P.AtomicForm.DIGEST  # what the next calls send
+            assert put(state) == "first"
+            kill9(server)
+            server, _ = zproc.start_server(ipc_address)
+            # the new server run lacks the digest: it answers "unknown function", and the
+            # State sends the function itself, without the caller seeing it
+            assert put(state) == "first"
+            assert state["who"] == "first"
+            assert put(state) == "first"
+    finally:
+        stop(server)
+
+
+def test_a_raw_digest_call_to_a_server_without_it_is_refused(state: zproc.State) -> None:
+    put = _by_value("x")
+    digest, _, _ = S.pickled_function(put) or (b"", b"", False)
+    body = S.dumps((digest, (), {}))
+    with pytest.raises(zproc.UnknownFunctionError, match="send the function itself"):
+        state._request(P.Kind.ATOMIC, P.AtomicForm.DIGEST, body)
+    assert "who" not in state
+
+
+def test_functions_with_the_same_name_do_not_collide(state: zproc.State) -> None:
+    one, two = zproc.atomic(_by_value("one")), zproc.atomic(_by_value("two"))
+    assert one.__qualname__ == two.__qualname__
+    for _ in range(3):
+        assert one(state) == "one" and state["who"] == "one"
+        assert two(state) == "two" and state["who"] == "two"
+
+
+def test_a_rebound_closure_variable_is_seen(state: zproc.State) -> None:
+    step = 1
+
+    @zproc.atomic
+    def add(d: dict[str, Any]) -> int:
+        d["n"] = d.get("n", 0) + step
+        return int(d["n"])
+
+    assert add(state) == 1
+    assert add(state) == 2
+    step = 10  # a new value in the closure cell: the function is pickled again
+    assert add(state) == 12
+    assert step == 10
+
+
+def test_the_server_keeps_a_bounded_number_of_functions() -> None:
+    functions = Functions(size=2)
+    pickles = [S.dumps_code(_by_value(str(i))) for i in range(3)]
+    digests = [S.function_digest(data) for data in pickles]
+    assert len(set(digests)) == 3
+    functions.define(pickles[0])
+    functions.define(pickles[1])
+    assert functions.find(digests[0])({}) == "0"  # used last: kept
+    functions.define(pickles[2])  # evicts the least recently used, "1"
+    assert len(functions) == 2
+    assert digests[1] not in functions
+    with pytest.raises(zproc.UnknownFunctionError):
+        functions.find(digests[1])
+    assert functions.find(digests[0])({}) == "0"
+    assert functions.find(digests[2])({}) == "2"
+    with pytest.raises(ValueError, match="at least one"):
+        Functions(size=0)
+
+
+def test_the_digest_is_of_the_bytes_received() -> None:
+    """A pickle is kept under the digest of its own bytes, whatever a client claims."""
+    functions = Functions()
+    data = S.dumps_code(_by_value("z"))
+    functions.define(data)
+    assert S.function_digest(data) in functions
+    assert functions.find(S.function_digest(data))({}) == "z"
+    with pytest.raises(zproc.ProtocolError, match="not a function"):
+        functions.define(S.dumps(42))

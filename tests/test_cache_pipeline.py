@@ -154,6 +154,26 @@ def test_cached_reads_are_copies_and_errors_match(cached: zproc.State) -> None:
     assert cached != {"lst": [1, 2, 3]}
 
 
+class Tagged(int):
+    """An int subclass: it may carry mutable attributes, so reads copy it."""
+
+
+def test_cached_reads_copy_only_what_may_change(cached: zproc.State) -> None:
+    cached.update({"flat": (1, "a", b"b", None, 2.5), "deep": (1, [2]), "n": 7,
+                   "sub": Tagged(3)})
+    assert cached["flat"] is cached["flat"]  # a tuple of immutable values: shared
+    deep = cached["deep"]
+    deep[1].append(3)
+    assert cached["deep"] == (1, [2])  # a tuple holding a list: copied
+    assert cached["n"] == 7 and cached["sub"] == 3 and type(cached["sub"]) is Tagged
+    with pytest.raises(KeyError):
+        cached["missing"]
+    cached["n"] = 8  # read-your-writes on the inlined hit path
+    assert cached["n"] == 8
+    with pytest.raises(TypeError):
+        cached[["unhashable"]]  # type: ignore[index]  # as a dict says
+
+
 def test_cache_survives_pickling_and_fork(cached: zproc.State) -> None:
     with pickle.loads(pickle.dumps(cached)) as copy, cached.fork() as forked:
         for st in (copy, forked):

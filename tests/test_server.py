@@ -439,6 +439,14 @@ GARBAGE: dict[str, tuple[list[bytes], int | None, type[BaseException] | None]] =
                             zproc.ProtocolError),
     "atomic-not-callable": ([_header(P.Kind.ATOMIC, rid=28), S.dumps((1, (), {}))], 28,
                             TypeError),
+    "atomic-unknown-form": ([_header(P.Kind.ATOMIC, 9, rid=29), S.dumps((1, (), {}))], 29,
+                            zproc.ProtocolError),
+    "atomic-unknown-digest": ([_header(P.Kind.ATOMIC, P.AtomicForm.DIGEST, rid=30),
+                               S.dumps((bytes(32), (), {}))], 30, zproc.UnknownFunctionError),
+    "atomic-define-not-bytes": ([_header(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=31),
+                                 S.dumps((1, (), {}))], 31, zproc.ProtocolError),
+    "atomic-define-garbage": ([_header(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=32),
+                               S.dumps((b"junk", (), {}))], 32, zproc.ProtocolError),
 }
 
 

@@ -43,6 +43,7 @@ from .exceptions import (
     SignalException,
     TaskError,
     TimeoutError,
+    UnknownFunctionError,
     ZProcError,
 )
 from .executor import Executor
@@ -106,6 +107,7 @@ __all__ = [
     "TaskDetail",
     "TaskError",
     "TimeoutError",
+    "UnknownFunctionError",
     "ZProcError",
     "__version__",
     "append",

@@ -54,7 +54,7 @@ from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_
 from ._stream import _get_copy, _level_watch, _update_of, _watch_start
 from ._utils import in_server_process
 from .coordination import AsyncCoordinationMethods, arelease_all
-from .exceptions import ServerUnavailableError, TimeoutError
+from .exceptions import ServerUnavailableError, TimeoutError, UnknownFunctionError
 
 __all__ = ["AsyncState", "AsyncStateWatcher"]
 
@@ -157,7 +157,7 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
         return await conn.arequest(kind, method, body, self._ns, self.request_timeout)
 
     async def _call(self, method: int, *args: Any) -> Any:
-        return await self._request(P.Kind.CALL, method, S.dumps(args))
+        return await self._request(P.Kind.CALL, method, P.encode_buffered(args))
 
     def _send_early(self, kind: int, body: bytes) -> tuple[AsyncConnection, int]:
         """Send a request now (its reply is awaited later, with ``aresult``)."""
@@ -380,9 +380,12 @@ class AsyncState(StateBase, WatchMethods["AsyncStateWatcher"], AsyncCoordination
     async def _atomic(
         self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
-        return await self._request(  # type: ignore[no-any-return]
-            P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs)
-        )
+        form, body = P.atomic_request(fn, args, kwargs)
+        try:
+            return await self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
+        except UnknownFunctionError:  # sent by digest to a server that lacks it: send it
+            form, body = P.atomic_request(fn, args, kwargs, define=True)
+            return await self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
 
     # -- one-shot watchers ----------------------------------------------------------------
 

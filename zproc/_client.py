@@ -143,10 +143,14 @@ class Connection:
     def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
         """Send a request now; return its id for :meth:`result`."""
         self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-        frames = (P.request_header(kind, method, rid, namespace), body)
+        frames: tuple[Any, ...] = (P.request_header(kind, method, rid, namespace), body)
         sock = self.sock
-        _send_frame(sock, frames[0], _SNDMORE)
-        _send_frame(sock, body, 0)
+        if type(body) is P.Buffered:  # its big buffers follow it, each a frame, not copied
+            frames += tuple(body.buffers)
+            send_frames(sock, frames)
+        else:
+            _send_frame(sock, frames[0], _SNDMORE)
+            _send_frame(sock, body, 0)
         self._expected[rid] = (self.drops, frames if P.is_read_only(kind, method) else None)
         return rid
 
@@ -176,7 +180,7 @@ class Connection:
             while True:
                 if deadline is None:
                     try:
-                        frames = recv_frames(sock)
+                        frames = recv_frames(sock, 2)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -184,7 +188,7 @@ class Connection:
                     # no poll (a Poller per call costs microseconds): the socket's
                     # rcvtimeo bounds this wait to SLICE
                     try:
-                        frames = recv_frames(sock)
+                        frames = recv_frames(sock, 2)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -195,8 +199,8 @@ class Connection:
                             raise self._no_reply(timeout)
                         self._check_alive(rid)
                         continue
-                    frames = recv_frames(sock)
-                if len(frames) != 2:
+                    frames = recv_frames(sock, 2)
+                if len(frames) < 2:
                     continue
                 status, got, head = P.parse_reply_head(frames[0])
                 heads = self.heads
@@ -204,9 +208,9 @@ class Connection:
                     heads[0] = head
                 if got == rid:
                     self._expected.pop(rid, None)
-                    return _decode(status, frames[1])
+                    return _decode(status, P.body_frames(frames, 1))
                 if got in self._expected:
-                    self._early[got] = (status, frames[1])
+                    self._early[got] = (status, P.body_frames(frames, 1))
         except BaseException:
             self._lapse(rid)
             raise
@@ -328,7 +332,7 @@ class Connection:
 
 def _decode(status: int, body: bytes) -> Any:
     if status == P.OK:
-        return S.loads(body)
+        return P.decode_buffered(body)
     if status == P.ERROR:
         raise S.loads_exception(body)
     raise ProtocolError(f"unknown reply status {status}")
@@ -440,7 +444,7 @@ class AsyncConnection(Connection):
         try:
             while True:
                 frames = await sock.recv_multipart()
-                if len(frames) != 2:
+                if len(frames) < 2:
                     continue
                 try:
                     status, got, head = P.parse_reply_head(frames[0])
@@ -453,9 +457,9 @@ class AsyncConnection(Connection):
                 waiter = self._waiters.pop(got, None)
                 if waiter is not None:
                     if not waiter.done():
-                        waiter.set_result((status, frames[1]))
+                        waiter.set_result((status, P.body_frames(frames, 1)))
                 elif got in self._expected:
-                    self._early[got] = (status, frames[1])
+                    self._early[got] = (status, P.body_frames(frames, 1))
         except asyncio.CancelledError:
             if not self.closed:
                 raise

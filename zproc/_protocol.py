@@ -14,6 +14,10 @@ Replies (server -> the requesting DEALER)::
     header = struct "<BBIQ" (version, status, request_id, head)
     body   = pickled result (status OK) or a serialized exception (status ERROR)
 
+A ``CALL`` and its OK reply may carry more frames after the body: the out-of-band buffers
+of the body's pickle (``_serialization.dumps_buffers``), one frame each, in order, sent
+without copies; a body must use exactly the frames that follow it (:class:`Buffered`).
+
 ``head`` is the sequence number of the request's namespace once the request was applied
 (0 in error replies). A client that reads from its local replica waits until the replica
 has reached the highest head it was told, which gives read-your-writes and monotonic
@@ -117,6 +121,8 @@ __all__ = [
     "EVENT_PREFIX",
     "PROTOCOL_VERSION",
     "SYNC_PREFIX",
+    "AtomicForm",
+    "Buffered",
     "ChunkStatus",
     "Event",
     "FetchReply",
@@ -146,7 +152,7 @@ class Kind(enum.IntEnum):
     HEAD = 3  # body: empty. reply: (current sequence number of the namespace, run)
     SNAPSHOT = 4  # body: empty. reply: (seq, dict)
     CALL = 5  # method: a Method. body: pickled args tuple. reply: the method's result
-    ATOMIC = 6  # body: cloudpickled (fn, args, kwargs). reply: fn's result
+    ATOMIC = 6  # method: an AtomicForm. body: (fn, args, kwargs) as it says. reply: fn's result
     FETCH = 7  # body: (after_seq, want_snapshot, run). reply: FetchReply (see "runs")
     SYNC = 8  # body: token bytes (raw). reply: None; publishes a sync marker
     TIME = 9  # body: empty. reply: the server's time.time()
@@ -187,6 +193,14 @@ class Method(enum.IntEnum):
     SET = 17  # replace the whole dict
 
 
+class AtomicForm(enum.IntEnum):
+    """How the function of an ATOMIC request travels (the request's method field)."""
+
+    CALL = 0  # body: pickled (fn, args, kwargs); fn by name, or by value (not kept)
+    DEFINE = 1  # body: (cloudpickled fn, args, kwargs); the server keeps fn by its digest
+    DIGEST = 2  # body: (digest, args, kwargs): a function a DEFINE sent to this server run
+
+
 class Status(enum.IntEnum):
     OK = 0
     ERROR = 1
@@ -194,6 +208,7 @@ class Status(enum.IntEnum):
 
 #: Plain ints for the hot paths (an enum member lookup costs more than the comparison).
 _CALL = int(Kind.CALL)
+_CALL_BYTE = bytes([_CALL])
 OK = int(Status.OK)
 ERROR = int(Status.ERROR)
 
@@ -298,7 +313,8 @@ def parse_routed(frames: list[bytes], parse_header: Callable[[Frame], Request]) 
     (the swarm broker). Raise :class:`Rejected` on a wrong frame count or a malformed
     header, with the error reply to send when the header names a request id.
     """
-    if len(frames) == 3:
+    # a CALL's big buffers follow its body, one frame each
+    if len(frames) == 3 or (len(frames) > 3 and frames[1][1:2] == _CALL_BYTE):
         try:
             return parse_header(frames[1])
         except ProtocolError as exc:  # raised from here: no cycle keeps the frames alive
@@ -313,6 +329,8 @@ def _rejected(frames: list[bytes], error: ProtocolError, message: str) -> Reject
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_ATOMIC_FORMS = frozenset(int(f) for f in AtomicForm)
+_ATOMIC_CALL, _ATOMIC_DEFINE, _ATOMIC_DIGEST = (int(f) for f in AtomicForm)
 _METHODS = frozenset(int(m) for m in Method)
 _READ_KINDS = frozenset(
     int(k) for k in (Kind.PING, Kind.META, Kind.HEAD, Kind.SNAPSHOT, Kind.FETCH, Kind.SYNC,
@@ -339,6 +357,32 @@ def reply_header(status: int, request_id: int, head: int = 0) -> bytes:
 def error_reply(identity: bytes, request_id: int, exc: BaseException) -> list[bytes]:
     """The frames of an error reply to ``identity`` (through a ROUTER)."""
     return [identity, reply_header(ERROR, request_id), S.dumps_exception(exc)]
+
+
+class Buffered(bytes):
+    """A body frame, and in ``buffers`` the out-of-band frames that follow it."""
+
+    buffers: list[Any]
+
+
+def encode_buffered(obj: Any) -> bytes:
+    """``obj`` pickled, as a :class:`Buffered` body when it has big buffers."""
+    data, buffers = S.dumps_buffers(obj)
+    return body_frames([data, *buffers], 0) if buffers else data
+
+
+def body_frames(frames: list[Any], first: int) -> bytes:
+    """The body at ``frames[first]``, with the frames after it as its buffers."""
+    if len(frames) == first + 1:
+        return frames[first]  # type: ignore[no-any-return]
+    body = Buffered(frames[first])
+    body.buffers = frames[first + 1 :]
+    return body
+
+
+def decode_buffered(body: Frame) -> Any:
+    """The object of a body from :func:`encode_buffered` or :func:`body_frames`."""
+    return S.loads(body, getattr(body, "buffers", None))
 
 
 def parse_reply(frame: Frame) -> tuple[int, int]:
@@ -480,19 +524,42 @@ class Meta(TypedDict):
 
 def parse_call_request(body: Frame) -> tuple[Any, ...]:
     """The arguments of a CALL body (empty body: no arguments)."""
-    args = S.loads(body) if body else ()
+    args = S.loads(body, getattr(body, "buffers", None)) if body else ()
     if not isinstance(args, tuple):
         raise ProtocolError("CALL arguments must be a tuple")
     return args
 
 
-def parse_atomic_request(body: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """``(fn, args, kwargs)`` of an ATOMIC body (written by ``_serialization.dumps_call``)."""
+def atomic_request(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], define: bool = False
+) -> tuple[int, bytes]:
+    """The method (an :class:`AtomicForm`) and body of an ATOMIC request. A function sent
+    by value goes whole (DEFINE) when first pickled or with ``define``, else by digest (a
+    server without it answers ``UnknownFunctionError``: send it again with ``define``)."""
+    pickled = S.pickled_function(fn)
+    if pickled is None:
+        return _ATOMIC_CALL, S.dumps_call(fn, args, kwargs)
+    digest, data, new = pickled
+    if new or define:
+        return _ATOMIC_DEFINE, S.dumps_any((data, args, kwargs))
+    return _ATOMIC_DIGEST, S.dumps_any((digest, args, kwargs))
+
+
+def parse_atomic_request(method: int, body: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``(head, args, kwargs)`` of an ATOMIC request: ``head`` is the function (CALL), its
+    pickle (DEFINE) or its digest (DIGEST)."""
+    if method not in _ATOMIC_FORMS:
+        raise ProtocolError(f"unknown ATOMIC form {method}")
     try:
-        fn, args, kwargs = S.loads(body)
+        head, args, kwargs = S.loads(body)
     except (TypeError, ValueError) as exc:
         raise ProtocolError("an ATOMIC body must be (function, args, kwargs)") from exc
-    return fn, args, kwargs
+    if method != _ATOMIC_CALL and type(head) is not bytes:
+        raise ProtocolError(f"an ATOMIC body of form {method} must start with bytes (the "
+                            f"function's pickle or digest)")
+    if type(args) is not tuple or type(kwargs) is not dict:
+        raise ProtocolError("an ATOMIC body's arguments must be a tuple and a dict")
+    return head, args, kwargs
 
 
 def parse_swarm_settings(body: Frame) -> dict[str, Any]:

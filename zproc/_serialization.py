@@ -4,15 +4,23 @@ Data (keys, values, change sets, results) travels with the standard :mod:`pickle
 protocol 5, which is the fastest option and keeps user classes importable by reference.
 Code (``atomic`` functions, process targets, ``process_map`` callables) travels with
 cloudpickle, so that lambdas, closures, default arguments and functions defined in
-``__main__`` work in another process.
+``__main__`` work in another process. An ``atomic`` function that travels by value is
+pickled once (:func:`pickled_function`) and named by the digest of its pickle afterwards.
+
+Big buffers (``bytes``, ``bytearray`` and ``memoryview`` values, and objects that give
+pickle protocol 5 out-of-band buffers, such as NumPy arrays) leave the pickle as buffers of
+their own with :func:`dumps_buffers`, for the wire to send without copying them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import operator
 import pickle
 import re
 import sys
 import traceback
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,13 +32,16 @@ __all__ = [
     "PROTOCOL",
     "dumps",
     "dumps_any",
+    "dumps_buffers",
     "dumps_call",
     "dumps_code",
     "dumps_exception",
     "first_unpicklable",
+    "function_digest",
     "loads",
     "loads_exception",
     "loads_exception_text",
+    "pickled_function",
 ]
 
 PROTOCOL = 5
@@ -46,18 +57,98 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
-def loads(data: bytes | memoryview) -> Any:
-    """Deserialize data produced by :func:`dumps` or :func:`dumps_code`.
+def loads(data: bytes | memoryview, buffers: Sequence[Any] | None = None) -> Any:
+    """Deserialize data produced by :func:`dumps`, :func:`dumps_code` or
+    :func:`dumps_buffers` (with the ``buffers`` that came with it, each used once).
 
     A value whose class cannot be imported here raises :class:`ProtocolError` with a
-    message naming the class and the usual cause.
+    message naming the class and the usual cause, as do buffers that do not match.
     """
     try:
-        return pickle.loads(data)
+        if not buffers:
+            return pickle.loads(data)
+        unused = iter(buffers)
+        obj = pickle.loads(data, buffers=unused)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise ProtocolError(_unimportable_message(exc)) from exc
+    except pickle.UnpicklingError as exc:
+        if "out-of-band" not in str(exc):
+            raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+        raise ProtocolError(
+            f"a message body needs more out-of-band frames than the "
+            f"{len(buffers or ())} its message has: send each buffer of the body once, "
+            f"in order, after it"
+        ) from exc
     except Exception as exc:
         raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+    extra = sum(1 for _ in unused)
+    if extra:
+        raise ProtocolError(
+            f"a message has {extra} out-of-band frame(s) more than its body uses "
+            f"({len(buffers)} sent): send each buffer of the body once, after it"
+        )
+    return obj
+
+
+#: Buffers of at least this many bytes leave the pickle (:func:`dumps_buffers`).
+OUT_OF_BAND = 64 * 1024
+
+
+def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` (protocol 5), leaving out its buffers of :data:`OUT_OF_BAND` bytes
+    or more: ``(pickle, buffers)``, for :func:`loads` ``(pickle, buffers)``.
+
+    The buffers are those of objects with protocol 5 out-of-band support (NumPy arrays),
+    and ``bytes``, ``bytearray`` and ``memoryview`` objects that are ``obj`` itself, an
+    item of it (a tuple) or a value of a dict in it. A ``memoryview`` is read back as
+    ``bytes``. Nothing is copied: the buffers are views of ``obj``'s memory.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if view.nbytes < OUT_OF_BAND:
+            return True
+        buffers.append(view)
+        return False
+
+    return pickle.dumps(_big_buffers(obj, 2), PROTOCOL, buffer_callback=keep), buffers
+
+
+class _Buffer:
+    """A ``bytes``, ``bytearray`` or ``memoryview`` pickled as a protocol 5 buffer."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: bytes | bytearray | memoryview) -> None:
+        self.obj = obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        obj = self.obj
+        if type(obj) is memoryview and not obj.contiguous:
+            return bytes, (obj.tobytes(),)
+        return (bytearray if type(obj) is bytearray else bytes), (pickle.PickleBuffer(obj),)
+
+
+def _big_buffers(obj: Any, depth: int) -> Any:
+    """``obj`` with its big ``bytes``-like parts (see :func:`dumps_buffers`) wrapped."""
+    kind = type(obj)
+    if kind is memoryview or ((kind is bytes or kind is bytearray) and len(obj) >= OUT_OF_BAND):
+        return _Buffer(obj)
+    if not depth:
+        return obj
+    if kind is tuple:
+        for item in obj:
+            if _big_buffers(item, depth - 1) is not item:
+                return tuple(_big_buffers(item, depth - 1) for item in obj)
+    elif kind is dict:
+        for value in obj.values():
+            if _big_buffers(value, depth - 1) is not value:
+                return {key: _big_buffers(value, depth - 1) for key, value in obj.items()}
+    return obj
 
 
 def dumps_code(obj: Any) -> bytes:
@@ -101,6 +192,80 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         except PICKLING_ERRORS:
             pass
     return dumps_code((fn, args, kwargs))
+
+
+#: Functions pickled by value, kept (at most this many, oldest out first) with their pickle.
+PICKLED_FUNCTIONS = 256
+#: function -> (what its pickle depends on, digest, pickle)
+_pickled: dict[Any, tuple[tuple[Any, ...], bytes, bytes]] = {}
+#: code object -> the names it (and the code nested in it) may read as globals
+_global_names: dict[Any, tuple[str, ...]] = {}
+_ABSENT = object()
+
+
+def function_digest(data: bytes | memoryview) -> bytes:
+    """The name of a pickled function: the blake2b digest (32 bytes) of its pickle."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def pickled_function(fn: Any) -> tuple[bytes, bytes, bool] | None:
+    """``(digest, pickle, new)`` of a plain function that travels by value (cloudpickle),
+    or None for any other callable (those travel with :func:`dumps_call`).
+
+    The pickle is made once and re-used while the objects it was made from are the same
+    ones: the code, defaults, attributes, closure cells' contents and the globals the code
+    names (rebinding any of them pickles the function again; an object changed in place is
+    not noticed). ``new``: the pickle was made by this call.
+    """
+    if type(fn) is not types.FunctionType or _reference(fn) is not None:
+        return None
+    parts = _pickle_parts(fn)
+    entry = _pickled.get(fn)
+    if entry is not None:
+        kept = entry[0]
+        if len(kept) == len(parts) and all(map(operator.is_, kept, parts)):
+            return entry[1], entry[2], False
+    data = dumps_code(fn)
+    digest = function_digest(data)
+    _pickled.pop(fn, None)
+    while len(_pickled) >= PICKLED_FUNCTIONS:
+        del _pickled[next(iter(_pickled))]
+    _pickled[fn] = (parts, digest, data)
+    return digest, data, True
+
+
+def _pickle_parts(fn: types.FunctionType) -> tuple[Any, ...]:
+    """The objects the pickle of ``fn`` is made from (compared by identity)."""
+    code = fn.__code__
+    names = _global_names.get(code)
+    if names is None:
+        if len(_global_names) >= 4 * PICKLED_FUNCTIONS:
+            _global_names.clear()
+        names = _global_names[code] = tuple(sorted(set(_names_in(code))))
+    parts = (code, fn.__defaults__, fn.__kwdefaults__)
+    if fn.__closure__:
+        parts += tuple(_cell_contents(cell) for cell in fn.__closure__)
+    if names:
+        namespace = fn.__globals__
+        parts += tuple([namespace.get(name, _ABSENT) for name in names])
+    if fn.__dict__:
+        parts += tuple(fn.__dict__.values())
+    return parts
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _ABSENT
+
+
+def _names_in(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_names_in(const))
+    return names
 
 
 def _reference(fn: Any) -> Any:

@@ -65,7 +65,7 @@ from ._transport import (
     server_socket,
 )
 from ._stats import Meter, coordination_figures
-from ._store import _OPS, DEFAULT_HISTORY_BYTES, MISSING, Namespace, changed, run_atomic
+from ._store import _OPS, DEFAULT_HISTORY_BYTES, MISSING, Functions, Namespace, changed, run_atomic
 from ._utils import mark_server_process
 from ._version import __version__
 from .exceptions import AddressInUseError, ProtocolError
@@ -90,6 +90,9 @@ DEFAULT_SLOW_LOG_MS = 100.0
 _CALL = int(P.Kind.CALL)
 _COORD = int(P.Kind.COORD)
 _SETITEM = int(P.Method.SETITEM)
+#: The dict methods whose result is a stored value (sent with its big buffers apart).
+_VALUE_METHODS = frozenset(int(m) for m in (P.Method.GETITEM, P.Method.GET, P.Method.POP,
+                                            P.Method.SETDEFAULT))
 _NONE = S.dumps(None)  # the encoded result of every write that returns nothing
 
 # -- the server ------------------------------------------------------------------------
@@ -123,6 +126,8 @@ class Server:
         self.lineage: list[tuple[bytes, dict[str, int]]] = [(self.run_token, {})]
         self.history_size = history_size
         self.history_bytes = history_bytes
+        #: the atomic functions sent by value, by digest (this run only)
+        self.functions = Functions()
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
         self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0,
@@ -281,7 +286,7 @@ class Server:
         note = meter.note if self.collect_stats else None
         while not until():
             try:
-                frames = recv_frames(router)
+                frames = recv_frames(router, 3)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -299,7 +304,7 @@ class Server:
                     replies.append(reply)
                 if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
-                frames = recv_frames(router)
+                frames = recv_frames(router, 3)
             # grants first: a hand-off's latency is what a waiter feels; the store commits
             # first: durable before anyone hears of it (fsync="always")
             if coord.active:
@@ -338,7 +343,9 @@ class Server:
             else:
                 self.stats["errors"] += 1
             return rejected.reply
-        identity, _, body = frames
+        identity, body = frames[0], frames[2]
+        if len(frames) > 3:  # a CALL with big buffers after its body
+            body = P.body_frames(frames, 2)
         try:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
@@ -347,6 +354,9 @@ class Server:
             return None
         ns = self.namespaces.get(request.namespace)
         head = 0 if ns is None else ns.seq
+        if type(result) is P.Buffered:
+            return [identity, P.reply_header(P.OK, request.request_id, head), result,
+                    *result.buffers]
         return [identity, P.reply_header(P.OK, request.request_id, head), result]
 
     def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
@@ -382,7 +392,10 @@ class Server:
                 dict.__setitem__(data, key, value)
                 return _NONE
             prepared = _OPS[request.method](ns.data, *args)
-            reply = S.dumps(prepared.result)
+            if request.method in _VALUE_METHODS:  # a value read: its big buffers apart
+                reply = P.encode_buffered(prepared.result)
+            else:
+                reply = S.dumps(prepared.result)
             if prepared.apply is None:
                 return reply
             if not prepared.changes and not prepared.deleted:
@@ -391,7 +404,7 @@ class Server:
             prepared.apply()
             return reply
         if kind == P.Kind.ATOMIC:
-            return self._atomic(ns, identity, body, dirty)
+            return self._atomic(ns, identity, request.method, body, dirty)
         if kind == P.Kind.PIPELINE:
             return self._pipeline(ns, identity, body, dirty)
         if kind == P.Kind.HEAD:
@@ -500,9 +513,15 @@ class Server:
         broker.configure(settings)
         return P.SwarmReply(*broker.endpoints)
 
-    def _atomic(self, ns: Namespace, identity: bytes, body: bytes, dirty: list[Namespace]) -> bytes:
-        fn, args, kwargs = P.parse_atomic_request(body)
-        if getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
+    def _atomic(
+        self, ns: Namespace, identity: bytes, form: int, body: bytes, dirty: list[Namespace]
+    ) -> bytes:
+        fn, args, kwargs = P.parse_atomic_request(form, body)
+        if form == P.AtomicForm.DIGEST:
+            fn = self.functions.find(fn)
+        elif form == P.AtomicForm.DEFINE:
+            fn = self.functions.define(fn)
+        elif getattr(fn, "__zproc_atomic__", False):  # sent by name: the atomic wrapper
             fn = fn.__wrapped__
 
         def seal(

@@ -111,10 +111,12 @@ class Meter:
         took = now - self.last
         self.last = now
         self.total += 1
-        if len(frames) != 3:
+        if len(frames) < 3:
             return
-        identity, header, body = frames
+        identity, header, body = frames[0], frames[1], frames[2]
         self.bytes_in += len(header) + len(body)
+        if len(frames) > 3:  # a body's big buffers
+            self.bytes_in += sum(map(len, frames[3:]))
         self.seen[identity] = now
         if len(header) > 2:
             self.counts[header[1] << 8 | header[2]] += 1

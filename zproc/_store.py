@@ -7,6 +7,8 @@
   applied, so a failure leaves the dict as it was.
 * :func:`run_atomic`: an atomic function applied with its journal, rolled back if it
   raises, if its result cannot be encoded, or if its change set cannot be sealed.
+* :class:`Functions`: the atomic functions clients sent by value, by the digest of their
+  pickle, so that later calls name them by digest.
 * :class:`Namespace`: one dict, its sequence number and its bounded replay history
   (:meth:`Namespace.replay_after`), whose entries loaded from a persist file stay encoded
   (:class:`Raw`) until a client fetches them (:func:`decode_history`).
@@ -18,17 +20,18 @@ owns what a request does to the state.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, MutableSequence
 from typing import Any, TypeVar
 
 from . import _protocol as P
 from . import _serialization as S
-from .exceptions import ServerError
+from .exceptions import ProtocolError, ServerError, UnknownFunctionError
 
 __all__ = [
     "DEFAULT_HISTORY_BYTES",
     "MISSING",
+    "Functions",
     "HistoryEntry",
     "Namespace",
     "Raw",
@@ -433,6 +436,60 @@ def run_atomic(
         # undo by reapplying the old values
         _restore(data, changes, deleted, old)
         raise
+
+
+#: Atomic functions a server keeps by digest (the least recently used one goes first).
+DEFAULT_FUNCTIONS = 1024
+
+
+class Functions:
+    """The atomic functions clients sent by value, by the digest of their pickle.
+
+    The digest is computed here from the bytes received, so a client can only call by
+    digest a function whose pickle some client (authenticated, when the server has keys)
+    sent to this server run.
+    """
+
+    def __init__(self, size: int = DEFAULT_FUNCTIONS) -> None:
+        if size < 1:
+            raise ValueError(f"Functions needs room for at least one function, got {size}")
+        self.size = size
+        self._by_digest: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._by_digest
+
+    def define(self, data: bytes | memoryview) -> Callable[..., Any]:
+        """The function pickled in ``data``, kept by its digest (unpickled only once)."""
+        digest = S.function_digest(data)
+        fn = self._by_digest.get(digest)
+        if fn is not None:
+            self._by_digest.move_to_end(digest)
+            return fn
+        loaded = S.loads(data)
+        if getattr(loaded, "__zproc_atomic__", False):
+            loaded = loaded.__wrapped__
+        if not callable(loaded):
+            raise ProtocolError(f"an atomic call sent {type(loaded).__name__}, not a function")
+        self._by_digest[digest] = loaded
+        if len(self._by_digest) > self.size:
+            self._by_digest.popitem(last=False)
+        return self._by_digest[digest]
+
+    def find(self, digest: bytes) -> Callable[..., Any]:
+        """The function kept under ``digest``; :class:`UnknownFunctionError` if none is."""
+        try:
+            fn = self._by_digest[digest]
+        except KeyError:
+            raise UnknownFunctionError(
+                f"this server holds no atomic function with digest {digest.hex()[:16]}... "
+                f"(it restarted, or let the function go): send the function itself"
+            ) from None
+        self._by_digest.move_to_end(digest)
+        return fn
 
 
 # -- history ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ T = TypeVar("T")
 #: events dropped by a full queue and a server that died.
 IDLE_CHECK = 1.0
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset)
+_PLAIN = frozenset(_IMMUTABLE)  # the exact types (a subclass may be mutable)
 
 #: One I/O step a procedure of :class:`_StreamCore` asks its driver for: a function and
 #: its arguments (the driver calls it, or awaits what it returns).
@@ -87,10 +88,9 @@ async def adrive(steps: _Steps[T]) -> T:
 
 
 def _copy(value: Any) -> Any:
-    """A deep copy, cheap for immutable values."""
-    if isinstance(value, _IMMUTABLE):
-        return value
-    return S.loads(S.dumps(value))
+    """A deep copy, cheap for immutable values and tuples of them (not nested)."""
+    flat = type(value) is tuple and _PLAIN.issuperset(map(type, value))
+    return value if flat or isinstance(value, _IMMUTABLE) else S.loads(S.dumps(value))
 
 
 def _deadline(timeout: float | None, what: str) -> float | None:

@@ -302,18 +302,32 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 
 
-def send_frames(sock: zmq.Socket[Any], frames: tuple[bytes, ...] | list[bytes]) -> None:
-    """``sock.send_multipart(frames)`` without pyzmq's Python layer (a few us less)."""
+def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> None:
+    """``sock.send_multipart(frames)`` without pyzmq's Python layer (a few us less).
+
+    A ``memoryview`` frame (a big buffer) is sent without a copy: its memory must not
+    change until the message has left.
+    """
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        _send_frame(sock, frame, _SNDMORE if i < last else 0)
+        if type(frame) is memoryview:
+            _send_frame(sock, frame, _SNDMORE if i < last else 0, False)
+        else:
+            _send_frame(sock, frame, _SNDMORE if i < last else 0)
 
 
-def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
-    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout)."""
-    frames = [_recv_frame(sock)]
+def recv_frames(sock: zmq.Socket[Any], copied: int = 0) -> list[Any]:
+    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout).
+
+    With ``copied``, the frames after the first ``copied`` ones come without a copy, as
+    ``memoryview`` objects over ZeroMQ's messages (the big buffers after a body).
+    """
+    frames: list[Any] = [_recv_frame(sock)]
     while _get_option(sock, _RCVMORE):
-        frames.append(_recv_frame(sock))
+        if copied and len(frames) >= copied:
+            frames.append(_recv_frame(sock, 0, False).buffer)
+        else:
+            frames.append(_recv_frame(sock))
     return frames
 
 

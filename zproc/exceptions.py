@@ -9,6 +9,8 @@ The hierarchy::
     │   └── ServerUnavailableError  (also ConnectionError) no live server at the address
     ├── AuthenticationError         keys rejected (wrong or missing secret_key)
     ├── ProtocolError               malformed or unknown message, version mismatch
+    │   └── UnknownFunctionError    an atomic call's function digest is not known (the
+    │                               client sends the function again, transparently)
     ├── TimeoutError                (also builtins.TimeoutError) a timeout expired
     ├── ProcessError                a child process failed (carries pid and exit code)
     │   └── ProcessWaitError        wait() on a child that failed, died or was stopped
@@ -43,6 +45,7 @@ __all__ = [
     "SignalException",
     "TaskError",
     "TimeoutError",
+    "UnknownFunctionError",
     "ZProcError",
 ]
 
@@ -90,6 +93,12 @@ class LockLostError(ZProcError):
 
 class ProtocolError(ZProcError):
     """A message could not be decoded, has an unknown kind, or a mismatched version."""
+
+
+class UnknownFunctionError(ProtocolError):
+    """An atomic call named its function by a digest this server does not hold (it
+    restarted, or let the function go). zproc's clients send the whole function again
+    when they get it; another client must do the same."""
 
 
 class TimeoutError(ZProcError, builtins.TimeoutError):

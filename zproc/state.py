@@ -61,6 +61,7 @@ from ._stream import (
     _change_result,
     _change_watch,
     _copy,
+    _PLAIN,
     _Cursor,
     _deadline,
     _equal_test,
@@ -78,7 +79,7 @@ from ._stream import (
     _watch_start,
 )
 from ._utils import in_server_process
-from .exceptions import ServerUnavailableError, ZProcError
+from .exceptions import ServerUnavailableError, UnknownFunctionError, ZProcError
 
 __all__ = [
     "Pipeline",
@@ -102,6 +103,7 @@ T = TypeVar("T")
 REGISTER_WAIT = 1.0
 # plain ints for the hot paths (an enum member lookup costs more than the comparison)
 _CALL, _GETITEM, _SETITEM = int(P.Kind.CALL), int(P.Method.GETITEM), int(P.Method.SETITEM)
+_monotonic = time.monotonic
 
 # -- State -------------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         if conn.closed or conn.pid != os.getpid():
             conn = self._connection()
         return conn.result(
-            conn.send(_CALL, method, S.dumps(args), self._ns), self.request_timeout
+            conn.send(_CALL, method, P.encode_buffered(args), self._ns), self.request_timeout
         )
 
     def _replica(self) -> dict[Any, Any]:
@@ -316,6 +318,15 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
 
     def __getitem__(self, key: Hashable) -> Any:
         if self._cache:
+            # the hit, inlined: this thread's replica is current (no socket, no lock)
+            try:
+                channel = self._local.channel
+                stream = channel.stream
+                if stream.seq >= self._heads[0] and _monotonic() < channel.cache_due:
+                    value = stream.replica[key]
+                    return value if type(value) in _PLAIN else _copy(value)
+            except AttributeError:  # this thread's first read, or its stream is not open
+                pass
             return _copy(self._replica()[key])
         return self._call(_GETITEM, key)
 
@@ -465,7 +476,12 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
         return dict(self._request(P.Kind.STATS, 0, b""))
 
     def _atomic(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        return self._request(P.Kind.ATOMIC, 0, S.dumps_call(fn, args, kwargs))  # type: ignore[no-any-return]
+        form, body = P.atomic_request(fn, args, kwargs)
+        try:
+            return self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
+        except UnknownFunctionError:  # sent by digest to a server that lacks it: send it
+            form, body = P.atomic_request(fn, args, kwargs, define=True)
+            return self._request(P.Kind.ATOMIC, form, body)  # type: ignore[no-any-return]
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -648,6 +664,13 @@ def atomic(fn: Callable[..., T]) -> Callable[..., T]:
     state is restored exactly, no event is published and the same exception is raised
     here with the server's traceback as ``__cause__``. ``fn`` travels with cloudpickle, so
     defaults, closures and globals work as in a local call.
+
+    A function importable by name travels by name. Any other function (defined in
+    ``__main__``, a closure, a lambda) is pickled once per process and the server keeps it
+    by the digest of that pickle; later calls send the digest and the arguments only. The
+    pickle is made again when the function's code, defaults, closure contents or the
+    globals it names are rebound, but not when an object they hold is changed in place:
+    pass such an object as an argument.
 
     Called with a :class:`zproc.AsyncState`, the wrapper returns an awaitable instead:
     ``await wrapper(async_state, *args, **kwargs)``.
