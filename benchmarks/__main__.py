@@ -13,9 +13,11 @@ runs. ``ratio = value / baseline_value``; the target says which direction is bet
 
 Modules: every ``benchmarks/bench_*.py``, e.g. ``ops`` (dict round trips), ``watch``
 (watcher wake-up latency), ``atomic`` (atomic functions), ``process`` (process start-up
-and ``process_map``) and ``upstream`` (zproc 0.9.1 in another environment, only with
-``--upstream-python``). A module is any ``bench_NAME.py`` with a ``run()`` function; the
-runner passes ``quick`` and ``upstream_python`` to it when its signature takes them.
+and ``process_map``), ``scaling`` (1 to 8 clients and 10 to 1,000,000 keys, drawn into
+``docs/_static/scaling.png`` when matplotlib is installed) and ``upstream`` (zproc 0.9.1
+in another environment, only with ``--upstream-python``). A module is any
+``bench_NAME.py`` with a ``run()`` function; the runner passes ``quick`` and
+``upstream_python`` to it when its signature takes them.
 
 The exit status is 0 when every module ran (missed targets are reported, not fatal), 1 if
 a module failed, 2 on bad arguments.
