@@ -12,15 +12,8 @@ import pytest
 
 import zproc
 from zproc import _protocol as P
-from zproc._stream import (
-    _Cursor,
-    _Ev,
-    _StreamCore,
-    _watch_item,
-    _watch_start,
-    adrive,
-    drive,
-)
+from zproc._stream import _Cursor, _Ev, _StreamCore, adrive, drive
+from zproc._watch import _watch_item, _watch_start
 
 NS = b"default"
 RUN, OTHER_RUN = b"r" * 8, b"s" * 8

@@ -16,21 +16,16 @@ from typing import Any, Generic, TypeVar
 from . import _protocol as P
 from ._client import Connection
 from ._security import SecretKey, client_keys
-from ._stream import (
-    Qualifies,
+from ._stream import Qualifies, _copy, _Cursor, _Ev, _StreamCore
+from ._transport import ServerAddress, normalize_address
+from ._watch import (
     _any_test,
-    _check_watcher_args,
-    _copy,
-    _Cursor,
-    _Ev,
-    _found,
-    _StreamCore,
-    _watch_item,
-    _watch_qualifies,
     _available_test,
+    _check_watcher_args,
     _EvTest,
     _falsy_test,
     _fn_test,
+    _found,
     _keys_test,
     _none_test,
     _not_none_test,
@@ -39,8 +34,9 @@ from ._stream import (
     _snapshot_test,
     _SnapTest,
     _truthy_test,
+    _watch_item,
+    _watch_qualifies,
 )
-from ._transport import ServerAddress, normalize_address
 from .exceptions import TimeoutError
 
 __all__ = ["StateBase", "WatchMethods", "WatcherBase", "ping", "stats"]

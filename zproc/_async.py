@@ -47,12 +47,11 @@ from ._client import (
     running,
 )
 from ._security import SecretKey
-from ._stream import StateUpdate, _copy, _Cursor, _deadline, _EvTest
-from ._stream import _found, _SnapTest
-from ._stream import _available_test, _equal_test, _none_test, _not_equal_test, _not_none_test
-from ._stream import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
-from ._stream import _get_copy, _level_watch, _update_of, _watch_start
+from ._stream import StateUpdate, _copy, _Cursor, _deadline
 from ._utils import in_server_process
+from ._watch import _available_test, _equal_test, _EvTest, _found, _none_test, _not_equal_test
+from ._watch import _change_result, _change_watch, _fn_snapshot_test, _foreign_test
+from ._watch import _get_copy, _level_watch, _not_none_test, _SnapTest, _update_of, _watch_start
 from .coordination import AsyncCoordinationMethods, arelease_all
 from .exceptions import ServerUnavailableError, TimeoutError, UnknownFunctionError
 

@@ -55,15 +55,12 @@ from ._channels import Channels, ThreadChannels
 from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Stream
 from ._pipeline import DEFAULT_PIPELINE_OPS, Pipeline
 from ._security import SecretKey
-from ._stream import (
-    StateUpdate,
+from ._stream import StateUpdate, _copy, _PLAIN, _Cursor, _deadline
+from ._utils import in_server_process
+from ._watch import (
     _available_test,
     _change_result,
     _change_watch,
-    _copy,
-    _PLAIN,
-    _Cursor,
-    _deadline,
     _equal_test,
     _EvTest,
     _fn_snapshot_test,
@@ -78,7 +75,6 @@ from ._stream import (
     _update_of,
     _watch_start,
 )
-from ._utils import in_server_process
 from .exceptions import ServerUnavailableError, UnknownFunctionError, ZProcError
 
 __all__ = [
