@@ -26,6 +26,7 @@ import zproc
 from zproc import _protocol as P
 from zproc import _security, _transport, _worker
 from zproc import _serialization as S
+from zproc import _swarmwire as W
 from zproc._server import Server
 
 SECRET = "limits secret, long enough 7f31a0"
@@ -96,7 +97,7 @@ def test_only_the_worker_that_holds_a_chunk_completes_it() -> None:
         _eventually(lambda: any(w["busy"] for w in swarm.info()["workers"]),
                     "the real worker to take the chunk")
         forged = [
-            P.work_header(P.WorkOp.RESULT, status=P.ChunkStatus.OK, counter=1, task=task,
+            W.work_header(P.WorkOp.RESULT, status=P.ChunkStatus.OK, counter=1, task=task,
                           chunk=0),
             S.dumps(["forged"] * 4),
         ]
@@ -105,7 +106,7 @@ def test_only_the_worker_that_holds_a_chunk_completes_it() -> None:
         registered = _dealer(context, workers_endpoint, keys)
         try:
             stranger.send_multipart(forged)
-            registered.send_multipart([P.work_header(P.WorkOp.READY),
+            registered.send_multipart([W.work_header(P.WorkOp.READY),
                                        S.dumps((os.getpid(), "second worker"))])
             _eventually(lambda: len(swarm.info()["workers"]) == 2, "the second worker to join")
             registered.send_multipart(forged)

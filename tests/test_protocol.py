@@ -12,6 +12,7 @@ import pytest
 import zproc
 from zproc import _protocol as P
 from zproc import _serialization as S
+from zproc import _swarmwire as W
 from zproc.exceptions import ProtocolError
 
 REQUEST = struct.Struct("<BBBI")
@@ -227,14 +228,14 @@ def test_parse_routed() -> None:
 
 def test_records_are_plain_tuples_on_the_wire() -> None:
     assert P.encode(P.HeadReply(3, b"r" * 8)) == S.dumps((3, b"r" * 8))
-    assert P.encode(P.SubmitReply(2, None)) == S.dumps((2, None))
+    assert P.encode(W.SubmitReply(2, None)) == S.dumps((2, None))
     assert P.decode(P.PingReply, S.loads(P.encode(P.PingReply(b"x", 7)))) == (b"x", 7)
     with pytest.raises(ProtocolError, match="malformed SnapshotReply"):
         P.decode(P.SnapshotReply, (1, 2, 3))
-    reply = S.loads(P.encode_results_reply(1, 4, [(0, 0, 4, 0, b"body")], workers=2))
-    submitted = P.decode(P.SubmitReply, reply)
+    reply = S.loads(W.encode_results_reply(1, 4, [(0, 0, 4, 0, b"body")], workers=2))
+    submitted = P.decode(W.SubmitReply, reply)
     assert submitted.workers == 2
-    assert P.decode(P.ResultsReply, submitted.results).chunks == [(0, 0, 4, 0, b"body")]
+    assert P.decode(W.ResultsReply, submitted.results).chunks == [(0, 0, 4, 0, b"body")]
 
 
 def test_pipeline_and_call_bodies() -> None:
@@ -255,8 +256,8 @@ def test_pipeline_and_call_bodies() -> None:
 
 def test_submit_body_is_checked() -> None:
     good = (5, 3, b"code", 3, 0, 1, [(0, 3, b"items")])
-    submit = P.parse_submit_request(S.dumps(good))
-    assert submit == P.SubmitRequest(5, 3, b"code", 3, False, 1.0, [(0, 3, b"items")])
+    submit = W.parse_submit_request(S.dumps(good))
+    assert submit == W.SubmitRequest(5, 3, b"code", 3, False, 1.0, [(0, 3, b"items")])
     for bad in ((0, *good[1:]), good[:6], (*good[:6], [(0, 3, "items")])):
         with pytest.raises(ProtocolError, match="malformed swarm SUBMIT"):
-            P.parse_submit_request(S.dumps(bad))
+            W.parse_submit_request(S.dumps(bad))

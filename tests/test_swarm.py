@@ -330,6 +330,7 @@ def test_a_late_need_code_from_a_dropped_worker_does_not_queue_a_chunk_twice(
     """A worker dropped for silence answers at last: its chunk is queued once, not twice."""
     from zproc import _protocol as P
     from zproc import _serialization as S
+    from zproc import _swarmwire as W
 
     swarm = ctx.create_swarm(0)
     fake = zmq.Context.instance().socket(zmq.DEALER)
@@ -337,13 +338,13 @@ def test_a_late_need_code_from_a_dropped_worker_does_not_queue_a_chunk_twice(
     fake.rcvtimeo = 10_000
     try:
         fake.connect(_worker.discover(swarm.server_address, None)[1])
-        fake.send_multipart([P.work_header(P.WorkOp.READY), S.dumps((os.getpid(), "fake"))])
+        fake.send_multipart([W.work_header(P.WorkOp.READY), S.dumps((os.getpid(), "fake"))])
         deadline = time.monotonic() + 10
         while not swarm.info()["workers"]:
             assert time.monotonic() < deadline, "the fake worker never joined"
             time.sleep(0.02)
         result = swarm.map_lazy(square, range(4), num_chunks=1)
-        header = P.parse_work(fake.recv_multipart()[0])  # the chunk; then no heartbeat
+        header = W.parse_work(fake.recv_multipart()[0])  # the chunk; then no heartbeat
         assert header.op == P.WorkOp.CHUNK
         deadline = time.monotonic() + 15
         while swarm.info()["workers"]:  # dropped for silence, its chunk queued again
@@ -351,7 +352,7 @@ def test_a_late_need_code_from_a_dropped_worker_does_not_queue_a_chunk_twice(
             time.sleep(0.1)
         assert swarm.info()["queued"] == 1
         fake.send_multipart([
-            P.work_header(P.WorkOp.RESULT, status=P.ChunkStatus.NEED_CODE,
+            W.work_header(P.WorkOp.RESULT, status=P.ChunkStatus.NEED_CODE,
                           counter=header.counter, task=header.task, chunk=header.chunk),
             b"",
         ])  # fmt: skip

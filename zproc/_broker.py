@@ -33,6 +33,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
+from . import _swarmwire as W
 from ._security import Guard, _noteworthy, configure_server
 from ._swarm import CODE_CACHE, WORKER_LIVENESS
 from ._transport import (
@@ -298,17 +299,17 @@ class Broker:
         try:
             kind = request.kind
             if kind == P.SwarmKind.RESULTS:
-                asked = P.decode(P.ResultsRequest, S.loads(body))
+                asked = P.decode(W.ResultsRequest, S.loads(body))
                 waiter = _Waiter(identity, rid, asked.first, asked.wait, None)
                 self._wait(self._task(asked.task), waiter)
             elif kind == P.SwarmKind.SUBMIT:
-                submit = P.parse_submit_request(body)
+                submit = W.parse_submit_request(body)
                 task = self._submit(submit)
                 waiter = _Waiter(identity, rid, 0, submit.wait, len(self.workers))
                 if submit.wait > 0:
                     self._wait(task, waiter)
                 else:
-                    self._reply(identity, rid, P.encode(P.SubmitReply(len(self.workers), None)))
+                    self._reply(identity, rid, P.encode(W.SubmitReply(len(self.workers), None)))
             elif kind == P.SwarmKind.FORGET:
                 self._reply(identity, rid, S.dumps(self._forget(S.loads(body))))
             elif kind == P.SwarmKind.INFO:
@@ -337,7 +338,7 @@ class Broker:
         if not self._answer(task, waiter, force=wait <= 0):
             task.waiters.append(waiter)
 
-    def _submit(self, submit: P.SubmitRequest) -> _Task:
+    def _submit(self, submit: W.SubmitRequest) -> _Task:
         task_id = submit.task
         if task_id in self.tasks:
             raise ProtocolError(f"task {task_id:016x} was already submitted")
@@ -390,7 +391,7 @@ class Broker:
         chunks, first = task.chunks, waiter.first
         if not (force or task.keep or task.settled) and first < len(chunks):
             return False
-        out: list[P.ChunkResult] = []
+        out: list[W.ChunkResult] = []
         size = 0
         for i in range(first, len(chunks)):
             chunk = chunks[i]
@@ -401,7 +402,7 @@ class Broker:
         if not out and not force and first < len(chunks):
             return False
         self._reply(waiter.identity, waiter.rid,
-                    P.encode_results_reply(len(chunks), task.length, out, waiter.workers))
+                    W.encode_results_reply(len(chunks), task.length, out, waiter.workers))
         last = out[-1] if out else None
         if not task.keep and (
             not chunks or last and (last[0] == len(chunks) - 1 or last[3] != P.ChunkStatus.OK)
@@ -412,14 +413,14 @@ class Broker:
     # messages from workers
     def _on_worker(self, frames: list[bytes]) -> None:
         identity = frames[0]
-        header, payload = P.parse_work_message(frames[1:])
+        header, payload = W.parse_work_message(frames[1:])
         op = header.op
         now = time.monotonic()
         if op == P.WorkOp.HEARTBEAT:  # payload: the worker's identity on its main socket
             worker = None if payload is None else self.workers.get(payload)
             if worker is not None:
                 worker.seen = now
-            self._send_worker(identity, P.pong_message(unknown=worker is None))
+            self._send_worker(identity, W.pong_message(unknown=worker is None))
             return
         worker = self.workers.get(identity)
         if op == P.WorkOp.RESULT:
@@ -438,9 +439,9 @@ class Broker:
             self._result(header, payload or b"", worker)
         elif op == P.WorkOp.READY:
             if worker is None:
-                info = P.WorkerInfo(0, "?")
+                info = W.WorkerInfo(0, "?")
                 if payload is not None:
-                    info = P.decode(P.WorkerInfo, S.loads(payload))
+                    info = P.decode(W.WorkerInfo, S.loads(payload))
                 worker = self.workers[identity] = _Worker(
                     identity, info.pid, info.host, header.counter, now
                 )
@@ -467,7 +468,7 @@ class Broker:
             worker.idle = True
             self.idle.append(worker)
 
-    def _result(self, header: P.WorkHeader, body: bytes, worker: _Worker) -> None:
+    def _result(self, header: W.WorkHeader, body: bytes, worker: _Worker) -> None:
         """A result (or a request for the code) from the worker that holds the chunk."""
         task = self.tasks.get(header.task)
         if task is None or header.chunk >= len(task.chunks):
@@ -482,7 +483,7 @@ class Broker:
             return
         self._complete(task, chunk, header.status, body)
 
-    def _refuse_result(self, header: P.WorkHeader, worker: _Worker | None) -> None:
+    def _refuse_result(self, header: W.WorkHeader, worker: _Worker | None) -> None:
         """Drop a RESULT from a peer that does not hold its chunk; counted and logged."""
         if header.status == P.ChunkStatus.NEED_CODE and worker is not None:
             worker.known.clear()  # a late request for code: nothing to refuse
@@ -558,7 +559,7 @@ class Broker:
             if len(known) > CODE_CACHE:
                 known.popitem(last=False)
         assert chunk.items is not None
-        message = P.chunk_message(worker.sent + 1, task.id, chunk.index, code, chunk.items)
+        message = W.chunk_message(worker.sent + 1, task.id, chunk.index, code, chunk.items)
         if not self._send_worker(worker.id, message):
             queue.appendleft((task, chunk))
             self._remove(worker, lost=False)

@@ -35,6 +35,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialization as S
+from . import _swarmwire as W
 from ._chunks import CodeCache, failure, run_chunk
 from ._client import Connection, new_identity
 from ._security import ClientKeys, client_keys, configure_client
@@ -95,7 +96,7 @@ class _Heartbeat(threading.Thread):
         sock.linger = 0
         configure_client(sock, self.keys)
         sock.connect(self.endpoint)
-        header = P.work_header(P.WorkOp.HEARTBEAT)
+        header = W.work_header(P.WorkOp.HEARTBEAT)
         try:
             while not self.stop.is_set():
                 sock.send_multipart([header, self.worker_id], zmq.NOBLOCK)
@@ -106,7 +107,7 @@ class _Heartbeat(threading.Thread):
                             return
                         continue
                     frames = sock.recv_multipart()
-                    pong = P.parse_work(frames[0])
+                    pong = W.parse_work(frames[0])
                     if pong.op == P.WorkOp.PONG:
                         self.last_pong = time.monotonic()
                         if pong.status:
@@ -191,7 +192,7 @@ class _WorkerLoop:
         self.sock.send_multipart(frames)
 
     def ready(self, again: bool) -> None:
-        self.send([P.work_header(P.WorkOp.READY, status=again, counter=self.received),
+        self.send([W.work_header(P.WorkOp.READY, status=again, counter=self.received),
                    self.info])
 
     # the loop
@@ -236,7 +237,7 @@ class _WorkerLoop:
         finally:
             if self.sock is not None:
                 try:
-                    self.send([P.work_header(P.WorkOp.BYE, counter=self.received)])
+                    self.send([W.work_header(P.WorkOp.BYE, counter=self.received)])
                 except zmq.ZMQError:
                     pass
             self.disconnect(linger=1000)
@@ -244,7 +245,7 @@ class _WorkerLoop:
                 state.close()
 
     def handle(self, frames: list[bytes]) -> None:
-        header = P.parse_work(frames[0])
+        header = W.parse_work(frames[0])
         if header.op != P.WorkOp.CHUNK or len(frames) != 3:
             return
         self.received = header.counter
@@ -270,8 +271,8 @@ class _WorkerLoop:
                 self.running = False
         self.reply(header, P.ChunkStatus.OK if ok else P.ChunkStatus.FAILED, body)
 
-    def reply(self, chunk: P.WorkHeader, status: int, *body: bytes) -> None:
-        self.send([P.work_header(P.WorkOp.RESULT, status=status, counter=self.received,
+    def reply(self, chunk: W.WorkHeader, status: int, *body: bytes) -> None:
+        self.send([W.work_header(P.WorkOp.RESULT, status=status, counter=self.received,
                                  task=chunk.task, chunk=chunk.chunk), *body])
 
     def state(self, namespace: str) -> State:
