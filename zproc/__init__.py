@@ -13,10 +13,11 @@ from ._version import __version__
 
 from ._async import AsyncState, AsyncStateWatcher
 from ._launch import start_server
+from ._mapping import TaskDetail
 from ._pipeline import AsyncPipeline
 from ._transport import ServerAddress, create_ipc_address
 from ._utils import consume
-from .context import Context, TaskDetail
+from .context import Context
 from .coordination import (
     AsyncBarrier,
     AsyncEvent,
