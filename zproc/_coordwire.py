@@ -174,20 +174,20 @@ def check_name(name: object) -> str:
     return name
 
 
-def check_value(value: object, what: str = "value") -> int:
+def _check_int(value: object, what: str, least: int, meaning: str = "") -> int:
     if type(value) is not int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1, got {value}")
+    if value < least:
+        raise ValueError(f"{what} must be >= {least}{meaning}, got {value}")
     return value
 
 
+def check_value(value: object, what: str = "value") -> int:
+    return _check_int(value, what, 1)
+
+
 def check_maxsize(maxsize: object) -> int:
-    if type(maxsize) is not int:
-        raise TypeError(f"maxsize must be an int, got {type(maxsize).__name__}")
-    if maxsize < 0:
-        raise ValueError(f"maxsize must be >= 0 (0: no bound), got {maxsize}")
-    return maxsize
+    return _check_int(maxsize, "maxsize", 0, " (0: no bound)")
 
 
 def check_lease(lease: object) -> float:

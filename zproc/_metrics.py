@@ -102,25 +102,20 @@ class _Collector:
         requests = f["requests"]
         yield gauge("uptime_seconds", "Seconds since the server started", f["uptime"])
         yield gauge("clients", "Clients with a request in the last 10 s", f["clients"])
-        by_kind = core.CounterMetricFamily(
-            "zproc_requests", "Requests handled, by kind", labels=["kind"]
-        )
-        for kind, count in requests["by_kind"].items():
-            by_kind.add_metric([kind], count)
-        yield by_kind
+        def labelled(family: Any, name: str, doc: str, label: str,
+                     values: dict[str, float]) -> Any:
+            metric = family(f"zproc_{name}", doc, labels=[label])
+            for key, value in values.items():
+                metric.add_metric([key], value)
+            return metric
+
+        yield labelled(core.CounterMetricFamily, "requests", "Requests handled, by kind",
+                       "kind", requests["by_kind"])
         yield counter("request_errors", "Requests answered with an error", requests["errors"])
-        rates = core.GaugeMetricFamily(
-            "zproc_requests_per_second", "Request rate over a window", labels=["window"]
-        )
-        for window, rate in requests["per_second"].items():
-            rates.add_metric([window], rate)
-        yield rates
-        keys = core.GaugeMetricFamily(
-            "zproc_namespace_keys", "Keys in a namespace", labels=["namespace"]
-        )
-        for name, ns in f["namespaces"].items():
-            keys.add_metric([name], ns["keys"])
-        yield keys
+        yield labelled(core.GaugeMetricFamily, "requests_per_second",
+                       "Request rate over a window", "window", requests["per_second"])
+        yield labelled(core.GaugeMetricFamily, "namespace_keys", "Keys in a namespace",
+                       "namespace", {name: ns["keys"] for name, ns in f["namespaces"].items()})
         slowest = max((entry["duration"] for entry in f["slow_log"]), default=0.0)
         yield gauge("slowest_request_seconds", "Slowest request of the last 60 s", slowest)
         events = f["events"]
