@@ -105,8 +105,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def _note_cost(n: int = 200_000) -> float:
     """Seconds the server's loop spends counting one request of a lone client."""
     meter = Meter(0.1)
-    frames = [b"\x01" * 8, P.request_header(int(P.Kind.CALL), int(P.Method.SETITEM), 7,
-                                            b"default"), b"\x00" * 40]
+    frames = [b"\x01" * 8, P.request_frame(int(P.Kind.CALL), int(P.Method.SETITEM), 7,
+                                           b"default", b"\x00" * 40)]
     begin, note = meter.begin, meter.note
     best = float("inf")
     for _ in range(5):

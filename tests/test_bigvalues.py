@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -101,9 +100,6 @@ def test_an_async_state_round_trips_big_values(server: zproc.ServerAddress) -> N
 
 # -- frames that do not match their body --------------------------------------------------
 
-_REQUEST = struct.Struct("<BBBI")
-
-
 @pytest.fixture
 def dealer(server: zproc.ServerAddress) -> Iterator[zmq.Socket[Any]]:
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -117,10 +113,9 @@ def dealer(server: zproc.ServerAddress) -> Iterator[zmq.Socket[Any]]:
 
 
 def _call(sock: zmq.Socket[Any], rid: int, method: int, body: bytes, *extra: Any) -> Any:
-    header = _REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.CALL, method, rid) + b"default"
-    sock.send_multipart([header, body, *extra])
-    reply_header, reply_body, *buffers = sock.recv_multipart()
-    status, got, _ = P.parse_reply_head(reply_header)
+    sock.send_multipart([P.request_frame(P.Kind.CALL, method, rid, b"default", body), *extra])
+    reply, *buffers = sock.recv_multipart()
+    status, got, _, reply_body = P.parse_reply([reply])
     assert got == rid
     if status == P.ERROR:
         raise S.loads_exception(reply_body)
@@ -149,9 +144,9 @@ def test_a_wrong_frame_count_is_refused_and_the_server_goes_on(
 def test_extra_frames_after_a_body_other_than_a_call_are_refused(
     dealer: zmq.Socket[Any]
 ) -> None:
-    header = _REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.PING, 0, 7) + b"default"
-    dealer.send_multipart([header, b"x", os.urandom(BIG)])
-    reply_header, reply_body = dealer.recv_multipart()
-    assert P.parse_reply_head(reply_header)[:2] == (P.ERROR, 7)
+    frame = P.request_frame(P.Kind.PING, 0, 7, b"default", b"x")
+    dealer.send_multipart([frame, os.urandom(BIG)])
+    status, rid, _, reply_body = P.parse_reply(dealer.recv_multipart())
+    assert (status, rid) == (P.ERROR, 7)
     error = S.loads_exception(reply_body)
-    assert isinstance(error, zproc.ProtocolError) and "2 frames (header, body)" in str(error)
+    assert isinstance(error, zproc.ProtocolError) and "a request is 1 frame" in str(error)

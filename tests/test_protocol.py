@@ -15,94 +15,115 @@ from zproc import _serialization as S
 from zproc import _swarmwire as W
 from zproc.exceptions import ProtocolError
 
-REQUEST = struct.Struct("<BBBI")
+REQUEST = struct.Struct("<BBBIH")
+
+
+def frame_of(kind: int, method: int, rid: int, namespace: bytes, body: bytes = b"") -> bytes:
+    return P.request_frame(kind, method, rid, namespace, body)
 
 
 # -- requests ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", list(P.Kind))
-def test_request_header_round_trip_every_kind(kind: P.Kind) -> None:
+def test_request_round_trip_every_kind(kind: P.Kind) -> None:
     method = P.Method.GETITEM if kind == P.Kind.CALL else 0
-    header = P.request_header(kind, method, 42, b"default")
-    request = P.parse_request(header)
+    request, body = P.parse_request(frame_of(kind, method, 42, b"default", b"the body"))
     assert request == P.Request(int(kind), int(method), 42, "default")
     assert request.kind == kind
+    assert body == b"the body"
 
 
 @pytest.mark.parametrize("method", list(P.Method))
-def test_request_header_round_trip_every_method(method: P.Method) -> None:
-    request = P.parse_request(P.request_header(P.Kind.CALL, method, 7, b"ns"))
+def test_request_round_trip_every_method(method: P.Method) -> None:
+    request, _ = P.parse_request(frame_of(P.Kind.CALL, method, 7, b"ns"))
     assert (request.kind, request.method, request.request_id) == (P.Kind.CALL, method, 7)
 
 
 @pytest.mark.parametrize("rid", [0, 1, 2**31, 0xFFFFFFFF])
 def test_request_id_range(rid: int) -> None:
-    header = P.request_header(P.Kind.PING, 0, rid, b"default")
-    assert P.parse_request(header).request_id == rid
-    assert P.request_id_of(header) == rid
+    frame = frame_of(P.Kind.PING, 0, rid, b"default")
+    assert P.parse_request(frame)[0].request_id == rid
+    assert P.request_id_of(frame) == rid
 
 
 def test_request_namespace_unicode() -> None:
     name = "espace-été-名前"
-    request = P.parse_request(P.request_header(P.Kind.HEAD, 0, 1, name.encode()))
-    assert request.namespace == name
+    request, body = P.parse_request(frame_of(P.Kind.HEAD, 0, 1, name.encode(), b"x"))
+    assert request.namespace == name and body == b"x"
+    assert P.request_key(frame_of(P.Kind.HEAD, 0, 1, name.encode(), b"x")) == (
+        int(P.Kind.HEAD) << 8, name)
 
 
-def test_parse_request_accepts_memoryview() -> None:
-    header = P.request_header(P.Kind.SNAPSHOT, 0, 3, b"default")
-    assert P.parse_request(memoryview(header)).request_id == 3
+def test_longest_namespace_round_trips_and_a_longer_one_is_refused() -> None:
+    name = "n" * P.MAX_NAMESPACE_BYTES
+    request, body = P.parse_request(frame_of(P.Kind.HEAD, 0, 1, name.encode(), b"b"))
+    assert request.namespace == name and body == b"b"
+    with pytest.raises(ValueError, match="at most 65535"):
+        zproc.State(("ipc:///nonexistent/rr", "ipc:///nonexistent/ps"),
+                    namespace="n" * (P.MAX_NAMESPACE_BYTES + 1))
 
 
 @pytest.mark.parametrize(
     "frame",
     [
         b"",
-        b"\x01",
-        b"\x01\x05\x01",  # shorter than the fixed part
-        b"\x01\x05\x01\x00\x00\x00",  # one byte short of the request id
+        b"\x03",
+        b"\x03\x05\x01",  # shorter than the fixed part
+        b"\x03\x05\x01\x00\x00\x00",  # one byte short of the request id
+        REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.HEAD, 0, 1, 8)[:-1],  # no namespace size
+        REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.HEAD, 0, 1, 8) + b"short",  # namespace cut
     ],
-    ids=["empty", "1-byte", "3-bytes", "6-bytes"],
+    ids=["empty", "1-byte", "3-bytes", "6-bytes", "8-bytes", "cut-namespace"],
 )
-def test_short_request_header_is_a_protocol_error(frame: bytes) -> None:
+def test_short_request_is_a_protocol_error(frame: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed request header"):
         P.parse_request(frame)
-    assert P.request_id_of(frame) is None
+    if len(frame) < 7:
+        assert P.request_id_of(frame) is None
 
 
 def test_bad_utf8_namespace_is_a_protocol_error() -> None:
-    header = P.request_header(P.Kind.HEAD, 0, 1, b"\xff\xfe")
-    with pytest.raises(ProtocolError):
-        P.parse_request(header)
+    frame = frame_of(P.Kind.HEAD, 0, 1, b"\xff\xfe")
+    with pytest.raises(ProtocolError, match="utf-8"):
+        P.parse_request(frame)
     # the request id is still recoverable, so the server can answer with an error
-    assert P.request_id_of(header) == 1
+    assert P.request_id_of(frame) == 1
 
 
 def test_empty_namespace_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="namespace"):
-        P.parse_request(P.request_header(P.Kind.HEAD, 0, 1, b""))
+        P.parse_request(frame_of(P.Kind.HEAD, 0, 1, b""))
 
 
-@pytest.mark.parametrize("version", [0, P.PROTOCOL_VERSION + 1, 255])
+@pytest.mark.parametrize("version", [0, 2, P.PROTOCOL_VERSION + 1, 255])
 def test_other_protocol_version_is_a_protocol_error(version: int) -> None:
-    header = REQUEST.pack(version, P.Kind.PING, 0, 9) + b"default"
+    frame = REQUEST.pack(version, P.Kind.PING, 0, 9, 7) + b"default"
     with pytest.raises(ProtocolError, match="version"):
-        P.parse_request(header)
-    assert P.request_id_of(header) == 9
+        P.parse_request(frame)
+    assert P.request_id_of(frame) == 9
+
+
+def test_a_request_of_the_previous_layout_gets_a_version_error() -> None:
+    """Protocol 2 sent ``[header, body]``: the server names the version, not the frames."""
+    old_header = struct.pack("<BBBI", 2, P.Kind.PING, 0, 9) + b"default"
+    with pytest.raises(P.Rejected, match="protocol version 2") as info:
+        P.parse_routed([b"id", old_header, b"body"], P.parse_request)
+    assert info.value.reply is not None
 
 
 @pytest.mark.parametrize("kind", [0, max(P.Kind) + 1, 200, 255])
 def test_unknown_kind_is_a_protocol_error(kind: int) -> None:
-    header = REQUEST.pack(P.PROTOCOL_VERSION, kind, 0, 5) + b"default"
+    frame = REQUEST.pack(P.PROTOCOL_VERSION, kind, 0, 5, 7) + b"default"
     with pytest.raises(ProtocolError, match="unknown request kind"):
-        P.parse_request(header)
+        P.parse_request(frame)
 
 
 @pytest.mark.parametrize("method", [0, max(P.Method) + 1, 99, 255])
 def test_unknown_method_is_a_protocol_error(method: int) -> None:
-    header = REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.CALL, method, 5) + b"default"
+    frame = REQUEST.pack(P.PROTOCOL_VERSION, P.Kind.CALL, method, 5, 7) + b"default"
     with pytest.raises(ProtocolError, match="method"):
-        P.parse_request(header)
+        P.parse_request(frame)
 
 
 def test_method_allow_list_has_no_dangerous_names() -> None:
@@ -121,20 +142,39 @@ def test_method_allow_list_has_no_dangerous_names() -> None:
 
 @pytest.mark.parametrize("status", list(P.Status))
 @pytest.mark.parametrize("rid", [0, 17, 0xFFFFFFFF])
-def test_reply_header_round_trip(status: P.Status, rid: int) -> None:
-    assert P.parse_reply(P.reply_header(status, rid)) == (status, rid)
+def test_reply_round_trip(status: P.Status, rid: int) -> None:
+    identity, frame = P.reply(b"id", status, rid, b"the body", 12)
+    assert identity == b"id"
+    assert P.parse_reply([frame]) == (status, rid, 12, b"the body")
 
 
-@pytest.mark.parametrize("frame", [b"", b"\x01", b"\x01\x00\x00"])
+def test_reply_with_buffers_round_trips() -> None:
+    body = P.encode_buffered(b"x" * S.OUT_OF_BAND)
+    identity, *frames = P.reply(b"id", P.OK, 3, body)
+    assert len(frames) == 2
+    status, rid, head, got = P.parse_reply(frames)
+    assert (status, rid, head) == (P.OK, 3, 0)
+    assert P.decode_buffered(got) == b"x" * S.OUT_OF_BAND
+
+
+def test_big_reply_body_is_read_in_place() -> None:
+    body = S.dumps(b"y" * (2 * S.OUT_OF_BAND))  # in-band: no buffers asked for
+    _, frame = P.reply(b"id", P.OK, 3, body)
+    got = P.parse_reply([frame])[3]
+    assert isinstance(got, memoryview) and P.decode_buffered(got) == b"y" * (2 * S.OUT_OF_BAND)
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x03", b"\x03\x00\x00", b"\x03" * 13])
 def test_short_reply_header_is_a_protocol_error(frame: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed reply header"):
-        P.parse_reply(frame)
+        P.parse_reply([frame])
 
 
-def test_reply_other_version_is_a_protocol_error() -> None:
-    frame = struct.pack("<BBI", P.PROTOCOL_VERSION + 1, P.Status.OK, 1)
-    with pytest.raises(ProtocolError, match="version"):
-        P.parse_reply(frame)
+@pytest.mark.parametrize("version", [2, P.PROTOCOL_VERSION + 1])
+def test_reply_other_version_is_a_protocol_error(version: int) -> None:
+    frame = struct.pack("<BBIQ", version, P.Status.OK, 1, 0)
+    with pytest.raises(ProtocolError, match=f"protocol version {version}"):
+        P.parse_reply([frame, b"old body frame"])
 
 
 # -- events -----------------------------------------------------------------------------
@@ -207,23 +247,31 @@ def test_protocol_error_is_a_zproc_error() -> None:
 
 
 def test_parse_routed() -> None:
-    header = P.request_header(P.Kind.PING, 0, 9, b"default")
-    assert P.parse_routed([b"id", header, b""], P.parse_request).request_id == 9
+    frame = frame_of(P.Kind.PING, 0, 9, b"default", b"ping")
+    request, body = P.parse_routed([b"id", frame], P.parse_request)
+    assert request.request_id == 9 and body == b"ping"
+    # buffers after a CALL's frame belong to its body
+    call = frame_of(P.Kind.CALL, P.Method.SETITEM, 4, b"default", b"args")
+    request, body = P.parse_routed([b"id", call, b"buf1", b"buf2"], P.parse_request)
+    assert body == b"args" and body.buffers == [b"buf1", b"buf2"]  # type: ignore[attr-defined]
     # a wrong frame count, or a bad header, with a request id: an error reply to the sender
-    for frames in ([b"id", header], [b"id", header[:1] + b"\x7f" + header[2:], b""]):
+    for frames in ([b"id", frame, b"extra"], [b"id", frame[:1] + b"\x7f" + frame[2:]]):
         with pytest.raises(P.Rejected) as info:
             P.parse_routed(frames, P.parse_request)
         assert info.value.reply is not None
-        identity, reply_header, body = info.value.reply
-        assert identity == b"id" and P.parse_reply(reply_header) == (P.Status.ERROR, 9)
+        identity, reply = info.value.reply
+        status, rid, _, body = P.parse_reply([reply])
+        assert identity == b"id" and (status, rid) == (P.Status.ERROR, 9)
         assert isinstance(S.loads_exception(body), ProtocolError)
     # no request id to answer: dropped
-    with pytest.raises(P.Rejected, match="4 frames") as info:
-        P.parse_routed([b"id", b"x", b"y", b"z"], P.parse_request)
-    assert info.value.reply is None
+    for frames, message in (([b"id", b"x", b"y", b"z"], "malformed request header"),
+                            ([b"id"], "1 frames")):
+        with pytest.raises(P.Rejected, match=message) as info:
+            P.parse_routed(frames, P.parse_request)
+        assert info.value.reply is None
     # the broker's kinds are not the server's
     with pytest.raises(P.Rejected):
-        P.parse_routed([b"id", header, b""], P.parse_swarm_request)
+        P.parse_routed([b"id", frame], P.parse_swarm_request)
 
 
 def test_records_are_plain_tuples_on_the_wire() -> None:

@@ -284,7 +284,7 @@ def _raw_request(address: ServerAddress, keys: Any, body: bytes) -> None:
     _security.configure_client(sock, keys)
     try:
         sock.connect(address.req_rep)
-        sock.send_multipart([P.request_header(P.Kind.CALL, P.Method.GET, 1, b"default"), body])
+        sock.send(P.request_frame(P.Kind.CALL, P.Method.GET, 1, b"default", body))
         sock.poll(1500)  # a reply (right key) or nothing (rejected)
     finally:
         sock.close(0)

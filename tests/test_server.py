@@ -29,7 +29,7 @@ import zproc
 from zproc import _protocol as P
 from zproc import _serialization as S
 
-REQUEST = struct.Struct("<BBBI")
+REQUEST = struct.Struct("<BBBIH")
 
 
 def _stop(proc: Any) -> None:
@@ -371,11 +371,9 @@ def test_ping_returns_none_when_the_echo_differs(address: zproc.ServerAddress) -
 
     def answer() -> None:
         if router.poll(10_000):
-            identity, header, _body = router.recv_multipart()
-            rid = P.parse_request(header).request_id
-            router.send_multipart(
-                [identity, P.reply_header(P.Status.OK, rid), S.dumps((b"other", 4321))]
-            )
+            identity, frame = router.recv_multipart()
+            rid = P.parse_request(frame)[0].request_id
+            router.send_multipart(P.reply(identity, P.Status.OK, rid, S.dumps((b"other", 4321))))
 
     thread = threading.Thread(target=answer)
     thread.start()
@@ -396,9 +394,9 @@ def test_state_ping(state: zproc.State) -> None:
 # -- surviving garbage ----------------------------------------------------------------------
 
 
-def _header(kind: int, method: int = 0, rid: int = 1, ns: bytes = b"default",
-            version: int = P.PROTOCOL_VERSION) -> bytes:
-    return REQUEST.pack(version, kind, method, rid) + ns
+def _request(kind: int, method: int = 0, rid: int = 1, ns: bytes = b"default",
+             version: int = P.PROTOCOL_VERSION, body: bytes = b"") -> bytes:
+    return REQUEST.pack(version, kind, method, rid, len(ns)) + ns + body
 
 
 # Pickle bytes for an instance of nonexistent_zproc_mod.Cls, made by hand: the server
@@ -412,41 +410,47 @@ GARBAGE: dict[str, tuple[list[bytes], int | None, type[BaseException] | None]] =
     # "no reply", expected exception type)
     "random-1-frame": ([os.urandom(3)], None, None),
     "empty-1-frame": ([b""], None, None),
-    "header-only": ([_header(P.Kind.PING, rid=11)], 11, zproc.ProtocolError),
-    "5-frames": ([_header(P.Kind.PING, rid=12), b"a", b"b", b"c", b"d"], 12, zproc.ProtocolError),
+    "cut-namespace": ([_request(P.Kind.PING, rid=11)[:-2]], 11, zproc.ProtocolError),
+    "5-frames": ([_request(P.Kind.PING, rid=12), b"a", b"b", b"c", b"d"], 12,
+                 zproc.ProtocolError),
     "random-2-frames": ([os.urandom(2), os.urandom(100)], None, None),
-    "bad-version": ([_header(P.Kind.PING, rid=13, version=99), b"x"], 13, zproc.ProtocolError),
-    "unknown-kind": ([_header(200, rid=14), b""], 14, zproc.ProtocolError),
-    "kind-zero": ([_header(0, rid=15), b""], 15, zproc.ProtocolError),
-    "unknown-method": ([_header(P.Kind.CALL, 99, rid=16), S.dumps(())], 16, zproc.ProtocolError),
-    "bad-utf8-namespace": ([_header(P.Kind.HEAD, rid=17, ns=b"\xff"), b""], 17,
+    "bad-version": ([_request(P.Kind.PING, rid=13, version=99, body=b"x")], 13,
+                    zproc.ProtocolError),
+    "unknown-kind": ([_request(200, rid=14, body=b"")], 14, zproc.ProtocolError),
+    "kind-zero": ([_request(0, rid=15, body=b"")], 15, zproc.ProtocolError),
+    "unknown-method": ([_request(P.Kind.CALL, 99, rid=16, body=S.dumps(()))], 16,
+                       zproc.ProtocolError),
+    "bad-utf8-namespace": ([_request(P.Kind.HEAD, rid=17, ns=b"\xff", body=b"")], 17,
                            zproc.ProtocolError),
-    "empty-namespace": ([_header(P.Kind.HEAD, rid=18, ns=b""), b""], 18, zproc.ProtocolError),
-    "call-garbage-body": ([_header(P.Kind.CALL, P.Method.LEN, rid=19), b"\x00junk"], 19,
+    "empty-namespace": ([_request(P.Kind.HEAD, rid=18, ns=b"", body=b"")], 18,
+                        zproc.ProtocolError),
+    "call-garbage-body": ([_request(P.Kind.CALL, P.Method.LEN, rid=19, body=b"\x00junk")], 19,
                           zproc.ProtocolError),
-    "call-body-not-tuple": ([_header(P.Kind.CALL, P.Method.LEN, rid=20), S.dumps([1])], 20,
+    "call-body-not-tuple": ([_request(P.Kind.CALL, P.Method.LEN, rid=20, body=S.dumps([1]))], 20,
                             zproc.ProtocolError),
-    "call-wrong-arity": ([_header(P.Kind.CALL, P.Method.GETITEM, rid=21), S.dumps(())], 21,
+    "call-wrong-arity": ([_request(P.Kind.CALL, P.Method.GETITEM, rid=21, body=S.dumps(()))], 21,
                          TypeError),
-    "call-unhashable-key": ([_header(P.Kind.CALL, P.Method.SETITEM, rid=22),
-                             S.dumps(([1], 2))], 22, TypeError),
-    "unimportable-value": ([_header(P.Kind.CALL, P.Method.SETITEM, rid=23), UNIMPORTABLE_ARGS],
+    "call-unhashable-key": ([_request(P.Kind.CALL, P.Method.SETITEM, rid=22,
+                      body=S.dumps(([1], 2)))], 22, TypeError),
+    "unimportable-value": ([_request(P.Kind.CALL, P.Method.SETITEM, rid=23,
+                                     body=UNIMPORTABLE_ARGS)],
                            23, zproc.ProtocolError),
-    "fetch-garbage": ([_header(P.Kind.FETCH, rid=24), b"junk"], 24, zproc.ProtocolError),
-    "fetch-bad-shape": ([_header(P.Kind.FETCH, rid=25), S.dumps("x")], 25, zproc.ProtocolError),
-    "atomic-garbage": ([_header(P.Kind.ATOMIC, rid=26), b"junk"], 26, zproc.ProtocolError),
-    "atomic-unimportable": ([_header(P.Kind.ATOMIC, rid=27), UNIMPORTABLE], 27,
+    "fetch-garbage": ([_request(P.Kind.FETCH, rid=24, body=b"junk")], 24, zproc.ProtocolError),
+    "fetch-bad-shape": ([_request(P.Kind.FETCH, rid=25, body=S.dumps("x"))], 25,
+                        zproc.ProtocolError),
+    "atomic-garbage": ([_request(P.Kind.ATOMIC, rid=26, body=b"junk")], 26, zproc.ProtocolError),
+    "atomic-unimportable": ([_request(P.Kind.ATOMIC, rid=27, body=UNIMPORTABLE)], 27,
                             zproc.ProtocolError),
-    "atomic-not-callable": ([_header(P.Kind.ATOMIC, rid=28), S.dumps((1, (), {}))], 28,
+    "atomic-not-callable": ([_request(P.Kind.ATOMIC, rid=28, body=S.dumps((1, (), {})))], 28,
                             TypeError),
-    "atomic-unknown-form": ([_header(P.Kind.ATOMIC, 9, rid=29), S.dumps((1, (), {}))], 29,
+    "atomic-unknown-form": ([_request(P.Kind.ATOMIC, 9, rid=29, body=S.dumps((1, (), {})))], 29,
                             zproc.ProtocolError),
-    "atomic-unknown-digest": ([_header(P.Kind.ATOMIC, P.AtomicForm.DIGEST, rid=30),
-                               S.dumps((bytes(32), (), {}))], 30, zproc.UnknownFunctionError),
-    "atomic-define-not-bytes": ([_header(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=31),
-                                 S.dumps((1, (), {}))], 31, zproc.ProtocolError),
-    "atomic-define-garbage": ([_header(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=32),
-                               S.dumps((b"junk", (), {}))], 32, zproc.ProtocolError),
+    "atomic-unknown-digest": ([_request(P.Kind.ATOMIC, P.AtomicForm.DIGEST, rid=30,
+                      body=S.dumps((bytes(32), (), {})))], 30, zproc.UnknownFunctionError),
+    "atomic-define-not-bytes": ([_request(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=31,
+                      body=S.dumps((1, (), {})))], 31, zproc.ProtocolError),
+    "atomic-define-garbage": ([_request(P.Kind.ATOMIC, P.AtomicForm.DEFINE, rid=32,
+                      body=S.dumps((b"junk", (), {})))], 32, zproc.ProtocolError),
 }
 
 
@@ -487,17 +491,17 @@ def _replies_until(sock: zmq.Socket[Any], rid: int, wait: float = 10.0) -> list[
         remaining = deadline - time.monotonic()
         assert remaining > 0 and sock.poll(remaining * 1000), f"no reply to request {rid}"
         out.append(sock.recv_multipart())
-        if len(out[-1]) == 2 and P.parse_reply(out[-1][0])[1] == rid:
+        if len(out[-1]) == 1 and P.parse_reply(out[-1])[1] == rid:
             return out + _replies(sock, 0.05)
 
 
 def _ping_raw(sock: zmq.Socket[Any], rid: int) -> tuple[bytes, int]:
-    sock.send_multipart([_header(P.Kind.PING, rid=rid), b"hello"])
+    sock.send_multipart([_request(P.Kind.PING, rid=rid, body=b"hello")])
     replies = _replies_until(sock, rid)
     assert len(replies) == 1, replies
-    status, got = P.parse_reply(replies[0][0])
+    status, got, _, body = P.parse_reply(replies[0])
     assert (status, got) == (P.Status.OK, rid)
-    return S.loads(replies[0][1])  # type: ignore[no-any-return]
+    return S.loads(body)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("name", list(GARBAGE))
@@ -507,20 +511,21 @@ def test_server_survives_garbage(dealer: Any, name: str) -> None:
     with zproc.State(addr, request_timeout=10) as state:
         state["before"] = [1, 2]
         sock.send_multipart(frames)
-        sock.send_multipart([_header(P.Kind.PING, rid=1000), b"hello"])
+        sock.send_multipart([_request(P.Kind.PING, rid=1000, body=b"hello")])
         *replies, last = _replies_until(sock, 1000)
-        assert P.parse_reply(last[0]) == (P.Status.OK, 1000)
-        assert S.loads(last[1]) == (b"hello", proc.pid)
+        status, got, _, body = P.parse_reply(last)
+        assert (status, got) == (P.Status.OK, 1000)
+        assert S.loads(body) == (b"hello", proc.pid)
         if rid is None:
             # undecodable: no reply can be addressed; at most an error with a junk id
             for reply in replies:
-                assert P.parse_reply(reply[0])[0] == P.Status.ERROR
+                assert P.parse_reply(reply)[0] == P.Status.ERROR
             assert len(replies) <= 1
         else:
             assert len(replies) == 1, f"expected exactly one reply, got {replies}"
-            status, got = P.parse_reply(replies[0][0])
+            status, got, _, body = P.parse_reply(replies[0])
             assert (status, got) == (P.Status.ERROR, rid)
-            exc = S.loads_exception(replies[0][1])
+            exc = S.loads_exception(body)
             assert type(exc) is error, exc
             assert isinstance(exc.__cause__, zproc.RemoteTraceback)
         assert proc.is_alive()
@@ -541,9 +546,9 @@ def test_server_survives_all_garbage_in_one_burst(dealer: Any) -> None:
         sock.send_multipart(frames)
         if rid is not None:
             expected.append(rid)
-    sock.send_multipart([_header(P.Kind.PING, rid=999), b"end"])
+    sock.send_multipart([_request(P.Kind.PING, rid=999, body=b"end")])
     replies = _replies_until(sock, 999)
-    answered = [P.parse_reply(r[0]) for r in replies]
+    answered = [P.parse_reply(r)[:2] for r in replies]
     ids = [rid for _status, rid in answered]
     for rid in expected + [999]:
         assert ids.count(rid) == 1, f"request {rid}: {ids.count(rid)} replies"
@@ -555,9 +560,9 @@ def test_server_survives_all_garbage_in_one_burst(dealer: Any) -> None:
 
 def test_unimportable_value_error_names_the_module(dealer: Any) -> None:
     sock, _proc, _addr = dealer
-    sock.send_multipart([_header(P.Kind.CALL, P.Method.SETITEM, rid=5), UNIMPORTABLE_ARGS])
+    sock.send_multipart([_request(P.Kind.CALL, P.Method.SETITEM, rid=5, body=UNIMPORTABLE_ARGS)])
     [reply] = _replies_until(sock, 5)
-    exc = S.loads_exception(reply[1])
+    exc = S.loads_exception(P.parse_reply(reply)[3])
     assert isinstance(exc, zproc.ProtocolError)
     assert "nonexistent_zproc_mod" in str(exc) and "importable" in str(exc)
 

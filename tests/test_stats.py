@@ -146,7 +146,7 @@ class _Clock:
 
 
 def _frames(kind: int, method: int, namespace: str = "ns") -> list[bytes]:
-    return [b"client01", P.request_header(kind, method, 1, namespace.encode()), b"body"]
+    return [b"client01", P.request_frame(kind, method, 1, namespace.encode(), b"body")]
 
 
 def test_meter_rates_slow_log_window_and_clients() -> None:

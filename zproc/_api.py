@@ -163,6 +163,11 @@ def _check_namespace(namespace: object) -> None:
         raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
     if "\0" in namespace:
         raise ValueError("namespace must not contain NUL characters")
+    if len(namespace.encode()) > P.MAX_NAMESPACE_BYTES:
+        raise ValueError(
+            f"namespace is {len(namespace.encode())} bytes in utf-8; at most "
+            f"{P.MAX_NAMESPACE_BYTES} are allowed"
+        )
 
 
 def _update_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

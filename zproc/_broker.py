@@ -281,20 +281,20 @@ class Broker:
 
     # requests from clients
     def _reply(self, identity: bytes, rid: int, body: bytes) -> None:
-        self.tasks_sock.send_multipart([identity, P.reply_header(P.OK, rid), body])
+        self.tasks_sock.send_multipart(P.reply(identity, P.OK, rid, body))
 
     def _fail(self, identity: bytes, rid: int, exc: BaseException) -> None:
         self.tasks_sock.send_multipart(P.error_reply(identity, rid, exc))
 
     def _on_request(self, frames: list[bytes]) -> None:
         try:
-            request = P.parse_routed(frames, P.parse_swarm_request)
+            request, body = P.parse_routed(frames, P.parse_swarm_request)
         except P.Rejected as rejected:
             if rejected.reply is None:
                 raise  # logged by _drain
             self.tasks_sock.send_multipart(rejected.reply)  # the sender hears why
             return
-        identity, _, body = frames
+        identity = frames[0]
         rid = request.request_id
         try:
             kind = request.kind

@@ -63,7 +63,6 @@ CONNECTED_EVENT = HANDSHAKE_SUCCEEDED or zmq.EVENT_CONNECTED
 
 
 _send_frame = zmq.backend.Socket.send
-_SNDMORE = int(zmq.SNDMORE)
 
 
 def new_identity() -> bytes:
@@ -93,10 +92,11 @@ class Connection:
         self.liveness = liveness
         self.pid = os.getpid()
         self._rid = 0
-        self._early: dict[int, tuple[int, bytes]] = {}
+        self._early: dict[int, tuple[int, P.Frame]] = {}
         #: request id -> (connections lost before it was sent, frames to resend or None)
-        self._expected: dict[int, tuple[int, tuple[bytes, bytes] | None]] = {}
-        self._lapsed: tuple[int, tuple[int, tuple[bytes, bytes] | None]] | None = None
+        #: (a request without buffers is its one frame)
+        self._expected: dict[int, tuple[int, Any]] = {}
+        self._lapsed: tuple[int, tuple[int, Any]] | None = None
         self.drops = 0  # connections lost so far
         #: ``[the highest namespace head any reply has reported]`` (see ``_protocol``),
         #: a box that the connections of one State's threads share.
@@ -143,14 +143,13 @@ class Connection:
     def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
         """Send a request now; return its id for :meth:`result`."""
         self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-        frames: tuple[Any, ...] = (P.request_header(kind, method, rid, namespace), body)
-        sock = self.sock
+        frame = P.request_frame(kind, method, rid, namespace, body)
         if type(body) is P.Buffered:  # its big buffers follow it, each a frame, not copied
-            frames += tuple(body.buffers)
-            send_frames(sock, frames)
+            frames: Any = (frame, *body.buffers)
+            send_frames(self.sock, frames)
         else:
-            _send_frame(sock, frames[0], _SNDMORE)
-            _send_frame(sock, body, 0)
+            _send_frame(self.sock, frame, 0)
+            frames = frame
         self._expected[rid] = (self.drops, frames if P.is_read_only(kind, method) else None)
         return rid
 
@@ -180,7 +179,7 @@ class Connection:
             while True:
                 if deadline is None:
                     try:
-                        frames = recv_frames(sock, 2)
+                        frames = recv_frames(sock, 1)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -188,7 +187,7 @@ class Connection:
                     # no poll (a Poller per call costs microseconds): the socket's
                     # rcvtimeo bounds this wait to SLICE
                     try:
-                        frames = recv_frames(sock, 2)
+                        frames = recv_frames(sock, 1)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -199,18 +198,16 @@ class Connection:
                             raise self._no_reply(timeout)
                         self._check_alive(rid)
                         continue
-                    frames = recv_frames(sock, 2)
-                if len(frames) < 2:
-                    continue
-                status, got, head = P.parse_reply_head(frames[0])
+                    frames = recv_frames(sock, 1)
+                status, got, head, body = P.parse_reply(frames)
                 heads = self.heads
                 if head > heads[0]:
                     heads[0] = head
                 if got == rid:
                     self._expected.pop(rid, None)
-                    return _decode(status, P.body_frames(frames, 1))
+                    return _decode(status, body)
                 if got in self._expected:
-                    self._early[got] = (status, P.body_frames(frames, 1))
+                    self._early[got] = (status, body)
         except BaseException:
             self._lapse(rid)
             raise
@@ -305,7 +302,7 @@ class Connection:
         frames = entry[1]
         if frames is not None:
             self._expected[rid] = (self.drops, frames)
-            send_frames(self.sock, frames)
+            send_frames(self.sock, (frames,) if type(frames) is bytes else frames)
             return
         self._expected.pop(rid, None)
         raise ServerUnavailableError(
@@ -330,7 +327,7 @@ class Connection:
         self.sock.close(0)
 
 
-def _decode(status: int, body: bytes) -> Any:
+def _decode(status: int, body: P.Frame) -> Any:
     if status == P.OK:
         return P.decode_buffered(body)
     if status == P.ERROR:
@@ -364,7 +361,7 @@ class AsyncConnection(Connection):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._waiters: dict[int, asyncio.Future[tuple[int, P.Frame]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         super().__init__(*args, **kwargs)
@@ -412,7 +409,7 @@ class AsyncConnection(Connection):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._check_loop(loop)
-        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        waiter: asyncio.Future[tuple[int, P.Frame]] = loop.create_future()
         self._waiters[rid] = waiter
         self._start_reader()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -444,10 +441,8 @@ class AsyncConnection(Connection):
         try:
             while True:
                 frames = await sock.recv_multipart()
-                if len(frames) < 2:
-                    continue
                 try:
-                    status, got, head = P.parse_reply_head(frames[0])
+                    status, got, head, body = P.parse_reply(frames)
                 except ProtocolError as exc:
                     self._fail_waiters(exc)
                     continue
@@ -457,9 +452,9 @@ class AsyncConnection(Connection):
                 waiter = self._waiters.pop(got, None)
                 if waiter is not None:
                     if not waiter.done():
-                        waiter.set_result((status, P.body_frames(frames, 1)))
+                        waiter.set_result((status, body))
                 elif got in self._expected:
-                    self._early[got] = (status, P.body_frames(frames, 1))
+                    self._early[got] = (status, body)
         except asyncio.CancelledError:
             if not self.closed:
                 raise

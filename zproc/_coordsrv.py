@@ -143,10 +143,7 @@ class CoordService:
             self.core.flush()
         out, self.core.out = self.core.out, []
         ok = P.OK
-        return [
-            [identity, P.reply_header(ok, rid), S.dumps(value)]
-            for (identity, rid), value in out
-        ]
+        return [P.reply(identity, ok, rid, S.dumps(value)) for (identity, rid), value in out]
 
     def tick(self) -> int:
         """Time and death (see the module docstring); return how long the loop may sleep,

@@ -120,21 +120,19 @@ class Keeper:
             heartbeat = S.dumps(self.session)
             while not self._stop:
                 rid += 1
-                sock.send_multipart(
-                    [P.request_header(P.Kind.COORD, W.CoordOp.HEARTBEAT, rid, self.namespace),
-                     heartbeat]
+                sock.send(
+                    P.request_frame(P.Kind.COORD, W.CoordOp.HEARTBEAT, rid, self.namespace,
+                                    heartbeat)
                 )
                 self._wake.wait(self.interval)
                 self._wake.clear()
                 while sock.poll(0):
                     sock.recv_multipart()  # the answers say nothing this thread needs
             bye = P.encode(W.ByeRequest(self.session, None))
-            sock.send_multipart(
-                [P.request_header(P.Kind.COORD, W.CoordOp.BYE, rid + 1, self.namespace), bye]
-            )
+            sock.send(P.request_frame(P.Kind.COORD, W.CoordOp.BYE, rid + 1, self.namespace, bye))
             deadline = BYE_WAIT * 1000
             while sock.poll(deadline):
-                if P.parse_reply(sock.recv_multipart()[0])[1] == rid + 1:
+                if P.parse_reply(sock.recv_multipart())[1] == rid + 1:
                     break
         except zmq.ZMQError:
             pass  # the context was terminated: the process is ending

@@ -1,27 +1,29 @@
 """The wire format: every message kind and shape zproc sends, and nothing else.
 
-Requests (client DEALER -> server ROUTER, on ``server_address[0]``)::
+Requests (client DEALER -> server ROUTER, on ``server_address[0]``), one frame::
 
-    [header, body]
-    header = struct "<BBBI" (version, kind, method, request_id) + namespace (utf-8)
-    body   = pickled arguments; the shape depends on the kind (see ``Kind``)
+    [header + namespace + body]
+    header    = struct "<BBBIH" (version, kind, method, request_id, len(namespace))
+    namespace = utf-8
+    body      = pickled arguments; the shape depends on the kind (see ``Kind``)
 
-The ROUTER sees ``[identity, header, body]``; the identity is the State's 8-byte id.
+The ROUTER sees ``[identity, request]``; the identity is the State's 8-byte id.
 
-Replies (server -> the requesting DEALER)::
+Replies (server -> the requesting DEALER), one frame::
 
-    [header, body]
+    [header + body]
     header = struct "<BBIQ" (version, status, request_id, head)
     body   = pickled result (status OK) or a serialized exception (status ERROR)
 
-A ``CALL`` and its OK reply may carry more frames after the body: the out-of-band buffers
+One frame each way, because every frame costs a ZeroMQ message part on both sides. A
+``CALL`` and its OK reply may carry more frames after that one: the out-of-band buffers
 of the body's pickle (``_serialization.dumps_buffers``), one frame each, in order, sent
 without copies; a body must use exactly the frames that follow it (:class:`Buffered`).
 
 ``head`` is the sequence number of the request's namespace once the request was applied
 (0 in error replies). A client that reads from its local replica waits until the replica
 has reached the highest head it was told, which gives read-your-writes and monotonic
-reads. A 6-byte header (no head) reads as head 0.
+reads.
 
 Pipelines (``Kind.PIPELINE``): the body is a pickled list of operations, each one
 separately pickled ``(method, args)`` (a ``Method`` and its argument tuple). The server
@@ -98,7 +100,7 @@ __all__ = [
     "WorkOp",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Length of a server run token.
 RUN_SIZE = 8
 
@@ -173,14 +175,17 @@ class Status(enum.IntEnum):
 
 #: Plain ints for the hot paths (an enum member lookup costs more than the comparison).
 _CALL = int(Kind.CALL)
-_CALL_BYTE = bytes([_CALL])
 OK = int(Status.OK)
 ERROR = int(Status.ERROR)
 
-_REQUEST = struct.Struct("<BBBI")
-_REPLY = struct.Struct("<BBI")
-_REPLY_HEAD = struct.Struct("<BBIQ")
+_REQUEST = struct.Struct("<BBBIH")
+_REPLY = struct.Struct("<BBIQ")
+#: The largest namespace, utf-8 encoded (its length is a field of the request header).
+MAX_NAMESPACE_BYTES = 0xFFFF
 _EVENTS = struct.Struct("<BQQ8s")
+_REPLY_SIZE = _REPLY.size
+#: The size of a request's fixed header (before its namespace).
+REQUEST_SIZE = _REQUEST.size
 #: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
 _new_tuple = tuple.__new__
 
@@ -222,36 +227,47 @@ class FetchReply(NamedTuple):
 # -- requests --------------------------------------------------------------------------
 
 
-def request_header(kind: int, method: int, request_id: int, namespace: bytes) -> bytes:
-    """Header frame of a request. ``namespace`` is already utf-8 encoded."""
-    return _REQUEST.pack(PROTOCOL_VERSION, kind, method, request_id) + namespace
+def request_frame(kind: int, method: int, request_id: int, namespace: bytes,
+                  body: bytes) -> bytes:
+    """The frame of a request. ``namespace`` is already utf-8 encoded (at most
+    :data:`MAX_NAMESPACE_BYTES`); a :class:`Buffered` body's buffers are not in it."""
+    return _REQUEST.pack(PROTOCOL_VERSION, kind, method, request_id, len(namespace)) + (
+        namespace + body)
 
 
-def _parse_header(frame: Frame, peer: str) -> tuple[int, int, int, str]:
-    """``(kind, method, request_id, namespace)`` of a request header for ``peer``."""
+def _parse_header(frame: Frame, peer: str) -> tuple[int, int, int, str, int]:
+    """``(kind, method, request_id, namespace, offset of the body)`` of a request frame
+    for ``peer``."""
     try:
-        version, kind, method, request_id = _REQUEST.unpack_from(frame)
-        namespace = bytes(frame[_REQUEST.size :]).decode()
-    except (struct.error, UnicodeDecodeError, TypeError) as exc:
+        version, kind, method, request_id, size = _REQUEST.unpack_from(frame)
+    except (struct.error, TypeError) as exc:
         raise ProtocolError(f"malformed request header ({len(frame)} bytes)") from exc
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {version} is not supported by this {peer} (it speaks "
             f"{PROTOCOL_VERSION}); use the same zproc version on both sides"
         )
-    return kind, method, request_id, namespace
+    offset = _REQUEST.size + size
+    if len(frame) < offset:
+        raise ProtocolError(f"malformed request header ({len(frame)} bytes)")
+    try:
+        namespace = str(frame[_REQUEST.size : offset], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("a request's namespace is not utf-8") from exc
+    return kind, method, request_id, namespace, offset
 
 
-def parse_request(frame: Frame) -> Request:
-    """Decode a request header; raise :class:`ProtocolError` on anything malformed."""
-    kind, method, request_id, namespace = _parse_header(frame, "server")
+def parse_request(frame: bytes) -> tuple[Request, bytes]:
+    """Decode a request frame into its header and body; raise :class:`ProtocolError` on
+    anything malformed."""
+    kind, method, request_id, namespace, offset = _parse_header(frame, "server")
     if kind not in _KINDS:
         raise ProtocolError(f"unknown request kind {kind}")
     if kind == _CALL and method not in _METHODS:
         raise ProtocolError(f"unknown or forbidden dict method code {method}")
     if not namespace:
         raise ProtocolError("empty namespace")
-    return _new_tuple(Request, (kind, method, request_id, namespace))
+    return _new_tuple(Request, (kind, method, request_id, namespace)), frame[offset:]
 
 
 def request_id_of(frame: Frame) -> int | None:
@@ -260,6 +276,13 @@ def request_id_of(frame: Frame) -> int | None:
         return int(_REQUEST.unpack_from(frame)[3])
     except (struct.error, TypeError):
         return None
+
+
+def request_key(frame: Frame) -> tuple[int, str]:
+    """``(kind << 8 | method, namespace)`` of a request frame that :func:`parse_request`
+    accepted (for the server's counters)."""
+    offset = _REQUEST.size + frame[7] + (frame[8] << 8)
+    return frame[1] << 8 | frame[2], str(frame[_REQUEST.size : offset], "utf-8", "replace")
 
 
 class Rejected(ProtocolError):
@@ -271,21 +294,27 @@ class Rejected(ProtocolError):
         self.reply = reply
 
 
-def parse_routed(frames: list[bytes], parse_header: Callable[[Frame], Request]) -> Request:
-    """The request of a message ``[identity, header, body]`` read from a ROUTER.
+def parse_routed(
+    frames: list[Any], parse: Callable[[bytes], tuple[Request, bytes]]
+) -> tuple[Request, bytes]:
+    """The request and body of a message ``[identity, request, *buffers]`` read from a
+    ROUTER (a :class:`Buffered` body when buffers follow).
 
-    ``parse_header`` is :func:`parse_request` (the server) or :func:`parse_swarm_request`
-    (the swarm broker). Raise :class:`Rejected` on a wrong frame count or a malformed
-    header, with the error reply to send when the header names a request id.
+    ``parse`` is :func:`parse_request` (the server) or :func:`parse_swarm_request` (the
+    swarm broker). Raise :class:`Rejected` on a wrong frame count or a malformed header,
+    with the error reply to send when the header names a request id.
     """
-    # a CALL's big buffers follow its body, one frame each
-    if len(frames) == 3 or (len(frames) > 3 and frames[1][1:2] == _CALL_BYTE):
+    if len(frames) >= 2:
         try:
-            return parse_header(frames[1])
+            request, body = parse(frames[1])
         except ProtocolError as exc:  # raised from here: no cycle keeps the frames alive
             raise _rejected(frames, exc, f"rejected a malformed request: {exc}") from None
-    error = ProtocolError(f"a request has 2 frames (header, body), got {len(frames) - 1}")
-    raise _rejected(frames, error, f"dropped a request with {len(frames)} frames (expected 3)")
+        if len(frames) == 2:
+            return request, body
+        if request.kind == _CALL:  # a CALL's big buffers follow it, one frame each
+            return request, body_frames([body, *frames[2:]], 0)
+    error = ProtocolError(f"a request is 1 frame, got {len(frames) - 1}")
+    raise _rejected(frames, error, f"dropped a request with {len(frames)} frames (expected 2)")
 
 
 def _rejected(frames: list[bytes], error: ProtocolError, message: str) -> Rejected:
@@ -314,14 +343,19 @@ def is_read_only(kind: int, method: int) -> bool:
 # -- replies ---------------------------------------------------------------------------
 
 
-def reply_header(status: int, request_id: int, head: int = 0) -> bytes:
-    """Header frame of a reply; ``head`` is the namespace's sequence number after it."""
-    return _REPLY_HEAD.pack(PROTOCOL_VERSION, status, request_id, head)
+def reply(identity: bytes, status: int, request_id: int, body: bytes, head: int = 0
+          ) -> list[Any]:
+    """The frames of a reply to ``identity`` (through a ROUTER); ``head`` is the
+    namespace's sequence number after the request."""
+    frame = _REPLY.pack(PROTOCOL_VERSION, status, request_id, head) + body
+    if type(body) is Buffered:
+        return [identity, frame, *body.buffers]
+    return [identity, frame]
 
 
 def error_reply(identity: bytes, request_id: int, exc: BaseException) -> list[bytes]:
     """The frames of an error reply to ``identity`` (through a ROUTER)."""
-    return [identity, reply_header(ERROR, request_id), S.dumps_exception(exc)]
+    return reply(identity, ERROR, request_id, S.dumps_exception(exc))
 
 
 class Buffered(bytes):
@@ -350,28 +384,24 @@ def decode_buffered(body: Frame) -> Any:
     return S.loads(body, getattr(body, "buffers", None))
 
 
-def parse_reply(frame: Frame) -> tuple[int, int]:
-    """Return ``(status, request_id)``; raise :class:`ProtocolError` if malformed."""
+def parse_reply(frames: list[Any]) -> tuple[int, int, int, Frame]:
+    """``(status, request_id, head, body)`` of the frames of a reply (the frames after
+    the first one are the body's buffers); raise :class:`ProtocolError` if malformed."""
+    frame = frames[0]
     try:
-        version, status, request_id = _REPLY.unpack_from(frame)
+        version, status, request_id, head = _REPLY.unpack_from(frame)
     except (struct.error, TypeError) as exc:
-        raise ProtocolError("malformed reply header") from exc
+        raise ProtocolError(f"malformed reply header ({len(frame)} bytes)") from exc
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"the server speaks protocol version {version}, this client {PROTOCOL_VERSION}; "
             f"use the same zproc version on both sides"
         )
-    return status, request_id
-
-
-def parse_reply_head(frame: Frame) -> tuple[int, int, int]:
-    """Return ``(status, request_id, head)``; raise :class:`ProtocolError` if malformed."""
-    if len(frame) >= _REPLY_HEAD.size:
-        version, status, request_id, head = _REPLY_HEAD.unpack_from(frame)
-        if version == PROTOCOL_VERSION:
-            return status, request_id, head
-    status, request_id = parse_reply(frame)
-    return status, request_id, 0
+    # a big body is read in place (a memoryview keeps the frame alive)
+    body = frame[_REPLY_SIZE:] if len(frame) < S.OUT_OF_BAND else memoryview(frame)[_REPLY_SIZE:]
+    if len(frames) > 1:
+        return status, request_id, head, body_frames([bytes(body), *frames[1:]], 0)
+    return status, request_id, head, body
 
 
 # -- events ----------------------------------------------------------------------------
@@ -625,9 +655,10 @@ class ChunkStatus(enum.IntEnum):
 _SWARM_KINDS = frozenset(int(k) for k in SwarmKind)
 
 
-def parse_swarm_request(frame: Frame) -> Request:
-    """Decode the header of a request to the swarm broker (a ``SwarmKind``)."""
-    kind, method, request_id, namespace = _parse_header(frame, "broker")
+def parse_swarm_request(frame: bytes) -> tuple[Request, bytes]:
+    """Decode a request frame to the swarm broker (a ``SwarmKind``) into its header and
+    body."""
+    kind, method, request_id, namespace, offset = _parse_header(frame, "broker")
     if kind not in _SWARM_KINDS:
         raise ProtocolError(f"unknown swarm request kind {kind}")
-    return Request(kind, method, request_id, namespace)
+    return Request(kind, method, request_id, namespace), frame[offset:]

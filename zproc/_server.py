@@ -130,7 +130,7 @@ class Server:
         self.functions = Functions()
         self.max_namespaces = max_namespaces
         self.namespaces: dict[str, Namespace] = {}
-        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "events": 0, "rejected": 0,
+        self.stats = {"errors": 0, "dropped": 0, "events": 0, "rejected": 0,
                       "replays": 0, "replayed": 0, "resets": 0, "largest_replay": 0}
         self.started = time.time()
         #: the figures of :meth:`report`; counted in the loop unless ``collect_stats=False``
@@ -286,7 +286,7 @@ class Server:
         note = meter.note if self.collect_stats else None
         while not until():
             try:
-                frames = recv_frames(router, 3)
+                frames = recv_frames(router, 2)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -296,15 +296,20 @@ class Server:
                 continue
             if note is not None:
                 meter.begin()
+            hold = store is not None  # durable before anyone hears of it
             for n in range(1, MAX_BATCH + 1):
                 reply = self.handle(frames, dirty, syncs)
                 if note is not None:
                     note(frames)
                 if reply is not None:
-                    replies.append(reply)
+                    if hold:
+                        replies.append(reply)
+                    else:
+                        send_frames(router, reply)
+                        meter.bytes_out += len(reply[-1])
                 if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
                     break
-                frames = recv_frames(router, 3)
+                frames = recv_frames(router, 2)
             # grants first: a hand-off's latency is what a waiter feels; the store commits
             # first: durable before anyone hears of it (fsync="always")
             if coord.active:
@@ -333,9 +338,8 @@ class Server:
         self, frames: list[bytes], dirty: list[Namespace], syncs: list[list[bytes]]
     ) -> list[bytes] | None:
         """Handle one request; return the reply frames (None: drop the message)."""
-        self.stats["requests"] += 1
         try:
-            request = parse_routed(frames, parse_request)
+            request, body = parse_routed(frames, parse_request)
         except P.Rejected as rejected:
             self.stats["dropped"] += 1
             if rejected.reply is None:  # else the sender hears why
@@ -343,9 +347,7 @@ class Server:
             else:
                 self.stats["errors"] += 1
             return rejected.reply
-        identity, body = frames[0], frames[2]
-        if len(frames) > 3:  # a CALL with big buffers after its body
-            body = P.body_frames(frames, 2)
+        identity = frames[0]
         try:
             result = self.dispatch(identity, request, body, dirty, syncs)
         except Exception as exc:
@@ -354,10 +356,7 @@ class Server:
             return None
         ns = self.namespaces.get(request.namespace)
         head = 0 if ns is None else ns.seq
-        if type(result) is P.Buffered:
-            return [identity, P.reply_header(P.OK, request.request_id, head), result,
-                    *result.buffers]
-        return [identity, P.reply_header(P.OK, request.request_id, head), result]
+        return P.reply(identity, P.OK, request.request_id, result, head)
 
     def _error(self, identity: bytes, rid: int, exc: BaseException) -> list[bytes]:
         self.stats["errors"] += 1
@@ -492,7 +491,7 @@ class Server:
             "pid": os.getpid(),
             "history_size": self.history_size,
             "namespaces": sorted(self.namespaces),
-            "stats": dict(self.stats),
+            "stats": {"requests": self.meter.total, **self.stats},
             "started": self.started,
         }
 

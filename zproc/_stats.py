@@ -105,29 +105,28 @@ class Meter:
         if now >= self._next_tick:
             self.tick(now)
 
-    def note(self, frames: list[bytes]) -> None:
-        """One request (``[identity, header, body]``) was handled."""
+    def note(self, frames: list[Any]) -> None:
+        """One request (``[identity, request, *buffers]``) was handled."""
         now = self.clock()
         took = now - self.last
         self.last = now
         self.total += 1
-        if len(frames) < 3:
+        if len(frames) < 2:
             return
-        identity, header, body = frames[0], frames[1], frames[2]
-        self.bytes_in += len(header) + len(body)
-        if len(frames) > 3:  # a body's big buffers
-            self.bytes_in += sum(map(len, frames[3:]))
+        identity, frame = frames[0], frames[1]
+        self.bytes_in += len(frame)
+        if len(frames) > 2:  # a body's big buffers
+            self.bytes_in += sum(map(len, frames[2:]))
         self.seen[identity] = now
-        if len(header) > 2:
-            self.counts[header[1] << 8 | header[2]] += 1
+        if len(frame) >= P.REQUEST_SIZE:
+            self.counts[frame[1] << 8 | frame[2]] += 1
             if took > self.floor:
-                self._slow(took, now, header, identity)
+                self._slow(took, now, frame, identity)
 
     # -- the rest -----------------------------------------------------------------------
 
-    def _slow(self, took: float, now: float, header: bytes, identity: bytes) -> None:
-        key = header[1] << 8 | header[2]
-        namespace = bytes(header[7:]).decode(errors="replace")
+    def _slow(self, took: float, now: float, frame: bytes, identity: bytes) -> None:
+        key, namespace = P.request_key(frame)
         if took >= self.slow_log_s and self.on_slow is not None:
             self.on_slow(kind_name(key), namespace, took, identity.hex())
         slow = self.slow
