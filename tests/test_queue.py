@@ -247,6 +247,30 @@ def test_a_handle_passed_to_a_process(ctx: zproc.Context) -> None:
     assert q.qsize() == 0
 
 
+def _put_many(state: zproc.State, q: zproc.Queue, n: int) -> int:
+    for i in range(n):
+        q.put(i)  # pipelined: no round trip each
+    return n
+
+
+def test_what_a_child_sent_without_waiting_has_arrived_when_it_ends(
+    ctx: zproc.Context,
+) -> None:
+    """Pipelined puts and the acknowledgement of a get reach the server before the
+    parent hears the child's result."""
+    q = ctx.queue("sent")
+    for n in (1, 2000):
+        proc = ctx.process(_put_many, args=(q, n))
+        assert proc.wait(timeout=30) == n
+        assert q.qsize() == n  # at once: no wait for stragglers
+        assert [q.get(timeout=10) for _ in range(n)] == list(range(n))
+        q.put("job")
+        proc = ctx.process(_take_one, args=(q,))
+        assert proc.wait(timeout=30) == "job"
+        assert q.qsize() == 0
+        assert ctx.state.stats()["coordination"]["items_in_flight"] == 0
+
+
 def test_async_queue_and_a_cancelled_get_takes_nothing(server: zproc.ServerAddress) -> None:
     async def main() -> None:
         async with zproc.AsyncState(server) as ast:

@@ -28,6 +28,7 @@ from ._proctree import (
     signal_name,
     signal_to_exception,
 )
+from ._queues import flush_all
 from ._transport import ServerAddress
 from .exceptions import ProcessExit, SignalException
 
@@ -93,6 +94,9 @@ def child_main(
         code, tag, body = 1, W.CHILD_ERROR, S.dumps_exception(exc)
     else:
         code, tag, body = _run_child(spec)
+    # what the target sent without waiting (queue puts, acknowledgements) has arrived
+    # before its parent hears that it ended
+    flush_all()
     try:
         _write_all(writer.fileno(), W.child_result(tag, body))
     except OSError:

@@ -269,13 +269,13 @@ def _at_exit() -> None:
     if _exit_hook != [pid]:
         _exit_hook[:] = [pid]
         _states.clear()  # inherited through fork: not this process's
-        atexit.register(_flush_all)
-        multiprocessing.util.Finalize(None, _flush_all, exitpriority=20)
+        atexit.register(flush_all)
+        multiprocessing.util.Finalize(None, flush_all, exitpriority=20)
 
 
-def _flush_all() -> None:
+def flush_all() -> None:
     """Say BYE for the busy queue handles of every State of this process (a round trip:
-    the requests sent before it have arrived)."""
+    the requests sent before it have arrived: pipelined puts, acknowledgements)."""
     pid = os.getpid()
     for state in list(_states):
         busy = [h for h in state.__dict__.get("_coord_busy", ()) if h._pid == pid]
