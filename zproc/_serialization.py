@@ -92,6 +92,8 @@ def loads(data: bytes | memoryview, buffers: Sequence[Any] | None = None) -> Any
 
 #: Buffers of at least this many bytes leave the pickle (:func:`dumps_buffers`).
 OUT_OF_BAND = 64 * 1024
+#: Types with no buffer to leave the pickle.
+_SMALL = frozenset({str, int, float, bool, type(None), complex})
 
 
 def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
@@ -103,6 +105,12 @@ def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
     item of it (a tuple) or a value of a dict in it. A ``memoryview`` is read back as
     ``bytes``. Nothing is copied: the buffers are views of ``obj``'s memory.
     """
+    if type(obj) is tuple:  # the arguments of most calls: nothing big can hide in them
+        for item in obj:
+            if type(item) not in _SMALL:
+                break
+        else:
+            return pickle.dumps(obj, PROTOCOL), []
     buffers: list[memoryview] = []
 
     def keep(buffer: pickle.PickleBuffer) -> bool:

@@ -297,9 +297,7 @@ def _nr_open() -> int:
 #: enums and wrappers cost a few microseconds per message (hot paths of both sides).
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
-_get_option = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> None:
@@ -322,12 +320,12 @@ def recv_frames(sock: zmq.Socket[Any], copied: int = 0) -> list[Any]:
     With ``copied``, the frames after the first ``copied`` ones come without a copy, as
     ``memoryview`` objects over ZeroMQ's messages (the big buffers after a body).
     """
-    frames: list[Any] = [_recv_frame(sock)]
-    while _get_option(sock, _RCVMORE):
-        if copied and len(frames) >= copied:
-            frames.append(_recv_frame(sock, 0, False).buffer)
-        else:
-            frames.append(_recv_frame(sock))
+    # a Frame says whether more follow: cheaper than asking the socket (RCVMORE)
+    frame = _recv_frame(sock, 0, False)
+    frames: list[Any] = [frame.bytes]
+    while frame.more:
+        frame = _recv_frame(sock, 0, False)
+        frames.append(frame.buffer if copied and len(frames) >= copied else frame.bytes)
     return frames
 
 
