@@ -2,19 +2,22 @@
 
 Message flow::
 
-      State (DEALER) ──[header, body]──▶ ROUTER ┐
-                                                │  one request at a time: atomic
-      State (DEALER) ◀──[header, reply]─ ROUTER ┤  (validate, then apply)
-                                                ▼
+      State (DEALER) ──[request]──▶ ROUTER ┐
+                                           │  one request at a time: atomic
+      State (DEALER) ◀──[reply]──── ROUTER ┤  (validate, then apply)
+                                           ▼
       State (SUB)    ◀──[topic, header, event, event, ...]── PUB
 
-The loop drains every request already queued (up to ``MAX_BATCH``), applies them in
-arrival order, then publishes the batch's events (one message per namespace) and only then
-sends the replies. Every state change gets the next sequence number of its namespace and is
-kept in a bounded history so that clients can replay what they missed (``FETCH``). With
-``persist=``, the batch's changes are journaled (:mod:`zproc._persist`) before anything is
-published or replied, and a server started on the same file continues state, sequence
-numbers and history.
+The loop drains every request already queued (up to ``MAX_BATCH``) and applies them in
+arrival order, sending each reply as soon as its request is handled (a client waits for
+nothing else: on two cores, holding the replies to the end of the batch left the clients
+idle), then publishes the batch's events (one message per namespace), so a writer hears
+"done" no later than anyone watching. Every state change gets the next sequence number of
+its namespace and is kept in a bounded history so that clients can replay what they
+missed (``FETCH``). With ``persist=``, the batch's changes are journaled
+(:mod:`zproc._persist`) before anything is published or replied (the replies then wait
+for the end of the batch), and a server started on the same file continues state,
+sequence numbers and history.
 
 A dict operation is first *validated* (its result, change set and the encoded reply and
 event are computed without touching the dict), then applied; so a failure leaves the state
@@ -284,6 +287,7 @@ class Server:
         coord = self.coord
         meter = self.meter
         note = meter.note if self.collect_stats else None
+        hold = store is not None  # the replies wait for the batch's commit
         while not until():
             try:
                 frames = recv_frames(router, 2)
@@ -296,7 +300,6 @@ class Server:
                 continue
             if note is not None:
                 meter.begin()
-            hold = store is not None  # durable before anyone hears of it
             for n in range(1, MAX_BATCH + 1):
                 reply = self.handle(frames, dirty, syncs)
                 if note is not None:
@@ -307,7 +310,10 @@ class Server:
                     else:
                         send_frames(router, reply)
                         meter.bytes_out += len(reply[-1])
-                if n == MAX_BATCH or not get(router, events) & poll_in:  # type: ignore[operator]
+                # the batch goes on while requests are queued and something waits for its
+                # end (events, markers, a commit, coordination): asking costs a system call
+                if (n == MAX_BATCH or not (dirty or syncs or hold or coord.active)
+                        or not get(router, events) & poll_in):  # type: ignore[operator]
                     break
                 frames = recv_frames(router, 2)
             # grants first: a hand-off's latency is what a waiter feels; the store commits
