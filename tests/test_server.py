@@ -687,3 +687,38 @@ def test_a_burst_longer_than_one_batch_loses_no_request(state: zproc.State) -> N
     for rid in rids:
         assert conn.result(rid, 10) is None
     assert len(state) == n
+
+
+def _burst(state: zproc.State, key: str, n: int) -> list[int]:
+    """Send ``n`` sets of ``key`` without waiting, then read the replies: their heads."""
+    conn = state._connection()
+    rids = [conn.send(int(P.Kind.CALL), int(P.Method.SETITEM), S.dumps((key, i)), state._ns)
+            for i in range(n)]
+    heads = []
+    for rid in rids:
+        assert conn.result(rid, 30) is None
+        heads.append(conn.head)
+    return heads
+
+
+def test_batches_of_many_clients_keep_each_clients_order_and_every_sequence_number(
+    ctx: zproc.Context,
+) -> None:
+    """Four processes write at once, so the server's batches mix their requests: each
+    client's writes apply in the order sent, each reply reports a head no lower than the
+    one before, and the events number every change once, without a gap."""
+    n, keys = 500, [f"c{i}" for i in range(4)]
+    procs = [ctx.process(_burst, args=(key, n)) for key in keys]
+    for proc in procs:
+        heads = proc.wait(timeout=60)
+        assert heads == sorted(heads) and heads[-1] <= 4 * n
+    conn = ctx.state._connection()
+    fetched = P.fetch_reply(conn.request(int(P.Kind.FETCH), 0, P.fetch_request(0, False, b""),
+                                         ctx.state._ns, 30))
+    events = fetched.events
+    assert events is not None and fetched.head == 4 * n
+    assert [event.seq for event in events] == list(range(1, 4 * n + 1))
+    for key in keys:
+        values = [event.changes[key] for event in events if key in event.changes]
+        assert values == list(range(n))
+        assert ctx.state[key] == n - 1
