@@ -311,20 +311,21 @@ class Server:
                 wake = self._coord_step(wake, store)
             elif store is not None:
                 store.commit(self.namespaces, coord.journal)
-            # replies first: a writer hears "done" no later than anyone watching it
+            # events first: a watcher's wake-up waits for no reply's send (the writer's
+            # reply follows at once; every change is applied, and journaled, before both)
             sent = 0
-            for reply in replies:
-                send_frames(router, reply)
-                sent += len(reply[-1])
-            replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
                 sent += sum(map(len, ns.outbox))
                 ns.outbox = []
-            meter.bytes_out += sent
             dirty.clear()
+            for reply in replies:
+                send_frames(router, reply)
+                sent += len(reply[-1])
+            replies.clear()
+            meter.bytes_out += sent
             for marker in syncs:
                 send_frames(pub, marker)
             syncs.clear()
