@@ -12,7 +12,7 @@ import zmq
 
 from zproc import _protocol as P
 from zproc import _serialization as S
-from zproc import _server, _utils
+from zproc import _server, _transport, _utils
 from zproc._server import Server
 
 NS = b"wake-up"
@@ -85,3 +85,23 @@ def test_a_batch_publishes_its_events_before_its_replies(
         dealer.close(0)
         server.close()
 
+
+def test_recv_queued_takes_a_queued_message_and_never_waits(
+    context: zmq.Context[Any]
+) -> None:
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    a.linger = b.linger = 0
+    try:
+        a.bind("inproc://recv-queued")
+        b.connect("inproc://recv-queued")
+        b.rcvtimeo = -1  # a blocking socket: recv_queued must still return at once
+        assert _transport.recv_queued(b) is None
+        a.send_multipart([b"topic", b"", b"x" * 1000])
+        a.send(b"second")
+        assert b.poll(5000)
+        assert _transport.recv_queued(b) == [b"topic", b"", b"x" * 1000]
+        assert _transport.recv_queued(b) == [b"second"]
+        assert _transport.recv_queued(b) is None
+    finally:
+        a.close(0)
+        b.close(0)
