@@ -47,7 +47,7 @@ from ._security import (
 )
 from ._stream import Qualifies, _Cursor, _Ev, _StreamCore, adrive, drive
 from ._transport import ServerAddress, get_context
-from ._transport import recv_frames, send_frames
+from ._transport import recv_frames, recv_queued, send_frames
 from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = ["AsyncConnection", "AsyncStream", "Connection", "Stream", "new_identity"]
@@ -561,6 +561,7 @@ class Stream(_StreamIO):
     def __init__(self, owner: StreamOwner, conn: Connection, start_seq: int, start_run: bytes
                  ) -> None:
         super().__init__(owner, conn, start_seq, start_run, get_context().socket(zmq.SUB))
+        self._pollitems = [(self.sub, _POLLIN)]
 
     def close(self) -> None:
         if not self.sub.closed:
@@ -574,7 +575,8 @@ class Stream(_StreamIO):
         return self.conn.result(rid, self.owner.request_timeout)
 
     def _io_poll(self, seconds: float) -> bool:
-        return bool(self.sub.poll(seconds * 1000))
+        # zmq_poll on a list kept for it: no Poller built per wait, nothing to undo after
+        return bool(_zmq_poll(self._pollitems, _ms(seconds)))
 
     def _io_recv(self) -> list[bytes]:
         return recv_frames(self.sub)
@@ -582,11 +584,7 @@ class Stream(_StreamIO):
     def drain(self) -> None:
         """Apply every message already queued on the SUB socket."""
         sub = self.sub
-        while True:
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while (frames := recv_queued(sub)) is not None:
             if self._receive(frames):
                 self.replay()
 
@@ -607,6 +605,10 @@ class Stream(_StreamIO):
         """Advance ``cursor`` to the next event that qualifies, blocking for new events
         (see ``_StreamCore._find``)."""
         return drive(self._find(qualifies, cursor, deadline, consume, fresh))
+
+
+_zmq_poll = zmq.zmq_poll
+_POLLIN = int(zmq.POLLIN)
 
 
 def _ms(seconds: float) -> int:

@@ -9,15 +9,15 @@ Message flow::
       State (SUB)    ◀──[topic, header, event, event, ...]── PUB
 
 The loop drains every request already queued (up to ``MAX_BATCH``) and applies them in
-arrival order, sending each reply as soon as its request is handled (a client waits for
-nothing else: on two cores, holding the replies to the end of the batch left the clients
-idle), then publishes the batch's events (one message per namespace), so a writer hears
-"done" no later than anyone watching. Every state change gets the next sequence number of
-its namespace and is kept in a bounded history so that clients can replay what they
-missed (``FETCH``). With ``persist=``, the batch's changes are journaled
-(:mod:`zproc._persist`) before anything is published or replied (the replies then wait
-for the end of the batch), and a server started on the same file continues state,
-sequence numbers and history.
+arrival order. A reply leaves as soon as its request is handled while more requests are
+queued (on two cores, replies held to the end of a batch left the clients idle); at the
+batch's end its events are published (one message per namespace), then the last reply,
+so that the watcher of a lone write does not wait behind the writer's reply. Every state
+change gets the next sequence number of its namespace and is kept in a bounded history
+so that clients can replay what they missed (``FETCH``). With ``persist=``, the batch's
+changes are journaled (:mod:`zproc._persist`) before anything is published or replied
+(every reply then waits for the end of the batch), and a server started on the same file
+continues state, sequence numbers and history.
 
 A dict operation is first *validated* (its result, change set and the encoded reply and
 event are computed without touching the dict), then applied; so a failure leaves the state
@@ -304,16 +304,18 @@ class Server:
                 reply = self.handle(frames, dirty, syncs)
                 if note is not None:
                     note(frames)
-                if reply is not None:
-                    if hold:
-                        replies.append(reply)
-                    else:
-                        send_frames(router, reply)
-                        meter.bytes_out += len(reply[-1])
                 # the batch goes on while requests are queued and something waits for its
                 # end (events, markers, a commit, coordination): asking costs a system call
-                if (n == MAX_BATCH or not (dirty or syncs or hold or coord.active)
-                        or not get(router, events) & poll_in):  # type: ignore[operator]
+                waiting = dirty or syncs or hold or coord.active
+                more = (n < MAX_BATCH and waiting
+                        and get(router, events) & poll_in)  # type: ignore[operator]
+                if reply is not None:
+                    if hold or (waiting and not more):  # after the batch's end: below
+                        replies.append(reply)
+                    else:  # its sender waits for nothing else
+                        send_frames(router, reply)
+                        meter.bytes_out += len(reply[-1])
+                if not more:
                     break
                 frames = recv_frames(router, 2)
             # grants first: a hand-off's latency is what a waiter feels; the store commits
@@ -322,20 +324,21 @@ class Server:
                 wake = self._coord_step(wake, store)
             elif store is not None:
                 store.commit(self.namespaces, coord.journal)
-            # replies first: a writer hears "done" no later than anyone watching it
+            # events, then the replies held: a lone write's watcher waits for no reply's
+            # send (every change is applied, and journaled, before both)
             sent = 0
-            for reply in replies:
-                send_frames(router, reply)
-                sent += len(reply[-1])
-            replies.clear()
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
                 send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
                 self.stats["events"] += len(ns.outbox)
                 sent += sum(map(len, ns.outbox))
                 ns.outbox = []
-            meter.bytes_out += sent
             dirty.clear()
+            for reply in replies:
+                send_frames(router, reply)
+                sent += len(reply[-1])
+            replies.clear()
+            meter.bytes_out += sent
             for marker in syncs:
                 send_frames(pub, marker)
             syncs.clear()

@@ -45,7 +45,10 @@ def _change_watch(
             return False
         if not keyset:
             return True
-        return any((key in keyset) != exclude for key in ev.keys())
+        # set operations in C: a key of ``keys`` changed (exclude: a key outside them)
+        if exclude:
+            return not keyset.issuperset(ev.undo)
+        return not keyset.isdisjoint(ev.undo)
 
     if live:
         # from the head the call saw: later events already drained still count
