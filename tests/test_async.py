@@ -307,8 +307,9 @@ async def test_async_for_sees_every_change_of_a_burst_once_in_order(
         try:
             async for snap in watcher:
                 seen.append(snap["n"])
-                if rcvhwm < count and len(seen) % 1000 == 0:
-                    await asyncio.sleep(0.05)  # let the queue overflow
+                if rcvhwm < count and len(seen) == 1000:
+                    # the rest (one message each) overflows the queue while this waits
+                    await asyncio.to_thread(proc.join, 30)
         finally:
             proc.join(30)
             stop(proc)
