@@ -77,6 +77,7 @@ The frames zproc's own processes exchange outside ZeroMQ (a child's result, the
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict, TypeVar
@@ -185,6 +186,7 @@ _REPLY_HEAD = struct.Struct("<BBIQ")
 _EVENTS = struct.Struct("<BQQ8s")
 #: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
 _new_tuple = tuple.__new__
+_LEAVES, _OUT_OF_BAND, _dumps = S.LEAVES, S.OUT_OF_BAND, S.dumps
 
 
 class Request(NamedTuple):
@@ -409,7 +411,7 @@ def events_message(topic: bytes, first: int, last: int, run: bytes,
     """The frames of one event message: events ``first`` to ``last`` (their frames from
     :func:`new_event`), each followed by its buffers, counted in the header."""
     header = events_header(first, last, run)
-    if not any(type(frame) is Buffered for frame in events):
+    if Buffered not in map(type, events):
         return [topic, header, *events]
     counts = [len(getattr(frame, "buffers", ())) for frame in events]
     frames: list[Frame] = [topic, header + struct.pack(f"<{len(counts)}I", *counts)]
@@ -486,7 +488,12 @@ def parse_fetch_request(body: Frame) -> tuple[int, bool, bytes]:
 def encode_fetch_reply(reply: FetchReply) -> bytes:
     """The body of a FETCH reply, its big values as buffers (:class:`Buffered`), copied
     when they could change in place before the reply leaves."""
-    data, buffers = S.dumps_buffers(tuple(reply), 4, copy_writable=True)
+    values = [reply.snapshot.values()] if reply.snapshot else []
+    for event in reply.events or ():
+        values.append(event.changes.values())
+        if event.old:
+            values.append(event.old.values())
+    data, buffers = S.dumps_changes(tuple(reply), itertools.chain.from_iterable(values), 4)
     return body_frames([data, *buffers], 0) if buffers else data
 
 
@@ -653,12 +660,16 @@ def new_event(
     constructor, no attribute reads. The frame is :func:`encode_event`'s, except that
     big values leave it as buffers (a :class:`Buffered` frame, see :func:`events_message`):
     ``bytes`` without a copy, those that could change in place copied once."""
-    data, buffers = S.dumps_changes((seq, origin, timestamp, changes, deleted, None),
-                                    changes.values())
-    return (
-        _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)),
-        body_frames([data, *buffers], 0) if buffers else data,
-    )
+    record = (seq, origin, timestamp, changes, deleted, None)
+    for value in changes.values():  # S.dumps_changes, inline: the hot path
+        kind = type(value)
+        if kind not in _LEAVES and (kind is not bytes or len(value) >= _OUT_OF_BAND):
+            data, buffers = S.dumps_buffers(record, 2, True)
+            frame = body_frames([data, *buffers], 0) if buffers else data
+            break
+    else:
+        frame = _dumps(record)
+    return _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)), frame
 
 
 def decode_event(frame: Frame) -> Event:

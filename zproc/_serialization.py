@@ -129,16 +129,18 @@ def dumps_buffers(
 
 
 #: Types whose values hold no buffer (skipped without a call in :func:`_big_buffers`).
-_LEAVES = frozenset({int, float, str, bool, complex, type(None)})
+LEAVES = frozenset({int, float, str, bool, complex, type(None)})
 
 
-def dumps_changes(record: tuple[Any, ...], values: Iterable[Any]) -> tuple[bytes, list[memoryview]]:
+def dumps_changes(
+    record: tuple[Any, ...], values: Iterable[Any], depth: int = 2
+) -> tuple[bytes, list[memoryview]]:
     """:func:`dumps_buffers` of ``record`` (``copy_writable``), where ``values`` are the
     values in it that may hold buffers: a plain pickle, fast, when none of them can."""
     for value in values:
         kind = type(value)
-        if kind not in _LEAVES and (kind is not bytes or len(value) >= OUT_OF_BAND):
-            return dumps_buffers(record, 2, True)
+        if kind not in LEAVES and (kind is not bytes or len(value) >= OUT_OF_BAND):
+            return dumps_buffers(record, depth, True)
     return pickle.dumps(record, PROTOCOL), []
 
 
@@ -186,15 +188,15 @@ def _big_buffers(obj: Any, depth: int) -> Any:
     kind = type(obj)
     if kind is memoryview or ((kind is bytes or kind is bytearray) and len(obj) >= OUT_OF_BAND):
         return _Buffer(obj)
-    if not depth or kind in _LEAVES:
+    if not depth or kind in LEAVES:
         return obj
     if kind is dict:
         for value in obj.values():
-            if type(value) not in _LEAVES and _big_buffers(value, depth - 1) is not value:
+            if type(value) not in LEAVES and _big_buffers(value, depth - 1) is not value:
                 return {key: _big_buffers(value, depth - 1) for key, value in obj.items()}
     elif kind is tuple or kind is list or (isinstance(obj, tuple) and hasattr(kind, "_make")):
         for item in obj:
-            if type(item) not in _LEAVES and _big_buffers(item, depth - 1) is not item:
+            if type(item) not in LEAVES and _big_buffers(item, depth - 1) is not item:
                 items = [_big_buffers(item, depth - 1) for item in obj]
                 if kind is list:
                     return items
