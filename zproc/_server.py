@@ -574,7 +574,8 @@ class Server:
     ) -> None:
         event, data = encoded
         ns.seq = event.seq
-        ns.remember((event, P.frame_size(data)))  # the event; its frame leaves with the batch
+        # the event and its size; its frame leaves with the batch
+        ns.remember((event, len(data) if type(data) is bytes else P.frame_size(data)))
         if not ns.outbox:
             dirty.append(ns)
         ns.outbox.append(data)
