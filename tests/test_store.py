@@ -141,8 +141,14 @@ def test_atomic_rollback(failure: str) -> None:
     assert d._journal is None
 
 
-def _event(seq: int, changes: dict[Any, Any], old: dict[Any, Any]) -> tuple[P.Event, bytes]:
-    return P.new_event(seq, b"", 0.0, changes, (), old)
+def _frame(seq: int, changes: dict[Any, Any]) -> bytes:
+    return P.new_event(seq, b"", 0.0, changes, (), {})[1]
+
+
+def _event(seq: int, changes: dict[Any, Any], old: dict[Any, Any]) -> tuple[P.Event, int]:
+    """A history entry: the event and the size of its frame."""
+    event, frame = P.new_event(seq, b"", 0.0, changes, (), old)
+    return event, P.frame_size(frame)
 
 
 def test_replay_after() -> None:
@@ -160,8 +166,7 @@ def test_replay_after() -> None:
 def test_replay_after_decodes_raw_entries() -> None:
     ns = Namespace("default", history_size=10)
     for seq in (1, 2):
-        event, frame = _event(seq, {"k": seq}, {})
-        ns.history.append(Raw(frame, S.dumps({} if seq == 1 else {"k": 1})))
+        ns.history.append(Raw(_frame(seq, {"k": seq}), S.dumps({} if seq == 1 else {"k": 1})))
     ns.seq = 2
     dict.update(ns.data, k=2)
     events = ns.replay_after(0)
@@ -177,7 +182,7 @@ def test_the_history_keeps_at_most_its_byte_budget() -> None:
         entry = _event(seq, {"k": "x" * 1000}, {})
         ns.remember(entry)
         ns.seq = seq
-    sizes = [len(frame) for _, frame in ns.history]  # type: ignore[misc]
+    sizes = [size for _, size in ns.history]  # type: ignore[misc]
     assert ns.history_bytes == sum(sizes) <= 10_000
     assert 5 <= len(ns.history) < 20  # the oldest were dropped, the newest kept
     assert [e.seq for e in ns.replay_after(20 - len(ns.history)) or []] == list(
@@ -185,14 +190,13 @@ def test_the_history_keeps_at_most_its_byte_budget() -> None:
     assert ns.replay_after(1) is None  # dropped: the client gets the combined change
     big = _event(21, {"k": "y" * 50_000}, {})  # alone over the budget: still kept
     ns.remember(big)
-    assert list(ns.history) == [big] and ns.history_bytes == len(big[1])
+    assert list(ns.history) == [big] and ns.history_bytes == big[1]
 
 
 def test_the_byte_count_follows_the_count_limit_and_decoding() -> None:
     ns = Namespace("default", history_size=3)
     for seq in (1, 2):
-        _, frame = _event(seq, {"k": seq}, {})
-        ns.remember(Raw(frame, S.dumps({} if seq == 1 else {"k": 1})))
+        ns.remember(Raw(_frame(seq, {"k": seq}), S.dumps({} if seq == 1 else {"k": 1})))
     ns.seq = 2
     dict.update(ns.data, k=2)
     for seq in (3, 4):

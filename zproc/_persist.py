@@ -17,8 +17,9 @@ Layout::
     meta(key TEXT PRIMARY KEY, value)                             "format" -> FORMAT
     snapshot(namespace TEXT PRIMARY KEY, seq INTEGER, data BLOB)  pickled dict at seq
     journal(namespace TEXT, seq INTEGER, event BLOB, old BLOB)    one row per change
-        event  the event frame as broadcast: (seq, origin, timestamp, changes, deleted,
-               None), or, when a list, str, bytes or tuple value was extended, (..., marks)
+        event  the event frame as broadcast, big values in the pickle (not as buffers):
+               (seq, origin, timestamp, changes, deleted, None), or, when a list, str,
+               bytes or tuple value was extended, (..., marks)
                where marks is {key: previous length} and changes[key] the new tail only
         old    pickled {key: previous value} of the keys it changed or deleted (except
                the marked ones: their previous value is the new one's prefix), so that a
@@ -504,6 +505,8 @@ class Store:
             frame = S.dumps(
                 (event.seq, event.origin, event.timestamp, changes, event.deleted, marks)
             )
+        elif type(frame) is not bytes:  # big values as buffers: the row holds them in-band
+            frame = P.encode_event(event)
         try:
             blob: bytes | None = S.dumps(old)
         except S.PICKLING_ERRORS:  # values encoded once do not fail here; be safe anyway

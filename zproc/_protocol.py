@@ -34,10 +34,12 @@ pickled result (``Status.OK``) or the serialized exception (``Status.ERROR``).
 
 Events (server PUB -> client SUB, on ``server_address[1]``)::
 
-    [topic, header, body]
+    [topic, header, event, event, ...]
     topic  = b"e" + namespace (utf-8) + b"\\0"     (SUB filters by namespace in ZeroMQ)
-    header = struct "<BQQ8s" (version, first_seq, last_seq, run)
-    body   = pickled list of event tuples, one per state change, in server order:
+    header = struct "<BQQ8s" (version, first_seq, last_seq, run), then, when an event
+             has out-of-band buffers, one uint32 per event ("<I"): its number of buffers
+    event  = one pickled event tuple per state change, in server order, each followed by
+             its out-of-band buffers (big values, as in a CALL), one frame each:
              (seq, origin, timestamp, changes, deleted, old)
              seq       per-namespace sequence number, strictly increasing by one
              origin    identity of the State that caused it (b"" for the server itself)
@@ -77,6 +79,7 @@ The frames zproc's own processes exchange outside ZeroMQ (a child's result, the
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict, TypeVar
@@ -188,6 +191,7 @@ _REPLY_SIZE = _REPLY.size
 REQUEST_SIZE = _REQUEST.size
 #: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
 _new_tuple = tuple.__new__
+_LEAVES, _OUT_OF_BAND, _dumps = S.LEAVES, S.OUT_OF_BAND, S.dumps
 
 
 class Request(NamedTuple):
@@ -426,6 +430,61 @@ def parse_events_header(frame: Frame) -> tuple[int, int, bytes]:
     return first, last, run
 
 
+def frame_size(frame: Frame) -> int:
+    """The bytes of a body frame and of the buffers that follow it (:class:`Buffered`)."""
+    buffers = getattr(frame, "buffers", None)
+    return len(frame) + (sum(b.nbytes for b in buffers) if buffers else 0)
+
+
+def events_message(topic: bytes, first: int, last: int, run: bytes,
+                   events: list[bytes]) -> list[Frame]:
+    """The frames of one event message: events ``first`` to ``last`` (their frames from
+    :func:`new_event`), each followed by its buffers, counted in the header."""
+    header = events_header(first, last, run)
+    if Buffered not in map(type, events):
+        return [topic, header, *events]
+    counts = [len(getattr(frame, "buffers", ())) for frame in events]
+    frames: list[Frame] = [topic, header + struct.pack(f"<{len(counts)}I", *counts)]
+    for frame in events:
+        frames.append(frame)
+        frames.extend(getattr(frame, "buffers", ()))
+    return frames
+
+
+def decode_events(frames: list[Any]) -> list[tuple[Any, ...]]:
+    """The event tuples of an event message ``[topic, header, event, ...]``, each event
+    with the buffers its header counts. Raise :class:`ProtocolError` when the frames do
+    not match the header (the message is then lost: fetch its events again)."""
+    first, last, _ = parse_events_header(frames[1])
+    count = last - first + 1
+    extra = len(frames[1]) - _EVENTS.size
+    if extra:
+        if extra != 4 * count:
+            raise ProtocolError(
+                f"an event message of {count} events counts the buffers of {extra / 4:g}"
+            )
+        counts: tuple[int, ...] = struct.unpack_from(f"<{count}I", frames[1], _EVENTS.size)
+        buffered = sum(counts)
+    else:
+        counts, buffered = (), 0
+    if len(frames) != 2 + count + buffered:
+        raise ProtocolError(
+            f"an event message of {count} events with {buffered} buffers has "
+            f"{len(frames) - 2} frames after its header, not {count + buffered}"
+        )
+    counts = counts or (0,) * count
+    events: list[tuple[Any, ...]] = []
+    index = 2
+    for buffers in counts:
+        body, index = frames[index], index + 1 + buffers
+        event = S.loads_frames(body, frames[index - buffers : index]) if buffers else \
+            S.loads(body)
+        if type(event) is not tuple or len(event) != 6:
+            raise ProtocolError(f"malformed event frame ({type(event).__name__})")
+        events.append(event)
+    return events
+
+
 # -- heads, fetches and runs -----------------------------------------------------------
 
 
@@ -454,6 +513,18 @@ def parse_fetch_request(body: Frame) -> tuple[int, bool, bytes]:
             "a FETCH body must be (after_seq >= 0, want_snapshot, run bytes)"
         ) from exc
     return after, bool(want_snapshot), run
+
+
+def encode_fetch_reply(reply: FetchReply) -> bytes:
+    """The body of a FETCH reply, its big values as buffers (:class:`Buffered`), copied
+    when they could change in place before the reply leaves."""
+    values = [reply.snapshot.values()] if reply.snapshot else []
+    for event in reply.events or ():
+        values.append(event.changes.values())
+        if event.old:
+            values.append(event.old.values())
+    data, buffers = S.dumps_changes(tuple(reply), itertools.chain.from_iterable(values), 4)
+    return body_frames([data, *buffers], 0) if buffers else data
 
 
 def fetch_reply(reply: Any) -> FetchReply:
@@ -603,7 +674,7 @@ def sync_topic(identity: bytes) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
-    """One event frame (the broadcast carries no old values)."""
+    """One event frame, its values in the pickle (the broadcast carries no old values)."""
     return S.dumps((event.seq, event.origin, event.timestamp, event.changes, event.deleted, None))
 
 
@@ -615,12 +686,20 @@ def new_event(
     deleted: tuple[Any, ...],
     old: dict[Any, Any] | None,
 ) -> tuple[Event, bytes]:
-    """An event and its frame (as :func:`encode_event`), built for the server's hot path:
-    no named tuple constructor, no attribute reads."""
-    return (
-        _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)),
-        S.dumps((seq, origin, timestamp, changes, deleted, None)),
-    )
+    """An event and its frame, built for the server's hot path: no named tuple
+    constructor, no attribute reads. The frame is :func:`encode_event`'s, except that
+    big values leave it as buffers (a :class:`Buffered` frame, see :func:`events_message`):
+    ``bytes`` without a copy, those that could change in place copied once."""
+    record = (seq, origin, timestamp, changes, deleted, None)
+    for value in changes.values():  # S.dumps_changes, inline: the hot path
+        kind = type(value)
+        if kind not in _LEAVES and (kind is not bytes or len(value) >= _OUT_OF_BAND):
+            data, buffers = S.dumps_buffers(record, 2, True)
+            frame = body_frames([data, *buffers], 0) if buffers else data
+            break
+    else:
+        frame = _dumps(record)
+    return _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)), frame
 
 
 def decode_event(frame: Frame) -> Event:

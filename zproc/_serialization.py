@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import operator
 import pickle
+import pickletools
 import re
 import sys
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -33,6 +34,7 @@ __all__ = [
     "dumps",
     "dumps_any",
     "dumps_buffers",
+    "dumps_changes",
     "dumps_call",
     "dumps_code",
     "dumps_exception",
@@ -41,6 +43,7 @@ __all__ = [
     "loads",
     "loads_exception",
     "loads_exception_text",
+    "loads_frames",
     "pickled_function",
 ]
 
@@ -96,14 +99,19 @@ OUT_OF_BAND = 64 * 1024
 _SMALL = frozenset({str, int, float, bool, type(None), complex})
 
 
-def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
+def dumps_buffers(
+    obj: Any, depth: int = 2, copy_writable: bool = False
+) -> tuple[bytes, list[memoryview]]:
     """Pickle ``obj`` (protocol 5), leaving out its buffers of :data:`OUT_OF_BAND` bytes
     or more: ``(pickle, buffers)``, for :func:`loads` ``(pickle, buffers)``.
 
     The buffers are those of objects with protocol 5 out-of-band support (NumPy arrays),
-    and ``bytes``, ``bytearray`` and ``memoryview`` objects that are ``obj`` itself, an
-    item of it (a tuple) or a value of a dict in it. A ``memoryview`` is read back as
-    ``bytes``. Nothing is copied: the buffers are views of ``obj``'s memory.
+    and ``bytes``, ``bytearray`` and ``memoryview`` objects that are ``obj`` itself or are
+    reached from it through at most ``depth`` tuples (named ones too), lists and dict
+    values. A ``memoryview`` is read back as ``bytes``. Nothing is copied (the buffers are
+    views of ``obj``'s memory), except with ``copy_writable``: a buffer that could change
+    in place (a ``bytearray``'s, a NumPy array's) is then copied once, into ``bytes``, for
+    a message that may leave after its value changed.
     """
     if type(obj) is tuple:  # the arguments of most calls: nothing big can hide in them
         for item in obj:
@@ -120,10 +128,28 @@ def dumps_buffers(obj: Any) -> tuple[bytes, list[memoryview]]:
             return True
         if view.nbytes < OUT_OF_BAND:
             return True
+        if copy_writable and not view.readonly:
+            view = memoryview(view.tobytes())
         buffers.append(view)
         return False
 
-    return pickle.dumps(_big_buffers(obj, 2), PROTOCOL, buffer_callback=keep), buffers
+    return pickle.dumps(_big_buffers(obj, depth), PROTOCOL, buffer_callback=keep), buffers
+
+
+#: Types whose values hold no buffer (skipped without a call in :func:`_big_buffers`).
+LEAVES = frozenset({int, float, str, bool, complex, type(None)})
+
+
+def dumps_changes(
+    record: tuple[Any, ...], values: Iterable[Any], depth: int = 2
+) -> tuple[bytes, list[memoryview]]:
+    """:func:`dumps_buffers` of ``record`` (``copy_writable``), where ``values`` are the
+    values in it that may hold buffers: a plain pickle, fast, when none of them can."""
+    for value in values:
+        kind = type(value)
+        if kind not in LEAVES and (kind is not bytes or len(value) >= OUT_OF_BAND):
+            return dumps_buffers(record, depth, True)
+    return pickle.dumps(record, PROTOCOL), []
 
 
 class _Buffer:
@@ -138,7 +164,31 @@ class _Buffer:
         obj = self.obj
         if type(obj) is memoryview and not obj.contiguous:
             return bytes, (obj.tobytes(),)
-        return (bytearray if type(obj) is bytearray else bytes), (pickle.PickleBuffer(obj),)
+        return (_bytearray if type(obj) is bytearray else bytes), (pickle.PickleBuffer(obj),)
+
+
+def _bytearray(buffer: Any) -> bytearray:
+    """A ``bytearray`` of an out-of-band buffer: the buffer itself when it is one."""
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def loads_frames(data: bytes | memoryview, frames: Sequence[Any]) -> Any:
+    """:func:`loads` ``(data, frames)``, for frames that may be read-only (``bytes``): a
+    buffer the pickle takes as writable (a ``bytearray``'s, a NumPy array's) is given a
+    writable copy of its frame, the others (``bytes`` values) their frame as it is."""
+    writable: list[bool] = []
+    try:
+        for opcode, _, _ in pickletools.genops(bytes(data)):  # small: no buffers in it
+            if opcode.name == "NEXT_BUFFER":
+                writable.append(True)
+            elif opcode.name == "READONLY_BUFFER" and writable:
+                writable[-1] = False
+    except Exception as exc:
+        raise ProtocolError(f"cannot decode a message body: {exc!r}") from exc
+    if len(writable) == len(frames):
+        frames = [bytearray(frame) if want and type(frame) is bytes else frame
+                  for want, frame in zip(writable, frames, strict=True)]
+    return loads(data, frames)  # a count that does not match raises there
 
 
 def _big_buffers(obj: Any, depth: int) -> Any:
@@ -146,16 +196,19 @@ def _big_buffers(obj: Any, depth: int) -> Any:
     kind = type(obj)
     if kind is memoryview or ((kind is bytes or kind is bytearray) and len(obj) >= OUT_OF_BAND):
         return _Buffer(obj)
-    if not depth:
+    if not depth or kind in LEAVES:
         return obj
-    if kind is tuple:
-        for item in obj:
-            if _big_buffers(item, depth - 1) is not item:
-                return tuple(_big_buffers(item, depth - 1) for item in obj)
-    elif kind is dict:
+    if kind is dict:
         for value in obj.values():
-            if _big_buffers(value, depth - 1) is not value:
+            if type(value) not in LEAVES and _big_buffers(value, depth - 1) is not value:
                 return {key: _big_buffers(value, depth - 1) for key, value in obj.items()}
+    elif kind is tuple or kind is list or (isinstance(obj, tuple) and hasattr(kind, "_make")):
+        for item in obj:
+            if type(item) not in LEAVES and _big_buffers(item, depth - 1) is not item:
+                items = [_big_buffers(item, depth - 1) for item in obj]
+                if kind is list:
+                    return items
+                return tuple(items) if kind is tuple else kind._make(items)
     return obj
 
 

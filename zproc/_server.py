@@ -329,9 +329,9 @@ class Server:
             sent = 0
             for ns in dirty:
                 first = ns.seq - len(ns.outbox) + 1
-                send_frames(pub, [ns.topic, P.events_header(first, ns.seq, run), *ns.outbox])
+                send_frames(pub, P.events_message(ns.topic, first, ns.seq, run, ns.outbox))
                 self.stats["events"] += len(ns.outbox)
-                sent += sum(map(len, ns.outbox))
+                sent += sum(map(P.frame_size, ns.outbox))
                 ns.outbox = []
             dirty.clear()
             for reply in replies:
@@ -426,7 +426,7 @@ class Server:
                 snapshot = dict(ns.data) if want_snapshot or events is None else None
                 fetched = P.FetchReply(ns.seq, snapshot, events, self.run_token, True)
                 self._count_replay(ns, identity, after, events, want_snapshot)
-            return P.encode(fetched)
+            return P.encode_fetch_reply(fetched)
         if kind == P.Kind.SNAPSHOT:
             return P.encode(P.SnapshotReply(ns.seq, dict(ns.data)))
         if kind == P.Kind.SYNC:
@@ -582,7 +582,8 @@ class Server:
     ) -> None:
         event, data = encoded
         ns.seq = event.seq
-        ns.remember(encoded)
+        # the event and its size; its frame leaves with the batch
+        ns.remember((event, len(data) if type(data) is bytes else P.frame_size(data)))
         if not ns.outbox:
             dirty.append(ns)
         ns.outbox.append(data)

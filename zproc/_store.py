@@ -505,8 +505,10 @@ class Raw:
         self.old = old
 
 
-#: An entry of a namespace's replay history: an event and its frame, or a :class:`Raw`.
-HistoryEntry = tuple[P.Event, bytes] | Raw
+#: An entry of a namespace's replay history: an event and the size of its frame and
+#: buffers (:func:`zproc._protocol.frame_size`; the frame itself is not kept), or a
+#: :class:`Raw`.
+HistoryEntry = tuple[P.Event, int] | Raw
 def _decode_row(entry: Raw, after: dict[Any, Any], data: Mapping[Any, Any]) -> P.Event:
     """The event of a journal row, with its whole new values and its old values."""
     event = P.decode_event(entry.frame)
@@ -547,7 +549,7 @@ def decode_history(
                 for _ in range(index + 1):
                     del history[0]
                 return False
-            history[index] = (event, entry.frame)  # the same size, for the byte budget
+            history[index] = (event, len(entry.frame))  # the same size, for the byte budget
         else:
             event = entry[0]  # type: ignore[index]
         old = event.old or {}
@@ -566,8 +568,9 @@ DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 
 
 def entry_size(entry: HistoryEntry) -> int:
-    """What a history entry counts against the byte budget: its encoded event's size."""
-    return len(entry.frame) if type(entry) is Raw else len(entry[1])  # type: ignore[index]
+    """What a history entry counts against the byte budget: its encoded event's size,
+    out-of-band buffers included."""
+    return len(entry.frame) if type(entry) is Raw else entry[1]  # type: ignore[index]
 
 
 class Namespace:

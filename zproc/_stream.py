@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import logging
 import os
 import time
 import weakref
@@ -31,9 +32,10 @@ from . import _protocol as P
 from . import _serialization as S
 from ._store import MISSING as _MISSING
 from ._store import changed
-from .exceptions import ServerUnavailableError, TimeoutError
+from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError
 
 T = TypeVar("T")
+log = logging.getLogger("zproc")
 
 #: While blocked, a watcher asks the server for its head this often (seconds), to notice
 #: events dropped by a full queue and a server that died.
@@ -280,8 +282,13 @@ class _StreamCore:
             return False
         if first > self.seq + 1:
             return True
-        for frame in frames[2:]:
-            seq, origin, timestamp, changes, deleted, _old = P.decode_event(frame)
+        try:
+            events = P.decode_events(frames)
+        except ProtocolError as exc:  # its events are fetched again, like a gap
+            log.warning("zproc: an event message of namespace %r cannot be read (%s); its "
+                        "changes are fetched again", self.namespace.decode(), exc)
+            return True
+        for seq, origin, timestamp, changes, deleted, _old in events:
             if seq == self.seq + 1:
                 self._apply(seq, origin, timestamp, changes, deleted)
         self._bound_backlog()
