@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -37,15 +38,34 @@ async def astate(server: zproc.ServerAddress) -> AsyncIterator[zproc.AsyncState]
 
 @pytest.fixture
 def writer(server: zproc.ServerAddress) -> Iterator[zproc.State]:
-    """A sync State for writing from worker threads (one at a time)."""
+    """A sync State for writing from worker threads (one at a time). It is closed only
+    once the calls :func:`later` started have ended: closing a State under a thread that
+    is inside a call on it aborts the process (ZeroMQ)."""
     with zproc.State(server, request_timeout=20) as st:
         yield st
+        for done in _started_later:
+            done.wait(20)
+        _started_later.clear()
+
+
+#: One event per call :func:`later` started in a worker thread, set when the call ends
+#: (a watcher can see a write's change before the writer sees its reply).
+_started_later: list[threading.Event] = []
 
 
 async def later(delay: float, fn: Callable[..., Any], *args: Any) -> None:
     """Call the blocking ``fn(*args)`` in a worker thread after ``delay``."""
     await asyncio.sleep(delay)
-    await asyncio.to_thread(fn, *args)
+    done = threading.Event()
+    _started_later.append(done)
+
+    def call() -> None:
+        try:
+            fn(*args)
+        finally:
+            done.set()
+
+    await asyncio.to_thread(call)
 
 
 def start_later(delay: float, fn: Callable[..., Any], *args: Any) -> asyncio.Task[None]:
