@@ -191,7 +191,6 @@ _REPLY_SIZE = _REPLY.size
 REQUEST_SIZE = _REQUEST.size
 #: Builds a named tuple from a tuple without its Python-level constructor (hot paths).
 _new_tuple = tuple.__new__
-_LEAVES, _OUT_OF_BAND, _dumps = S.LEAVES, S.OUT_OF_BAND, S.dumps
 
 
 class Request(NamedTuple):
@@ -285,8 +284,9 @@ def request_id_of(frame: Frame) -> int | None:
 def request_key(frame: Frame) -> tuple[int, str]:
     """``(kind << 8 | method, namespace)`` of a request frame that :func:`parse_request`
     accepted (for the server's counters)."""
-    offset = _REQUEST.size + frame[7] + (frame[8] << 8)
-    return frame[1] << 8 | frame[2], str(frame[_REQUEST.size : offset], "utf-8", "replace")
+    _, kind, method, _, size = _REQUEST.unpack_from(frame)
+    namespace = str(frame[_REQUEST.size : _REQUEST.size + size], "utf-8", "replace")
+    return kind << 8 | method, namespace
 
 
 class Rejected(ProtocolError):
@@ -370,7 +370,11 @@ class Buffered(bytes):
 
 def encode_buffered(obj: Any) -> bytes:
     """``obj`` pickled, as a :class:`Buffered` body when it has big buffers."""
-    data, buffers = S.dumps_buffers(obj)
+    return _body(*S.dumps_buffers(obj))
+
+
+def _body(data: bytes, buffers: list[memoryview]) -> bytes:
+    """A pickle and its out-of-band buffers as one body (:class:`Buffered` with any)."""
     return body_frames([data, *buffers], 0) if buffers else data
 
 
@@ -523,8 +527,7 @@ def encode_fetch_reply(reply: FetchReply) -> bytes:
         values.append(event.changes.values())
         if event.old:
             values.append(event.old.values())
-    data, buffers = S.dumps_changes(tuple(reply), itertools.chain.from_iterable(values), 4)
-    return body_frames([data, *buffers], 0) if buffers else data
+    return _body(*S.dumps_changes(tuple(reply), itertools.chain.from_iterable(values), 4))
 
 
 def fetch_reply(reply: Any) -> FetchReply:
@@ -691,14 +694,7 @@ def new_event(
     big values leave it as buffers (a :class:`Buffered` frame, see :func:`events_message`):
     ``bytes`` without a copy, those that could change in place copied once."""
     record = (seq, origin, timestamp, changes, deleted, None)
-    for value in changes.values():  # S.dumps_changes, inline: the hot path
-        kind = type(value)
-        if kind not in _LEAVES and (kind is not bytes or len(value) >= _OUT_OF_BAND):
-            data, buffers = S.dumps_buffers(record, 2, True)
-            frame = body_frames([data, *buffers], 0) if buffers else data
-            break
-    else:
-        frame = _dumps(record)
+    frame = _body(*S.dumps_changes(record, changes.values()))
     return _new_tuple(Event, (seq, origin, timestamp, changes, deleted, old)), frame
 
 

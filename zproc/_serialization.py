@@ -95,8 +95,8 @@ def loads(data: bytes | memoryview, buffers: Sequence[Any] | None = None) -> Any
 
 #: Buffers of at least this many bytes leave the pickle (:func:`dumps_buffers`).
 OUT_OF_BAND = 64 * 1024
-#: Types with no buffer to leave the pickle.
-_SMALL = frozenset({str, int, float, bool, type(None), complex})
+#: Types whose values hold no buffer to leave the pickle.
+LEAVES = frozenset({int, float, str, bool, complex, type(None)})
 
 
 def dumps_buffers(
@@ -115,7 +115,7 @@ def dumps_buffers(
     """
     if type(obj) is tuple:  # the arguments of most calls: nothing big can hide in them
         for item in obj:
-            if type(item) not in _SMALL:
+            if type(item) not in LEAVES:
                 break
         else:
             return pickle.dumps(obj, PROTOCOL), []
@@ -134,10 +134,6 @@ def dumps_buffers(
         return False
 
     return pickle.dumps(_big_buffers(obj, depth), PROTOCOL, buffer_callback=keep), buffers
-
-
-#: Types whose values hold no buffer (skipped without a call in :func:`_big_buffers`).
-LEAVES = frozenset({int, float, str, bool, complex, type(None)})
 
 
 def dumps_changes(

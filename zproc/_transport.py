@@ -318,14 +318,15 @@ def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> N
             _send_frame(sock, frame, _SNDMORE if i < last else 0)
 
 
-def recv_frames(sock: zmq.Socket[Any], copied: int = 0) -> list[Any]:
-    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout).
+def recv_frames(sock: zmq.Socket[Any], copied: int = 0, flags: int = 0) -> list[Any]:
+    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout,
+    or at once with ``flags`` NOBLOCK when nothing is queued).
 
     With ``copied``, the frames after the first ``copied`` ones come without a copy, as
     ``memoryview`` objects over ZeroMQ's messages (the big buffers after a body).
     """
     # a Frame says whether more follow: cheaper than asking the socket (RCVMORE)
-    frame = _recv_frame(sock, 0, False)
+    frame = _recv_frame(sock, flags, False)
     frames: list[Any] = [frame.bytes]
     while frame.more:
         frame = _recv_frame(sock, 0, False)
@@ -342,14 +343,9 @@ def recv_queued(sock: zmq.Socket[Any]) -> list[bytes] | None:
     if not _get_option(sock, _EVENTS) & _POLLIN:  # type: ignore[operator]
         return None
     try:
-        frame = _recv_frame(sock, _NOBLOCK, False)
+        return recv_frames(sock, 0, _NOBLOCK)
     except zmq.Again:
         return None
-    frames: list[bytes] = [frame.bytes]
-    while frame.more:
-        frame = _recv_frame(sock, 0, False)
-        frames.append(frame.bytes)
-    return frames
 
 
 def host_id() -> str:
