@@ -114,3 +114,89 @@ def test_recv_queued_takes_a_queued_message_and_never_waits(
     finally:
         a.close(0)
         b.close(0)
+
+
+def test_a_server_of_lone_writes_asks_for_more_only_every_few_batches(
+    context: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking whether more requests are queued costs system calls: after a batch that
+    ended alone, the next PROBE_EVERY lone writes publish their events at once; the next
+    batch asks, finds the rest queued and publishes them together. Every change is
+    published once, in order, before its reply, either way."""
+    monkeypatch.setattr(_utils, "_SERVER_PID", None)
+    sends: list[tuple[int, list[Any]]] = []
+    real_send = _server.send_frames
+
+    def recording_send(sock: zmq.Socket[Any], frames: Any) -> None:
+        sends.append((sock.type, list(frames)))
+        real_send(sock, frames)
+
+    monkeypatch.setattr(_server, "send_frames", recording_send)
+    server = Server(None)
+    dealer = context.socket(zmq.DEALER)
+    dealer.linger = 0
+    burst = list(range(2, _server.PROBE_EVERY + 4))  # PROBE_EVERY alone, then 2 together
+    deadline = time.monotonic() + 10
+
+    def until() -> bool:
+        replied = {_rid(frames) for kind, frames in sends if kind == zmq.ROUTER}
+        if replied == {1}:  # the lone write is answered: queue the burst behind it
+            for rid in burst:
+                dealer.send(_set_request(rid, f"k{rid}", rid))
+            time.sleep(0.3)  # every request of the burst is queued at the server
+            sends.append((-1, []))  # queued once
+        return burst[-1] in replied or time.monotonic() > deadline
+
+    try:
+        dealer.connect(server.address.req_rep)
+        dealer.send(_set_request(1, "k1", 1))
+        server.serve(until=until)
+        sends = [entry for entry in sends if entry[0] != -1]
+        published = [
+            [P.decode_event(e).seq for e in frames[2:]]
+            for kind, frames in sends if kind == zmq.PUB
+        ]
+        alone = [[seq] for seq in range(1, _server.PROBE_EVERY + 2)]
+        last = _server.PROBE_EVERY + 2
+        assert published == [*alone, [last, last + 1]]
+        kinds = [kind for kind, _frames in sends]
+        # each event message precedes the reply of its batch's last write
+        assert kinds == [zmq.PUB, zmq.ROUTER] * (_server.PROBE_EVERY + 1) + [
+            zmq.ROUTER, zmq.PUB, zmq.ROUTER
+        ], kinds
+    finally:
+        dealer.close(0)
+        server.close()
+
+
+def test_recv_routed_reads_one_frame_or_a_body_and_its_buffers(
+    context: zmq.Context[Any]
+) -> None:
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    router.linger = dealer.linger = 0
+    router.rcvtimeo = dealer.rcvtimeo = 5000
+    try:
+        router.bind("inproc://recv-routed")
+        dealer.connect("inproc://recv-routed")
+        big = b"b" * 100_000
+        dealer.send(b"one")
+        dealer.send_multipart([b"body", big, b"tail"])
+        dealer.send(b"after")
+        identity, frame = _transport.recv_routed(router)
+        assert frame == b"one" and type(identity) is bytes and type(frame) is bytes
+        got = _transport.recv_routed(router)
+        assert got[0] == identity and got[1] == b"body"
+        assert [type(f) for f in got[2:]] == [memoryview, memoryview]  # not copied
+        assert [bytes(f) for f in got[2:]] == [big, b"tail"]
+        assert _transport.recv_routed(router) == [identity, b"after"]  # framing kept
+        router.send_multipart([identity, b"reply"])
+        router.send_multipart([identity, b"head", big])
+        assert _transport.recv_routed(dealer, 1) == [b"reply"]
+        head, buffer = _transport.recv_routed(dealer, 1)
+        assert head == b"head" and type(buffer) is memoryview and bytes(buffer) == big
+        with pytest.raises(zmq.Again):  # nothing queued: the socket's timeout applies
+            dealer.rcvtimeo = 50
+            _transport.recv_routed(dealer, 1)
+    finally:
+        router.close(0)
+        dealer.close(0)

@@ -9,8 +9,10 @@ Message flow::
       State (SUB)    ◀──[topic, header, event, event, ...]── PUB
 
 The loop drains every request already queued (up to ``MAX_BATCH``) and applies them in
-arrival order. A reply leaves as soon as its request is handled while more requests are
-queued (on two cores, replies held to the end of a batch left the clients idle); at the
+arrival order (asking whether more are queued costs system calls: a server whose batches
+are lone writes asks only every ``PROBE_EVERY`` batches). A reply leaves as soon as its
+request is handled while more requests are queued (on two cores, replies held to the end
+of a batch left the clients idle); at the
 batch's end its events are published (one message per namespace), then the last reply,
 so that the watcher of a lone write does not wait behind the writer's reply. Every state
 change gets the next sequence number of its namespace and is kept in a bounded history
@@ -57,7 +59,7 @@ from ._transport import (
     bind_random_tcp,
     get_context,
     make_private_ipc_dir,
-    recv_frames,
+    recv_routed,
     remove_ipc_dir,
     SUBSCRIPTION_MAX,
     SUBSCRIPTIONS_HWM,
@@ -79,6 +81,10 @@ log = logging.getLogger("zproc.server")
 
 #: Requests handled before the queued events are published and the replies sent.
 MAX_BATCH = 256
+#: A server whose batches are lone requests asks whether more are queued after a write
+#: only every this many batches (each ask is two system calls); once a batch finds more,
+#: it asks after every request until a batch ends alone.
+PROBE_EVERY = 4
 #: Events kept per namespace for replay.
 DEFAULT_HISTORY = 10_000
 #: Largest accepted request, in bytes.
@@ -288,9 +294,10 @@ class Server:
         meter = self.meter
         note = meter.note if self.collect_stats else None
         hold = store is not None  # the replies wait for the batch's commit
+        busy, probe = False, 0  # the last batch took more than one request; see below
         while not until():
             try:
-                frames = recv_frames(router, 2)
+                frames = recv_routed(router)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -305,10 +312,18 @@ class Server:
                 if note is not None:
                     note(frames)
                 # the batch goes on while requests are queued and something waits for its
-                # end (events, markers, a commit, coordination): asking costs a system call
+                # end (events, markers, a commit, coordination). Asking costs two system
+                # calls: for events alone, a server whose batches are lone requests (one
+                # client, or a quiet moment) asks only every PROBE_EVERY batches, and then
+                # on every request while its batches find more.
                 waiting = dirty or syncs or hold or coord.active
-                more = (n < MAX_BATCH and waiting
-                        and get(router, events) & poll_in)  # type: ignore[operator]
+                more = False
+                if n < MAX_BATCH and waiting:
+                    if busy or n > 1 or not probe or syncs or hold or coord.active:
+                        more = get(router, events) & poll_in  # type: ignore[operator]
+                        probe = PROBE_EVERY
+                    else:
+                        probe -= 1
                 if reply is not None:
                     if hold or (waiting and not more):  # after the batch's end: below
                         replies.append(reply)
@@ -317,7 +332,8 @@ class Server:
                         meter.bytes_out += len(reply[-1])
                 if not more:
                     break
-                frames = recv_frames(router, 2)
+                frames = recv_routed(router)
+            busy = n > 1
             # grants first: a hand-off's latency is what a waiter feels; the store commits
             # first: durable before anyone hears of it (fsync="always")
             if coord.active:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import zmq
 
 __all__ = [
+    "PID",
     "ServerAddress",
     "bind_random_tcp",
     "create_ipc_address",
@@ -28,6 +29,7 @@ __all__ = [
     "normalize_address",
     "raise_open_files_limit",
     "recv_frames",
+    "recv_routed",
     "remove_ipc_endpoint",
     "remove_server_files",
     "send_frames",
@@ -196,6 +198,11 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 # -- the per-process context -----------------------------------------------------------
 
+#: ``[this process's id]``, kept current across ``os.fork``: the hot paths read it
+#: instead of calling ``os.getpid()`` (a system call) to notice that they run in a child.
+PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: PID.__setitem__(0, os.getpid()))
+
 _lock = threading.Lock()
 _context: zmq.Context[Any] | None = None
 _context_pid: int = -1
@@ -302,6 +309,7 @@ _get_option = zmq.backend.Socket.get
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> None:
@@ -311,6 +319,10 @@ def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> N
     change until the message has left.
     """
     last = len(frames) - 1
+    if last == 1 and type(frames[0]) is bytes and type(frames[1]) is bytes:  # most replies
+        _send_frame(sock, frames[0], _SNDMORE)
+        _send_frame(sock, frames[1], 0)
+        return
     for i, frame in enumerate(frames):
         if type(frame) is memoryview:
             _send_frame(sock, frame, _SNDMORE if i < last else 0, False)
@@ -331,6 +343,27 @@ def recv_frames(sock: zmq.Socket[Any], copied: int = 0, flags: int = 0) -> list[
     while frame.more:
         frame = _recv_frame(sock, 0, False)
         frames.append(frame.buffer if copied and len(frames) >= copied else frame.bytes)
+    return frames
+
+
+def recv_routed(sock: zmq.Socket[Any], copied: int = 2) -> list[Any]:
+    """:func:`recv_frames` for a message that is almost always one or two frames: the
+    frames of a ROUTER (``copied=2``: the peer's identity and one frame) or a DEALER
+    (``copied=1``).
+
+    The first ``copied`` frames are read as ``bytes`` and the socket is asked once
+    whether more follow: cheaper than a :class:`zmq.Frame` per frame. The rest come as
+    ``memoryview`` objects over ZeroMQ's messages (the big buffers after a body).
+    """
+    frames: list[Any] = [_recv_frame(sock, 0, True)]
+    if copied == 2:  # a ROUTER's identity is always followed by the message
+        frames.append(_recv_frame(sock, 0, True))
+    if _get_option(sock, _RCVMORE):
+        while True:
+            frame = _recv_frame(sock, 0, False)
+            frames.append(frame.buffer)
+            if not frame.more:
+                break
     return frames
 
 

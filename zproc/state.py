@@ -55,6 +55,7 @@ from ._channels import Channels, ThreadChannels
 from ._client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS, Stream
 from ._pipeline import DEFAULT_PIPELINE_OPS, Pipeline
 from ._security import SecretKey
+from ._transport import PID
 from ._stream import StateUpdate, _copy, _PLAIN, _Cursor, _deadline
 from ._utils import in_server_process
 from ._watch import (
@@ -214,7 +215,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
             conn = self._local.conn
         except AttributeError:  # this thread's first use
             conn = self._connection()
-        if conn.closed or conn.pid != os.getpid():
+        if conn.closed or conn.pid != PID[0]:
             conn = self._connection()
         return conn.result(
             conn.send(_CALL, method, P.encode_buffered(args), self._ns), self.request_timeout
