@@ -12,9 +12,9 @@ The loop drains every request already queued (up to ``MAX_BATCH``) and applies t
 arrival order (asking whether more are queued costs system calls: a server whose batches
 are lone writes asks only every ``PROBE_EVERY`` batches). A reply leaves as soon as its
 request is handled while more requests are queued (on two cores, replies held to the end
-of a batch left the clients idle); at the
-batch's end its events are published (one message per namespace), then the last reply,
-so that the watcher of a lone write does not wait behind the writer's reply. Every state
+of a batch left the clients idle); at the batch's end its events are published (one
+message per namespace), then the last reply, so that the watcher of a lone write does not
+wait behind the writer's reply. Every state
 change gets the next sequence number of its namespace and is kept in a bounded history
 so that clients can replay what they missed (``FETCH``). With ``persist=``, the batch's
 changes are journaled (:mod:`zproc._persist`) before anything is published or replied
@@ -320,7 +320,7 @@ class Server:
                 more = False
                 if n < MAX_BATCH and waiting:
                     if busy or n > 1 or not probe or syncs or hold or coord.active:
-                        more = get(router, events) & poll_in  # type: ignore[operator]
+                        more = bool(get(router, events) & poll_in)  # type: ignore[operator]
                         probe = PROBE_EVERY
                     else:
                         probe -= 1
