@@ -169,7 +169,7 @@ def test_a_server_of_lone_writes_asks_for_more_only_every_few_batches(
         server.close()
 
 
-def test_recv_routed_reads_one_frame_or_a_body_and_its_buffers(
+def test_recv_message_reads_one_frame_or_a_body_and_its_buffers(
     context: zmq.Context[Any]
 ) -> None:
     router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
@@ -182,21 +182,21 @@ def test_recv_routed_reads_one_frame_or_a_body_and_its_buffers(
         dealer.send(b"one")
         dealer.send_multipart([b"body", big, b"tail"])
         dealer.send(b"after")
-        identity, frame = _transport.recv_routed(router)
+        identity, frame = _transport.recv_message(router)
         assert frame == b"one" and type(identity) is bytes and type(frame) is bytes
-        got = _transport.recv_routed(router)
+        got = _transport.recv_message(router)
         assert got[0] == identity and got[1] == b"body"
         assert [type(f) for f in got[2:]] == [memoryview, memoryview]  # not copied
         assert [bytes(f) for f in got[2:]] == [big, b"tail"]
-        assert _transport.recv_routed(router) == [identity, b"after"]  # framing kept
+        assert _transport.recv_message(router) == [identity, b"after"]  # framing kept
         router.send_multipart([identity, b"reply"])
         router.send_multipart([identity, b"head", big])
-        assert _transport.recv_routed(dealer, 1) == [b"reply"]
-        head, buffer = _transport.recv_routed(dealer, 1)
+        assert _transport.recv_message(dealer, 1) == [b"reply"]
+        head, buffer = _transport.recv_message(dealer, 1)
         assert head == b"head" and type(buffer) is memoryview and bytes(buffer) == big
         with pytest.raises(zmq.Again):  # nothing queued: the socket's timeout applies
             dealer.rcvtimeo = 50
-            _transport.recv_routed(dealer, 1)
+            _transport.recv_message(dealer, 1)
     finally:
         router.close(0)
         dealer.close(0)

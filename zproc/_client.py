@@ -47,7 +47,7 @@ from ._security import (
 )
 from ._stream import Qualifies, _Cursor, _Ev, _StreamCore, adrive, drive
 from ._transport import ServerAddress, get_context
-from ._transport import recv_frames, recv_queued, recv_routed, send_frames
+from ._transport import recv_frames, recv_queued, recv_message, send_frames
 from .exceptions import ProtocolError, ServerUnavailableError, TimeoutError, ZProcError
 
 __all__ = ["AsyncConnection", "AsyncStream", "Connection", "Stream", "new_identity"]
@@ -179,7 +179,7 @@ class Connection:
             while True:
                 if deadline is None:
                     try:
-                        frames = recv_routed(sock, 1)
+                        frames = recv_message(sock, 1)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -187,7 +187,7 @@ class Connection:
                     # no poll (a Poller per call costs microseconds): the socket's
                     # rcvtimeo bounds this wait to SLICE
                     try:
-                        frames = recv_routed(sock, 1)
+                        frames = recv_message(sock, 1)
                     except zmq.Again:
                         self._check_alive(rid)
                         continue
@@ -198,7 +198,7 @@ class Connection:
                             raise self._no_reply(timeout)
                         self._check_alive(rid)
                         continue
-                    frames = recv_routed(sock, 1)
+                    frames = recv_message(sock, 1)
                 status, got, head, body = P.parse_reply(frames)
                 heads = self.heads
                 if head > heads[0]:

@@ -14,9 +14,9 @@ are lone writes asks only every ``PROBE_EVERY`` batches). A reply leaves as soon
 request is handled while more requests are queued (on two cores, replies held to the end
 of a batch left the clients idle); at the batch's end its events are published (one
 message per namespace), then the last reply, so that the watcher of a lone write does not
-wait behind the writer's reply. Every state
-change gets the next sequence number of its namespace and is kept in a bounded history
-so that clients can replay what they missed (``FETCH``). With ``persist=``, the batch's
+wait behind the writer's reply. Every state change gets the next sequence number of its
+namespace and is kept in a bounded history so that clients can replay what they missed
+(``FETCH``). With ``persist=``, the batch's
 changes are journaled (:mod:`zproc._persist`) before anything is published or replied
 (every reply then waits for the end of the batch), and a server started on the same file
 continues state, sequence numbers and history.
@@ -59,7 +59,7 @@ from ._transport import (
     bind_random_tcp,
     get_context,
     make_private_ipc_dir,
-    recv_routed,
+    recv_message,
     remove_ipc_dir,
     SUBSCRIPTION_MAX,
     SUBSCRIPTIONS_HWM,
@@ -297,7 +297,7 @@ class Server:
         busy, probe = False, 0  # the last batch took more than one request; see below
         while not until():
             try:
-                frames = recv_routed(router)
+                frames = recv_message(router)
             except zmq.Again:
                 if store is not None:
                     store.idle(self.namespaces)
@@ -332,7 +332,7 @@ class Server:
                         meter.bytes_out += len(reply[-1])
                 if not more:
                     break
-                frames = recv_routed(router)
+                frames = recv_message(router)
             busy = n > 1
             # grants first: a hand-off's latency is what a waiter feels; the store commits
             # first: durable before anyone hears of it (fsync="always")

@@ -29,7 +29,7 @@ __all__ = [
     "normalize_address",
     "raise_open_files_limit",
     "recv_frames",
-    "recv_routed",
+    "recv_message",
     "remove_ipc_endpoint",
     "remove_server_files",
     "send_frames",
@@ -346,9 +346,9 @@ def recv_frames(sock: zmq.Socket[Any], copied: int = 0, flags: int = 0) -> list[
     return frames
 
 
-def recv_routed(sock: zmq.Socket[Any], copied: int = 2) -> list[Any]:
-    """:func:`recv_frames` for a message that is almost always one or two frames: the
-    frames of a ROUTER (``copied=2``: the peer's identity and one frame) or a DEALER
+def recv_message(sock: zmq.Socket[Any], copied: int = 2) -> list[Any]:
+    """:func:`recv_frames` for a request or a reply, almost always one body frame: read
+    from a ROUTER (``copied=2``: the peer's identity, then the body) or a DEALER
     (``copied=1``).
 
     The first ``copied`` frames are read as ``bytes`` and the socket is asked once
