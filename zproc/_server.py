@@ -16,10 +16,10 @@ of a batch left the clients idle); at the batch's end its events are published (
 message per namespace), then the last reply, so that the watcher of a lone write does not
 wait behind the writer's reply. Every state change gets the next sequence number of its
 namespace and is kept in a bounded history so that clients can replay what they missed
-(``FETCH``). With ``persist=``, the batch's
-changes are journaled (:mod:`zproc._persist`) before anything is published or replied
-(every reply then waits for the end of the batch), and a server started on the same file
-continues state, sequence numbers and history.
+(``FETCH``). With ``persist=``, the batch's changes are journaled (:mod:`zproc._persist`)
+before anything is published or replied (every reply then waits for the end of the
+batch), and a server started on the same file continues state, sequence numbers and
+history.
 
 A dict operation is first *validated* (its result, change set and the encoded reply and
 event are computed without touching the dict), then applied; so a failure leaves the state
