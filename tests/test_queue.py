@@ -5,6 +5,7 @@ cancellation taking nothing, maxsize, bad input, kind clashes, pickled handles."
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import multiprocessing
 import os
 import pickle
@@ -458,6 +459,24 @@ def test_flush_pending_confirms_once_keeps_prefetched_items_and_is_free_when_idl
     assert [q.get(timeout=5) for _ in range(10)] == list(range(1, 11))  # none twice
 
 
+def test_flush_pending_logs_when_the_server_does_not_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proc, address = zproc.start_server()
+    state = zproc.State(address, request_timeout=0.5)
+    try:
+        q = state.queue("lost")
+        q.put(1)
+        stop(proc)
+        with caplog.at_level("WARNING", logger="zproc"):
+            flush_pending()  # does not raise: the task's result still goes out
+        assert "did not confirm the queue puts" in caplog.text
+        assert q._posted  # still unconfirmed
+    finally:
+        stop(proc)
+        state.close()
+
+
 # -- long-lived workers: what a task sent without waiting arrives before its result -----
 
 #: A task's last put is big: without the flush after each task, it is often still on its
@@ -510,6 +529,25 @@ def test_what_an_executor_call_put_has_arrived_with_its_result(ctx: zproc.Contex
         for _ in range(5):
             n = ex.submit(_burst_on_kept_state, ctx.server_address, "submitted", 100)
             _check_burst(q, n.result(timeout=60))
+    assert q.qsize() == 0
+
+
+def _burst_from_map(n: int, address: zproc.ServerAddress, name: str) -> int:
+    return _burst(_kept_state(address), n, name)
+
+
+def test_what_a_task_put_has_arrived_with_its_result_on_any_executor(
+    ctx: zproc.Context,
+) -> None:
+    """``process_map(..., executor=)`` on a concurrent.futures pool: the task's State is
+    the worker's own, kept across tasks."""
+    q = ctx.queue("elsewhere")
+    forked = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=forked) as pool:
+        for _ in range(5):
+            for n in ctx.process_map(_burst_from_map, [100], args=(ctx.server_address,
+                                     "elsewhere"), count=1, executor=pool):
+                _check_burst(q, n)
     assert q.qsize() == 0
 
 
