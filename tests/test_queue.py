@@ -5,6 +5,7 @@ cancellation taking nothing, maxsize, bad input, kind clashes, pickled handles."
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import multiprocessing
 import os
 import pickle
@@ -19,6 +20,7 @@ import pytest
 
 import zproc
 from zproc._coordqueue import QueueState
+from zproc._queues import flush_pending
 
 from conftest import stop
 
@@ -428,3 +430,160 @@ def test_threads_sharing_one_handle_get_every_item_exactly_once(state: zproc.Sta
             order = [i for p, i in mine if p == producer]
             assert order == sorted(order)
     assert q.qsize() == 0
+
+
+def test_flush_pending_confirms_once_keeps_prefetched_items_and_is_free_when_idle(
+    state: zproc.State,
+) -> None:
+    q = state.queue("pending", prefetch=5)
+    conn = state._connection()
+    for i in range(10):
+        q.put(i)  # pipelined
+    sent = conn._rid  # the number of the connection's last request
+    flush_pending()
+    flush_pending()  # nothing pending any more: nothing sent
+    assert conn._rid == sent + 1  # one round trip for the ten puts
+    assert state.stats()["coordination"]["queued_items"] == 10
+    assert q.get(timeout=5) == 0  # brings 0..4, acknowledges 0
+    sent = conn._rid
+    flush_pending()
+    flush_pending()
+    assert conn._rid == sent + 1
+    assert q.qsize() == 5 and state.stats()["coordination"]["items_in_flight"] == 4
+    q.put(10)
+    sent = conn._rid
+    other = threading.Thread(target=flush_pending)  # its handles and connection are its own
+    other.start()
+    other.join(10)
+    assert conn._rid == sent
+    assert [q.get(timeout=5) for _ in range(10)] == list(range(1, 11))  # none twice
+
+
+def test_flush_pending_logs_when_the_server_does_not_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proc, address = zproc.start_server()
+    state = zproc.State(address, request_timeout=0.5)
+    try:
+        q = state.queue("lost")
+        q.put(1)
+        stop(proc)
+        with caplog.at_level("WARNING", logger="zproc"):
+            flush_pending()  # does not raise: the task's result still goes out
+        assert "did not confirm the queue puts" in caplog.text
+        assert q._posted  # still unconfirmed
+    finally:
+        stop(proc)
+        state.close()
+
+
+# -- long-lived workers: what a task sent without waiting arrives before its result -----
+
+#: A task's last put is big: without the flush after each task, it is often still on its
+#: way to the server when the parent has the task's result (and then asks the server).
+BIG = 16 << 20
+_kept: dict[tuple[int, str], Any] = {}  # a worker's State and queue handles, across tasks
+
+
+def _kept_state(address: zproc.ServerAddress) -> zproc.State:
+    """A State that the worker process keeps across its tasks (it ends with the process)."""
+    key = (os.getpid(), str(address))
+    if key not in _kept:
+        _kept[key] = zproc.State(address, request_timeout=20)
+    return _kept[key]  # type: ignore[no-any-return]
+
+
+def _burst(state: zproc.State, n: int, name: str) -> int:
+    q = state.queue(name)
+    for i in range(n):
+        q.put(i)  # pipelined
+    q.put(b"x" * BIG)
+    return n
+
+
+def _burst_on_kept_state(address: zproc.ServerAddress, name: str, n: int) -> int:
+    return _burst(_kept_state(address), n, name)
+
+
+def _read_now(q: zproc.Queue, n: int) -> list[Any]:
+    """``n`` items without waiting for any: queue.Empty if one has not arrived yet."""
+    return [q.get_nowait() for _ in range(n)]
+
+
+def _check_burst(q: zproc.Queue, n: int) -> None:
+    got = _read_now(q, n + 1)
+    assert got[:n] == list(range(n)) and got[n] == b"x" * BIG
+
+
+def test_what_a_process_map_task_put_has_arrived_with_its_result(ctx: zproc.Context) -> None:
+    q = ctx.queue("mapped")
+    for _ in range(5):
+        for n in ctx.process_map(_burst, [100], args=("mapped",), count=1, stateful=True):
+            _check_burst(q, n)
+    assert q.qsize() == 0
+
+
+def test_what_an_executor_call_put_has_arrived_with_its_result(ctx: zproc.Context) -> None:
+    q = ctx.queue("submitted")
+    with ctx.executor(max_workers=1) as ex:
+        for _ in range(5):
+            n = ex.submit(_burst_on_kept_state, ctx.server_address, "submitted", 100)
+            _check_burst(q, n.result(timeout=60))
+    assert q.qsize() == 0
+
+
+def _burst_from_map(n: int, address: zproc.ServerAddress, name: str) -> int:
+    return _burst(_kept_state(address), n, name)
+
+
+def test_what_a_task_put_has_arrived_with_its_result_on_any_executor(
+    ctx: zproc.Context,
+) -> None:
+    """``process_map(..., executor=)`` on a concurrent.futures pool: the task's State is
+    the worker's own, kept across tasks."""
+    q = ctx.queue("elsewhere")
+    forked = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=forked) as pool:
+        for _ in range(5):
+            for n in ctx.process_map(_burst_from_map, [100], args=(ctx.server_address,
+                                     "elsewhere"), count=1, executor=pool):
+                _check_burst(q, n)
+    assert q.qsize() == 0
+
+
+def test_what_a_swarm_task_put_has_arrived_with_its_result(ctx: zproc.Context) -> None:
+    q = ctx.queue("swarmed")
+    swarm = ctx.create_swarm(1)
+    for _ in range(5):
+        _check_burst(q, swarm.run(_burst, (100, "swarmed"), pass_state=True))
+    assert q.qsize() == 0
+
+
+def _take_kept(address: zproc.ServerAddress) -> Any:
+    """One item through the handle the worker keeps across its tasks (prefetch 5)."""
+    key = (os.getpid(), "pre")
+    if key not in _kept:
+        _kept[key] = _kept_state(address).queue("kept", prefetch=5)
+    return _kept[key].get(timeout=10)
+
+
+def test_the_flush_after_a_task_keeps_the_workers_prefetched_items(
+    ctx: zproc.Context,
+) -> None:
+    """The items a worker's handle prefetched stay its own from one task to the next:
+    none goes back to the queue (nobody else gets it), none is handed out twice, and
+    the acknowledgement of each one returned has reached the server with the result."""
+    q = ctx.queue("kept")
+    for i in range(10):
+        q.put(i)
+    coordination = ctx.state.stats
+    with ctx.executor(max_workers=1) as ex:
+        assert ex.submit(_take_kept, ctx.server_address).result(timeout=60) == 0
+        assert q.qsize() == 5  # 1..4 are in flight to the worker
+        assert coordination()["coordination"]["items_in_flight"] == 4  # 0 acknowledged
+        assert ex.submit(_take_kept, ctx.server_address).result(timeout=60) == 1
+        assert coordination()["coordination"]["items_in_flight"] == 3
+        assert _read_now(q, 5) == [5, 6, 7, 8, 9]
+        assert ex.submit(_take_kept, ctx.server_address).result(timeout=60) == 2
+        with pytest.raises(queue.Empty):
+            q.get_nowait()

@@ -43,6 +43,7 @@ from ._chunks import CodeCache, cut, dumps_code, failure, layout, map_length, re
 from ._chunks import run_chunk
 from ._proctree import POLLERR, POLLIN, POLLOUT, poll_fds
 from ._progress import track
+from ._queues import flush_pending
 from ._transport import ServerAddress, make_private_ipc_dir, remove_ipc_dir
 from .exceptions import ProcessError, TimeoutError, ZProcError
 from .process import Process
@@ -571,4 +572,5 @@ def worker_main(
 
 
 def _send_reply(sock: socket.socket, task_id: int, index: int, status: int, body: bytes) -> None:
+    flush_pending()  # what the target's queue handles sent arrives before its results
     sock.sendall(W.pool_reply(task_id, index, status, body))

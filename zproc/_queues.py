@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import multiprocessing.util
 import os
 import time
@@ -46,12 +47,17 @@ from ._leases import keeper, next_handle, session
 
 __all__ = ["AsyncQueue", "Queue"]
 
+log = logging.getLogger("zproc")
+
 #: The default lease of a consumer's items in flight, in seconds.
 DEFAULT_LEASE = 10.0
 #: How many items one ``get`` request brings at most (queues without bound).
 DEFAULT_PREFETCH = 64
 #: How long a process that ends waits for its queue handles' last requests to arrive, in s.
 EXIT_WAIT = 5.0
+#: How long :func:`flush_pending` waits for the server when the State has no
+#: ``request_timeout``, in seconds.
+FLUSH_WAIT = 30.0
 #: How much longer than its timeout a waiting get or put waits for the server's answer.
 GRACE = 5.0
 
@@ -291,6 +297,44 @@ def flush_all() -> None:
             conn.request(_COORD, int(W.CoordOp.BYE), body, state._ns, EXIT_WAIT)
         except Exception:
             pass  # the server is gone; its watch on this process returns the items
+
+
+def flush_pending() -> None:
+    """Wait until the server has what the calling thread's queue handles (of every State
+    of this process) sent without waiting: pipelined puts, acknowledgements of gets.
+
+    For a long-lived worker, after each task and before its result leaves, so that whoever
+    gets the result finds the task's items in the queue. Unlike :func:`flush_all` it gives
+    back no prefetched item and ends nothing: one round trip per State that has something
+    unconfirmed on this thread's connection (requests of one connection arrive in order),
+    none when nothing is. An error of a pipelined put is left for the handle's next call.
+
+    A wait that fails (no answer within the State's ``request_timeout``, else
+    :data:`FLUSH_WAIT` seconds; the server gone) is logged, not raised: the task has run
+    and its result is valid, the requests stay on their way, and an error here would fail
+    (or retry) a task whose puts may well arrive."""
+    if not _states:
+        return
+    pid, tid = os.getpid(), threading.get_ident()
+    for state in list(_states):
+        pending = [h for h in list(state.__dict__.get("_coord_busy", ()))
+                   if h._posted and h._pid == pid and getattr(h, "_tid", 0) == tid]
+        if not pending or state._closed:
+            continue  # (async handles have no _tid: their connection needs their loop)
+        timeout = state.request_timeout or FLUSH_WAIT
+        try:
+            state._connection().request(_COORD, int(W.CoordOp.HEARTBEAT),
+                                        S.dumps(session().session), state._ns, timeout)
+        except Exception as exc:
+            log.warning("zproc: the server did not confirm the queue puts and "
+                        "acknowledgements of process %d (%s); its task's result is sent "
+                        "anyway, they may arrive after it", pid, exc)
+            continue
+        busy = _busy(state)
+        for handle in pending:
+            handle._posted = False
+            if not handle._buf:  # else kept, for the BYE that returns its items at close
+                busy.discard(handle)
 
 
 def confirmed(state: Any) -> None:

@@ -38,6 +38,7 @@ from . import _serialization as S
 from . import _swarmwire as W
 from ._chunks import CodeCache, failure, run_chunk
 from ._client import Connection, new_identity
+from ._queues import flush_pending
 from ._security import ClientKeys, client_keys, configure_client
 from ._swarm import CODE_CACHE, WORKER_LIVENESS
 from ._transport import ServerAddress, get_context
@@ -272,6 +273,7 @@ class _WorkerLoop:
         self.reply(header, P.ChunkStatus.OK if ok else P.ChunkStatus.FAILED, body)
 
     def reply(self, chunk: W.WorkHeader, status: int, *body: bytes) -> None:
+        flush_pending()  # what the target's queue handles sent arrives before its results
         self.send([W.work_header(P.WorkOp.RESULT, status=status, counter=self.received,
                                  task=chunk.task, chunk=chunk.chunk), *body])
 

@@ -39,6 +39,7 @@ from . import _serialization as S
 from ._chunks import cut, dumps_code, layout, map_length, read_chunk, run_chunk
 from ._pool import Pool, Worker
 from ._proctree import POLLERR, POLLIN, POLLOUT, poll_fds
+from ._queues import flush_pending
 from .exceptions import ProcessError, ZProcError
 from .process import Process, stop_processes
 from .state import State
@@ -482,6 +483,7 @@ def run_items(code: bytes, spec: Any, items: Any, start: int) -> tuple[bool, byt
     try:
         return run_chunk((target, args, kwargs), state, items, start=start)
     finally:
+        flush_pending()  # the queue handles of other States the target used, too
         if state is not None:
             state.close()
 
