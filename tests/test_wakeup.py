@@ -38,20 +38,26 @@ def _head(frames: list[Any]) -> int:
     return P.parse_reply(frames[1:])[2]
 
 
-@pytest.mark.parametrize("queued", [1, 3])
-def test_a_batch_publishes_its_events_before_its_last_reply(
-    context: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch, queued: int
-) -> None:
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[Any]]]:
+    """What the server's loop sends, as ``(socket type, frames)``, in order."""
     # serve() marks this process as a server's; the mark is undone after the test
     monkeypatch.setattr(_utils, "_SERVER_PID", None)
-    sends: list[tuple[int, list[Any]]] = []
+    sent: list[tuple[int, list[Any]]] = []
     real_send = _server.send_frames
 
     def recording_send(sock: zmq.Socket[Any], frames: Any) -> None:
-        sends.append((sock.type, list(frames)))
+        sent.append((sock.type, list(frames)))
         real_send(sock, frames)
 
     monkeypatch.setattr(_server, "send_frames", recording_send)
+    return sent
+
+
+@pytest.mark.parametrize("queued", [1, 3])
+def test_a_batch_publishes_its_events_before_its_last_reply(
+    context: zmq.Context[Any], sends: list[tuple[int, list[Any]]], queued: int
+) -> None:
     server = Server(None)
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
@@ -117,21 +123,12 @@ def test_recv_queued_takes_a_queued_message_and_never_waits(
 
 
 def test_a_server_of_lone_writes_asks_for_more_only_every_few_batches(
-    context: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+    context: zmq.Context[Any], sends: list[tuple[int, list[Any]]]
 ) -> None:
     """Asking whether more requests are queued costs system calls: after a batch that
     ended alone, the next PROBE_EVERY lone writes publish their events at once; the next
     batch asks, finds the rest queued and publishes them together. Every change is
     published once, in order, before its reply, either way."""
-    monkeypatch.setattr(_utils, "_SERVER_PID", None)
-    sends: list[tuple[int, list[Any]]] = []
-    real_send = _server.send_frames
-
-    def recording_send(sock: zmq.Socket[Any], frames: Any) -> None:
-        sends.append((sock.type, list(frames)))
-        real_send(sock, frames)
-
-    monkeypatch.setattr(_server, "send_frames", recording_send)
     server = Server(None)
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
@@ -140,18 +137,19 @@ def test_a_server_of_lone_writes_asks_for_more_only_every_few_batches(
 
     def until() -> bool:
         replied = {_rid(frames) for kind, frames in sends if kind == zmq.ROUTER}
-        if replied == {1}:  # the lone write is answered: queue the burst behind it
+        if replied == {1} and not queued:  # the lone write is answered: the burst
             for rid in burst:
                 dealer.send(_set_request(rid, f"k{rid}", rid))
             time.sleep(0.3)  # every request of the burst is queued at the server
-            sends.append((-1, []))  # queued once
+            queued.append(True)
         return burst[-1] in replied or time.monotonic() > deadline
 
+    queued: list[bool] = []
     try:
         dealer.connect(server.address.req_rep)
         dealer.send(_set_request(1, "k1", 1))
         server.serve(until=until)
-        sends = [entry for entry in sends if entry[0] != -1]
+        assert queued == [True]
         published = [
             [P.decode_event(e).seq for e in frames[2:]]
             for kind, frames in sends if kind == zmq.PUB
