@@ -334,6 +334,8 @@ class Server:
                     break
                 frames = recv_message(router)
             busy = n > 1
+            if not waiting:  # a batch of reads: nothing waits for its end
+                continue
             # grants first: a hand-off's latency is what a waiter feels; the store commits
             # first: durable before anyone hears of it (fsync="always")
             if coord.active:
