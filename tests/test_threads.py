@@ -274,7 +274,11 @@ def close_while_busy(server: zproc.ServerAddress, mode: str, pipe: Any) -> None:
                 "item": lambda: state["k"],  # waits behind `other`'s slow atomic call
                 "atomic": lambda: slow(state, 3.0),
                 "watch": lambda: state.get_when_change("k"),  # nobody writes "k"
+                "lock": lambda: state.lock("L").acquire(),  # `other` holds it
+                "queue": lambda: state.queue("q").get(),  # nobody puts
             }
+            held = other.lock("L")
+            assert held.acquire()
 
             def run(name: str, call: Callable[[], Any]) -> None:
                 try:
@@ -357,10 +361,14 @@ def test_close_while_another_thread_waits_for_a_reply(
     assert report["closed_at"] <= ended < report["outcomes"]["slow"][2]
 
 
-def test_close_while_another_thread_watches(server: zproc.ServerAddress) -> None:
-    """A thread blocked in get_when_change (no timeout) when the State is closed."""
-    report = run_close_while_busy(server, "watch")
-    kind, message, ended = report["outcomes"]["watch"]
+@pytest.mark.parametrize("mode", ["watch", "lock", "queue"])
+def test_close_while_another_thread_waits_with_no_timeout(
+    server: zproc.ServerAddress, mode: str
+) -> None:
+    """A thread blocked in get_when_change, a lock's acquire or a queue's get (no timeout)
+    when the State is closed."""
+    report = run_close_while_busy(server, mode)
+    kind, message, ended = report["outcomes"][mode]
     assert (kind, message[:25]) == ("error", "this State was closed whi"), message
     assert ended >= report["closed_at"]
 
