@@ -384,9 +384,13 @@ def test_close_while_threads_call_in_loops(server: zproc.ServerAddress) -> None:
         assert ended >= report["closed_at"]
 
 
-def test_close_closes_the_sockets_of_idle_threads(server: zproc.ServerAddress) -> None:
-    """Threads of a pool that used the State and now idle (alive, in no call): close()
-    closes their sockets itself; nothing is left to the garbage collector."""
+@pytest.mark.parametrize("pool_kind", ["executor", "to_thread"])
+def test_close_closes_the_sockets_of_idle_threads(
+    server: zproc.ServerAddress, pool_kind: str
+) -> None:
+    """Threads of a pool (a ThreadPoolExecutor, asyncio's default executor) that used the
+    State and now idle (alive, in no call): close() closes their sockets itself; nothing
+    is left to the garbage collector."""
     state = zproc.State(server, request_timeout=30)
     together = threading.Barrier(3, timeout=30)
 
@@ -395,17 +399,30 @@ def test_close_closes_the_sockets_of_idle_threads(server: zproc.ServerAddress) -
         state[f"t{i}"] = i
         state.when_change("never")  # starts the thread's event stream
 
-    with ThreadPoolExecutor(3) as pool:
-        list(pool.map(use, range(3)))
+    pool = ThreadPoolExecutor(3)
+    loop = asyncio.new_event_loop()
+
+    async def in_threads() -> None:
+        await asyncio.gather(*(asyncio.to_thread(use, i) for i in range(3)))
+
+    try:
+        if pool_kind == "executor":
+            list(pool.map(use, range(3)))
+        else:
+            loop.run_until_complete(in_threads())
         channels = state._channels.each()
         streams = [channel.stream for channel in channels if channel.stream is not None]
         assert len(channels) == 4 and len(streams) == 3
-        state.close()
+        state.close()  # the pool's threads are alive and idle
         socks = [*(c.conn.sock for c in channels), *(c.conn._monitor for c in channels),
                  *(s.sub for s in streams)]
         assert all(sock.closed for sock in socks)
         with pytest.raises(zproc.ZProcError, match="this State is closed"):
             pool.submit(state.__getitem__, "t0").result(30)
+    finally:
+        pool.shutdown()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 def test_close_in_a_thread_that_never_used_the_state_releases_at_once(
