@@ -8,7 +8,9 @@ import asyncio
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -247,3 +249,194 @@ def test_async_state_refuses_another_event_loop(server: zproc.ServerAddress) -> 
     finally:
         loop.run_until_complete(astate.close())
         loop.close()
+
+
+# -- close() while other threads are inside a call ------------------------------------------
+
+
+@zproc.atomic
+def slow(d: dict[str, Any], seconds: float) -> float:
+    """Keep the server busy for ``seconds``."""
+    time.sleep(seconds)
+    d["slow"] = seconds
+    return seconds
+
+
+def close_while_busy(server: zproc.ServerAddress, mode: str, pipe: Any) -> None:
+    """In a forked child (an abort ends the child, not the test run): start threads that
+    are inside a call on one State, close it from this thread, report how each call ended
+    and whether every socket of the State was closed afterwards."""
+    report: dict[str, Any] = {"outcomes": {}}
+    try:
+        with zproc.State(server, request_timeout=60) as other:
+            state = zproc.State(server, request_timeout=60, cache=mode == "loops")
+            calls: dict[str, Callable[[], Any]] = {
+                "item": lambda: state["k"],  # waits behind `other`'s slow atomic call
+                "atomic": lambda: slow(state, 3.0),
+                "watch": lambda: state.get_when_change("k"),  # nobody writes "k"
+                "lock": lambda: state.lock("L").acquire(),  # `other` holds it
+                "queue": lambda: state.queue("q").get(),  # nobody puts
+            }
+            held = other.lock("L")
+            assert held.acquire()
+
+            def run(name: str, call: Callable[[], Any]) -> None:
+                try:
+                    while True:  # one call, or ("loops") calls until the State closes
+                        outcome = ("value", call())
+                        if mode != "loops":
+                            break
+                except zproc.ZProcError as exc:
+                    outcome = ("error", str(exc))
+                except Exception as exc:  # e.g. a ZMQError: the socket closed under it
+                    outcome = ("other", repr(exc))
+                report["outcomes"][name] = (*outcome, time.monotonic())
+
+            if mode == "loops":  # writes and cached reads, in and out of their sockets
+                threads = [threading.Thread(target=run, args=(
+                    f"loop{i}", lambda i=i: state.__setitem__(i, state.get(i, 0) + 1)
+                )) for i in range(4)]
+            else:
+                threads = [threading.Thread(target=run, args=(mode, calls[mode]))]
+            busy = threading.Thread(target=run, args=("slow", lambda: slow(other, 3.0)))
+            if mode in ("item", "atomic"):  # the server answers after busy's call
+                busy.start()
+                time.sleep(0.3)  # the server is inside the slow call now
+            for thread in threads:
+                thread.start()
+            time.sleep(0.6)  # each thread is inside its call (or its loop of calls)
+            channels = state._channels.each()
+            streams = [channel.stream for channel in channels if channel.stream is not None]
+            state.close()
+            report["closed_at"] = time.monotonic()
+            for thread in threads:
+                thread.join(20)
+            report["alive"] = [thread.name for thread in threads if thread.is_alive()]
+            report["open"] = [
+                sock for sock in [
+                    *(c.conn.sock for c in channels), *(c.conn._monitor for c in channels),
+                    *(s.sub for s in streams),
+                ] if not sock.closed
+            ]
+            report["channels"] = len(channels)
+            if mode in ("item", "atomic"):
+                busy.join(20)
+    except BaseException as exc:
+        report["failed"] = repr(exc)
+    finally:
+        pipe.send({**report, "open": len(report.get("open", []))})
+        pipe.close()
+
+
+def run_close_while_busy(server: zproc.ServerAddress, mode: str) -> dict[str, Any]:
+    parent_end, child_end = FORK.Pipe()
+    proc = FORK.Process(target=close_while_busy, args=(server, mode, child_end))
+    proc.start()
+    child_end.close()
+    try:
+        report = parent_end.recv() if parent_end.poll(60) else None
+    except EOFError:
+        report = None  # the child died before reporting
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    assert proc.exitcode == 0, f"the child ended with {proc.exitcode} (an abort is -6)"
+    assert report is not None and "failed" not in report, report
+    assert report["alive"] == [], report
+    assert report["open"] == 0, report  # every socket closed, by close() or its thread
+    return report
+
+
+@pytest.mark.parametrize("mode", ["item", "atomic"])
+def test_close_while_another_thread_waits_for_a_reply(
+    server: zproc.ServerAddress, mode: str
+) -> None:
+    """A thread waiting for a slow reply when another thread closes the State: the process
+    goes on, and the call ends with ZProcError before the reply would have come."""
+    report = run_close_while_busy(server, mode)
+    kind, message, ended = report["outcomes"][mode]
+    assert (kind, message[:25]) == ("error", "this State was closed whi"), message
+    assert report["closed_at"] <= ended < report["outcomes"]["slow"][2]
+
+
+@pytest.mark.parametrize("mode", ["watch", "lock", "queue"])
+def test_close_while_another_thread_waits_with_no_timeout(
+    server: zproc.ServerAddress, mode: str
+) -> None:
+    """A thread blocked in get_when_change, a lock's acquire or a queue's get (no timeout)
+    when the State is closed."""
+    report = run_close_while_busy(server, mode)
+    kind, message, ended = report["outcomes"][mode]
+    assert (kind, message[:25]) == ("error", "this State was closed whi"), message
+    assert ended >= report["closed_at"]
+
+
+def test_close_while_threads_call_in_loops(server: zproc.ServerAddress) -> None:
+    """Four threads writing and reading through the cache, one call after another, when
+    the State is closed: each ends with ZProcError, wherever its call was."""
+    report = run_close_while_busy(server, "loops")
+    assert report["channels"] == 5
+    for i in range(4):
+        kind, message, ended = report["outcomes"][f"loop{i}"]
+        assert (kind, message[:11]) == ("error", "this State "), message
+        assert ended >= report["closed_at"]
+
+
+@pytest.mark.parametrize("pool_kind", ["executor", "to_thread"])
+def test_close_closes_the_sockets_of_idle_threads(
+    server: zproc.ServerAddress, pool_kind: str
+) -> None:
+    """Threads of a pool (a ThreadPoolExecutor, asyncio's default executor) that used the
+    State and now idle (alive, in no call): close() closes their sockets itself; nothing
+    is left to the garbage collector."""
+    state = zproc.State(server, request_timeout=30)
+    together = threading.Barrier(3, timeout=30)
+
+    def use(i: int) -> None:
+        together.wait()  # three different threads
+        state[f"t{i}"] = i
+        state.when_change("never")  # starts the thread's event stream
+
+    pool = ThreadPoolExecutor(3)
+    loop = asyncio.new_event_loop()
+
+    async def in_threads() -> None:
+        await asyncio.gather(*(asyncio.to_thread(use, i) for i in range(3)))
+
+    try:
+        if pool_kind == "executor":
+            list(pool.map(use, range(3)))
+        else:
+            loop.run_until_complete(in_threads())
+        channels = state._channels.each()
+        streams = [channel.stream for channel in channels if channel.stream is not None]
+        assert len(channels) == 4 and len(streams) == 3
+        state.close()  # the pool's threads are alive and idle
+        socks = [*(c.conn.sock for c in channels), *(c.conn._monitor for c in channels),
+                 *(s.sub for s in streams)]
+        assert all(sock.closed for sock in socks)
+        with pytest.raises(zproc.ZProcError, match="this State is closed"):
+            pool.submit(state.__getitem__, "t0").result(30)
+    finally:
+        pool.shutdown()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def test_close_in_a_thread_that_never_used_the_state_releases_at_once(
+    server: zproc.ServerAddress, state: zproc.State
+) -> None:
+    """close() says BYE for the State's held locks through a connection of its own when
+    the closing thread has none (never through another thread's)."""
+    other = zproc.State(server, request_timeout=30)
+    held = other.lock("c")
+    assert held.acquire()
+    closer = threading.Thread(target=other.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive() and other._closed
+    lock = state.lock("c")
+    assert lock.acquire(blocking=False)
+    lock.release()

@@ -67,7 +67,7 @@ def first_send(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], thre
     """Arm an Event that is set right after the next request any State sends (or the
     one after that, with ``skip=1``)."""
     armed: list[list[Any]] = []
-    original = _client.Connection.send
+    original = _client.Connection._send  # every request's (send, request, State calls)
 
     def send(self: _client.Connection, *args: Any) -> int:
         rid = original(self, *args)
@@ -78,7 +78,7 @@ def first_send(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], thre
             entry[1] -= 1
         return rid
 
-    monkeypatch.setattr(_client.Connection, "send", send)
+    monkeypatch.setattr(_client.Connection, "_send", send)
 
     def arm(skip: int = 0) -> threading.Event:
         event = threading.Event()

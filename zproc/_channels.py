@@ -24,6 +24,7 @@ from typing import Any
 
 from . import _protocol as P
 from ._client import Connection
+from ._closing import closed_while_busy
 from ._security import ClientKeys
 from ._transport import ServerAddress
 from ._utils import in_server_process
@@ -51,10 +52,17 @@ class Channel:
         if stream is not None and self.pid == os.getpid():
             stream.close()
 
+    def set_stream(self, stream: Any) -> None:
+        self.stream = stream
+        if self.conn.closed:  # by close() in another thread, which may have missed it
+            self.close_stream()
+            raise closed_while_busy()
+
     def close(self) -> None:
-        """Close the sockets (those of this process only; never another's)."""
+        """Close the sockets (those of this process only; never another's); those of a
+        thread inside a call on them, when its call ends (see ``_closing``)."""
+        self.conn.close()  # first: a stream set after this is closed by set_stream
         self.close_stream()
-        self.conn.close()
 
 
 class Channels:
@@ -74,6 +82,7 @@ class Channels:
         self.heads = [0]
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
+        self.closed = False  # by take_all (the State's close())
 
     def lock(self) -> threading.Lock:
         """A lock of this process (one inherited through ``fork`` may be held forever by
@@ -88,6 +97,9 @@ class Channels:
         (never touching their sockets) and close those of threads that ended."""
         pid = os.getpid()
         with self.lock():
+            if self.closed:  # the State was closed since this thread began to connect
+                channel.close()
+                raise ZProcError("this State is closed; create a new one")
             ended = [c for c in self.all if c.pid == pid and not c.thread.is_alive()]
             if any(c.pid != pid for c in self.all):
                 self.ids.clear()  # inherited through fork: the parent's, not ours
@@ -119,6 +131,7 @@ class Channels:
         with self.lock():
             mine = [c for c in self.all if c.pid == pid]
             self.all = []
+            self.closed = True
         self.local.__dict__.clear()  # the calling thread's (the others' fail as closed)
         return mine
 
@@ -199,6 +212,12 @@ class ThreadChannels:
             raise
         self._channels.add(channel)
         return conn
+
+    def _spare_connection(self) -> Connection:
+        """A connection of no thread (for a request of ``close()`` in a thread that has
+        none; the caller closes it)."""
+        return Connection(self._address, connect_timeout=self._connect_timeout,
+                          keys=self._keys, liveness=self._liveness, heads=self._heads)
 
     def _register(self, channel: Channel) -> None:
         """Mark the start of this State's buffer: the server's head sequence number now.

@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import _protocol as P
 from . import _serialization as S
+from ._closing import OwnedSockets, closed_while_busy
 from ._security import (
     HANDSHAKE_EVENTS,
     HANDSHAKE_SUCCEEDED,
@@ -71,8 +72,12 @@ def new_identity() -> bytes:
     return ident if ident[0] else b"\x01" + ident[1:]
 
 
-class Connection:
-    """A DEALER connected to ``address.req_rep`` with request ids and liveness checks."""
+class Connection(OwnedSockets):
+    """A DEALER connected to ``address.req_rep`` with request ids and liveness checks.
+
+    One thread uses it; another may close it (see ``_closing``): :meth:`send`,
+    :meth:`result` and :meth:`request` mark it busy while they run.
+    """
 
     def __init__(
         self,
@@ -122,7 +127,7 @@ class Connection:
         self.connected = False
         self.ever_connected = False
         self.since = time.monotonic()
-        self.closed = False
+        self._init_owned()
 
     @property
     def head(self) -> int:
@@ -142,6 +147,14 @@ class Connection:
 
     def send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
         """Send a request now; return its id for :meth:`result`."""
+        self._enter()
+        try:
+            return self._send(kind, method, body, namespace)
+        finally:
+            self._leave()
+
+    def _send(self, kind: int, method: int, body: bytes, namespace: bytes) -> int:
+        """:meth:`send`, for a caller that marked this connection busy."""
         self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
         frame = P.request_frame(kind, method, rid, namespace, body)
         if type(body) is P.Buffered:  # its big buffers follow it, each a frame, not copied
@@ -166,10 +179,23 @@ class Connection:
         timeout: float | None = None,
     ) -> Any:
         """Send a request and return its decoded result (or raise its error)."""
-        return self.result(self.send(kind, method, body, namespace), timeout)
+        self._enter()
+        try:
+            return self._result(self._send(kind, method, body, namespace), timeout)
+        finally:
+            self._leave()
 
     def result(self, rid: int, timeout: float | None = None) -> Any:
         """Wait for the reply to request ``rid``; decode it or raise the remote error."""
+        self._enter()
+        try:
+            return self._result(rid, timeout)
+        finally:
+            self._leave()
+
+    def _result(self, rid: int, timeout: float | None = None) -> Any:
+        """:meth:`result`, for a caller that marked this connection busy (the wait ends
+        with :func:`~zproc._closing.closed_while_busy` within ``SLICE`` of a close())."""
         early = self._early.pop(rid, None)
         if early is not None:
             return _decode(*early)
@@ -265,6 +291,8 @@ class Connection:
         self._check_alive(None)
 
     def _check_alive(self, rid: int | None) -> None:
+        if self.closed:  # by another thread, while this one waits
+            raise closed_while_busy()
         self._poll_monitor()
         if self.connected:
             if rid is not None:
@@ -313,10 +341,7 @@ class Connection:
             f"been applied. This State can be used again; check the state and retry if needed"
         )
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _close_sockets(self) -> None:
         if self.pid != os.getpid():
             return  # sockets of another process: never touch them
         try:
@@ -555,15 +580,20 @@ class _StreamIO(_StreamCore):
         return self.owner._request(P.Kind.SYNC, 0, token)
 
 
-class Stream(_StreamIO):
-    """The event side of a State: a SUB socket, driving :class:`_StreamCore` in step."""
+class Stream(_StreamIO, OwnedSockets):
+    """The event side of a State: a SUB socket, driving :class:`_StreamCore` in step.
+
+    One thread uses it; another may close it (see ``_closing``): the steps that touch the
+    SUB socket mark it busy, and a wait ends within ``SLICE`` of a close().
+    """
 
     def __init__(self, owner: StreamOwner, conn: Connection, start_seq: int, start_run: bytes
                  ) -> None:
         super().__init__(owner, conn, start_seq, start_run, get_context().socket(zmq.SUB))
         self._pollitems = [(self.sub, _POLLIN)]
+        self._init_owned()
 
-    def close(self) -> None:
+    def _close_sockets(self) -> None:
         if not self.sub.closed:
             self.sub.close(0)
 
@@ -576,17 +606,36 @@ class Stream(_StreamIO):
 
     def _io_poll(self, seconds: float) -> bool:
         # zmq_poll on a list kept for it: no Poller built per wait, nothing to undo after
-        return bool(_zmq_poll(self._pollitems, _ms(seconds)))
+        self._enter()
+        try:
+            end = time.monotonic() + seconds
+            while not _zmq_poll(self._pollitems, _ms(min(seconds, SLICE))):
+                if self.closed:  # by another thread
+                    raise closed_while_busy()
+                seconds = end - time.monotonic()
+                if seconds <= 0:
+                    return False
+            return True
+        finally:
+            self._leave()
 
     def _io_recv(self) -> list[bytes]:
-        return recv_frames(self.sub)
+        self._enter()
+        try:
+            return recv_frames(self.sub)
+        finally:
+            self._leave()
 
     def drain(self) -> None:
         """Apply every message already queued on the SUB socket."""
         sub = self.sub
-        while (frames := recv_queued(sub)) is not None:
-            if self._receive(frames):
-                self.replay()
+        self._enter()
+        try:
+            while (frames := recv_queued(sub)) is not None:
+                if self._receive(frames):
+                    self.replay()
+        finally:
+            self._leave()
 
     def replay(self) -> None:
         """Fetch the events after ``seq`` from the server's history (or resync)."""

@@ -181,13 +181,23 @@ def _bye_body(state: Any) -> bytes | None:
 
 def release_all(state: Any, conn: Any) -> None:
     """At ``state.close()``: free at once what its handles hold (best effort: the lease and
-    the server's watch on this process do it otherwise)."""
+    the server's watch on this process do it otherwise), through ``conn``, the closing
+    thread's connection (None: it has none, and never uses another thread's: one is made
+    for this request)."""
     body = _bye_body(state)
-    if body is not None and conn is not None and conn.pid == os.getpid():
-        try:
+    if body is None:
+        return
+    spare = None
+    try:
+        if conn is None:
+            conn = spare = state._spare_connection()
+        if conn.pid == os.getpid():
             conn.request(_COORD, int(W.CoordOp.BYE), body, state._ns, CANCEL_WAIT)
-        except Exception:
-            pass
+    except Exception:
+        pass
+    finally:
+        if spare is not None:
+            spare.close()
 
 
 async def arelease_all(state: Any, conn: Any) -> None:

@@ -215,11 +215,18 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
             conn = self._local.conn
         except AttributeError:  # this thread's first use
             conn = self._connection()
-        if conn.closed or conn.pid != PID[0]:
-            conn = self._connection()
-        return conn.result(
-            conn.send(_CALL, method, P.encode_buffered(args), self._ns), self.request_timeout
-        )
+        conn.busy += 1  # a close() in another thread now leaves the sockets to this call
+        try:
+            if conn.closed or conn.pid != PID[0]:
+                return self._request(_CALL, method, P.encode_buffered(args))
+            return conn._result(
+                conn._send(_CALL, method, P.encode_buffered(args), self._ns),
+                self.request_timeout,
+            )
+        finally:
+            conn.busy -= 1
+            if conn.closed:
+                conn.close()  # (now, if close() was called during the call)
 
     def _replica(self) -> dict[Any, Any]:
         """The local replica, current enough for a cached read (``cache=True``).
@@ -275,7 +282,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
             except BaseException:
                 stream.close()
                 raise
-            channel.stream = stream
+            channel.set_stream(stream)
             if registers and stream.run == self._start_run:
                 stream.head = min(stream.head, start)  # this call began at its registration
         elif catch_up:
@@ -284,14 +291,15 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
 
     def close(self) -> None:
         """Close this State's sockets (those of every thread that used it). Idempotent;
-        later use raises :class:`ZProcError`. Call it when no other thread uses the
-        State any more."""
+        later use raises :class:`ZProcError`. A call another thread is inside ends with
+        :class:`ZProcError` and closes its thread's sockets as it returns (see
+        :ref:`threads`)."""
         if self._closed:
             return
         self._closed = True
-        conn = self._channels.any_conn()
+        mine = self._channels.current()  # (another thread's sockets are not this one's)
         channels = self._channels.take_all()
-        release_all(self, conn)
+        release_all(self, None if mine is None else mine.conn)
         for channel in channels:
             channel.close()
 
