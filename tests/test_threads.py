@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -440,3 +442,39 @@ def test_close_in_a_thread_that_never_used_the_state_releases_at_once(
     lock = state.lock("c")
     assert lock.acquire(blocking=False)
     lock.release()
+
+
+EXIT_WITH_A_BLOCKED_DAEMON = """
+import sys, threading, time, zproc
+state = zproc.State(tuple(sys.argv[1:3]))
+q = state.queue("exit-with-a-blocked-daemon")
+def consume():
+    for item in range(3):
+        q.put(item)
+    q.get()  # and the two others come with it: items to give back at exit
+    state.queue("empty").get()  # nobody puts: blocked here when the interpreter exits
+threading.Thread(target=consume, daemon=True).start()
+time.sleep(1.0)
+print("exiting", flush=True)
+"""
+
+
+def test_exit_while_a_daemon_thread_waits_in_a_queue_get(
+    server: zproc.ServerAddress
+) -> None:
+    """At exit, the queue handles' last requests are flushed through the exiting thread's
+    connection, never through one that another thread is inside a call on (libzmq would
+    abort the process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_BLOCKED_DAEMON, *server],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "exiting"
+    # the two items its handle held come back to the queue (nothing lost)
+    with zproc.State(server) as state:
+        q = state.queue("exit-with-a-blocked-daemon")
+        deadline = time.monotonic() + 60
+        while q.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(q.get(timeout=5) for _ in range(2)) == [1, 2]
