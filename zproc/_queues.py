@@ -288,7 +288,7 @@ def flush_all() -> None:
         conn = getattr(state, "_conn", None)
         if not busy or conn is None or conn.closed or conn.pid != pid:
             continue
-        if getattr(conn, "busy", 0):
+        if conn.busy:
             # another thread's (a daemon thread's) and it is inside a call: a socket is
             # not for two threads at once; the server's watch on this process returns
             # the handles' items once it has ended

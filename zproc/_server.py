@@ -316,10 +316,11 @@ class Server:
                 # calls: for events alone, a server whose batches are lone requests (one
                 # client, or a quiet moment) asks only every PROBE_EVERY batches, and then
                 # on every request while its batches find more.
-                waiting = dirty or syncs or hold or coord.active
+                others = syncs or hold or coord.active  # what waits, besides events
+                waiting = dirty or others
                 more = False
                 if n < MAX_BATCH and waiting:
-                    if busy or n > 1 or not probe or syncs or hold or coord.active:
+                    if busy or n > 1 or not probe or others:
                         more = bool(get(router, events) & poll_in)  # type: ignore[operator]
                         probe = PROBE_EVERY
                     else:

@@ -330,19 +330,16 @@ def send_frames(sock: zmq.Socket[Any], frames: tuple[Any, ...] | list[Any]) -> N
             _send_frame(sock, frame, _SNDMORE if i < last else 0)
 
 
-def recv_frames(sock: zmq.Socket[Any], copied: int = 0, flags: int = 0) -> list[Any]:
-    """``sock.recv_multipart()`` without pyzmq's Python layer (``zmq.Again`` on timeout,
-    or at once with ``flags`` NOBLOCK when nothing is queued).
-
-    With ``copied``, the frames after the first ``copied`` ones come without a copy, as
-    ``memoryview`` objects over ZeroMQ's messages (the big buffers after a body).
-    """
-    # a Frame says whether more follow: cheaper than asking the socket (RCVMORE)
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
+    """``sock.recv_multipart()`` without pyzmq's Python layer, every frame copied
+    (``zmq.Again`` on timeout, or at once with ``flags`` NOBLOCK when nothing is queued).
+    For requests and replies, :func:`recv_message` is cheaper."""
+    # a Frame says whether more follow: cheaper than asking the socket (RCVMORE) per frame
     frame = _recv_frame(sock, flags, False)
-    frames: list[Any] = [frame.bytes]
+    frames = [frame.bytes]
     while frame.more:
         frame = _recv_frame(sock, 0, False)
-        frames.append(frame.buffer if copied and len(frames) >= copied else frame.bytes)
+        frames.append(frame.bytes)
     return frames
 
 
@@ -376,7 +373,7 @@ def recv_queued(sock: zmq.Socket[Any]) -> list[bytes] | None:
     if not _get_option(sock, _EVENTS) & _POLLIN:  # type: ignore[operator]
         return None
     try:
-        return recv_frames(sock, 0, _NOBLOCK)
+        return recv_frames(sock, _NOBLOCK)
     except zmq.Again:
         return None
 

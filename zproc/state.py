@@ -224,9 +224,7 @@ class State(ThreadChannels, StateBase, WatchMethods["StateWatcher"], Coordinatio
                 self.request_timeout,
             )
         finally:
-            conn.busy -= 1
-            if conn.closed:
-                conn.close()  # (now, if close() was called during the call)
+            conn._leave()  # closes the sockets if close() was called during the call
 
     def _replica(self) -> dict[Any, Any]:
         """The local replica, current enough for a cached read (``cache=True``).
